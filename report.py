@@ -109,11 +109,12 @@ class Report:
                 f.write(json.dumps(record) + "\n")
 
     # -- the end --------------------------------------------------------------------------------
-    def finish(self) -> None:
+    def finish(self, done: bool = True) -> None:
         if not self.main:
             return
         self.progress.stop()
-        table = Table(title="SimCLR run", show_header=False)
+        title = "SimCLR run" if done else "SimCLR run (stopped early: continue with --resume)"
+        table = Table(title=title, show_header=False)
         seconds = time.perf_counter() - self.t_run
         rate = sorted(self.epoch_rates)[len(self.epoch_rates) // 2] if self.epoch_rates else 0.0
         for key, value in [("final loss", f"{self.last_loss:.4f}"), ("images trained", f"{self.images_seen}"),

@@ -49,6 +49,7 @@ class Config:
     loss_impl: str = "auto"  # NT-Xent implementation: auto, triton, tiled or reference
     seed: int = 0  # seeds weights, data order and augmentations
     resume: bool = False  # continue from OUT/checkpoint
+    stop_after: int = 0  # end this invocation after this many epochs, checkpointed (0 = never)
     workers: int = 0  # DALI CPU threads per process (0 = cores / processes)
     log_every: int = 10  # steps between lines in metrics.jsonl
     aug: Augment = field(default_factory=Augment)  # augmentation settings (flags of their own)
@@ -75,6 +76,7 @@ def validate(cfg: Config) -> None:
         (cfg.optimizer in ("lars", "sgd", "adamw"), f"--optimizer must be lars, sgd or adamw, got {cfg.optimizer!r}"),
         (cfg.loss_impl in ("auto", "triton", "tiled", "reference"),
          f"--loss-impl must be auto, triton, tiled or reference, got {cfg.loss_impl!r}"),
+        (cfg.stop_after >= 0, f"--stop-after must not be negative, got {cfg.stop_after}"),
         (cfg.warmup_epochs >= 0, f"--warmup-epochs must not be negative, got {cfg.warmup_epochs}"),
     ]
     for ok, sentence in checks:
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out / "config.json", resolved)
 
     step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
+    last = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
+    for epoch in range(start_epoch, last):
         loader = train_loader(source, batch_size=cfg.batch_size, size=cfg.image_size, aug=cfg.aug,
                               shard=shard, seed=cfg.seed, epoch=epoch, workers=workers,
                               device_id=device_id)
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if accelerator.is_main_process:
         export_backbone(accelerator.unwrap_model(model), out / "backbone.safetensors")
-    report.finish()
+    report.finish(done=last == cfg.epochs)
     accelerator.end_training()
     return 0
 

@@ -45,11 +45,17 @@ class SimCLRModel(nn.Module):
     def __init__(self, backbone: nn.Module, proj_hidden: int = 0, proj_dim: int = 128):
         super().__init__()
         self.backbone = backbone
-        width = backbone.num_features
+        width = feature_width(backbone)
         self.head = ProjectionHead(width, proj_hidden or width, proj_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
+
+
+def feature_width(backbone: nn.Module) -> int:
+    """Size of the pooled features timm returns with num_classes=0 (after any pre-logits layer,
+    which `num_features` does not count for models such as MobileNetV3)."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   := runs/demo
+DEMO_FLAGS ?= --epochs 30 --batch-size 256 --lr 1.0 --warmup-epochs 3 --temperature 0.2
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Pretrain on the built-in digits (CPU, or the GPU if there is one), then evaluate.
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(PY) train.py --data digits --out $(DEMO) $(DEMO_FLAGS)
+	$(PY) evaluate.py --run $(DEMO)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmark.py all --json runs/benchmark.json
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,70 @@
+"""Shared fixtures: small generated image folders and CIFAR-style pickles (tests make their data)."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_image(path: Path, rng: np.random.Generator, size=(40, 32), mode="RGB", colour=None) -> Path:
+    """A smooth random image (or a solid `colour`), saved in the format its suffix names."""
+    w, h = size
+    if colour is not None:
+        arr = np.broadcast_to(np.asarray(colour, np.uint8), (h, w, 3)).copy()
+    else:
+        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        arr = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
+    img = Image.fromarray(arr)
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def make_folder(root: Path, classes=("cat", "dog", "fox"), per_class=8, size=(40, 32), seed=0) -> Path:
+    """Class sub-folders of JPEG and PNG images."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        for i in range(per_class):
+            write_image(root / c / f"{i:03d}.{'png' if i % 3 == 0 else 'jpg'}", rng, size)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "images")
+
+
+def write_cifar(root: Path, kind: str = "cifar10", n: int = 20, seed: int = 0) -> Path:
+    """CIFAR-style python pickles with random pixels and known labels."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "cifar10":
+        names, key = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+        meta = ("batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+    else:
+        names, key = ["train", "test"], b"fine_labels"
+        meta = ("meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)]})
+    for j, name in enumerate(names):
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 key: [(j + i) % 10 for i in range(n)], b"batch_label": name.encode()}
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (root / meta[0]).write_bytes(pickle.dumps(meta[1], protocol=2))
+    return root
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
+    """Run one of the project's scripts the way a user would; returns CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,120 @@
+"""The DALI pipelines on the CPU (device_id=None), checked against NumPy oracles."""
+import numpy as np
+import pytest
+import torch
+
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from pipelines.loader import Shard, eval_loader, train_loader
+from pipelines.sources import Source, load_source
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+IDENTITY = Augment(crop_min_area=1.0, crop_min_ratio=1.0, crop_max_ratio=1.0, flip_p=0.0, jitter_p=0.0,
+                   gray_p=0.0, blur_p=0.0)
+
+
+def arrays(n=40, size=32, seed=0) -> Source:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return Source("arrays", np.arange(n, dtype=np.int64), images=images)
+
+
+def first_epoch(source, aug=Augment(), batch_size=8, seed=0, epoch=0, shard=Shard(), size=32):
+    loader = train_loader(source, batch_size=batch_size, size=size, aug=aug, shard=shard, seed=seed,
+                          epoch=epoch, workers=1, device_id=None)
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+def pixels(view: torch.Tensor) -> torch.Tensor:
+    """Undo normalisation: (N, 3, S, S) float -> 0..255 NHWC."""
+    return (view * STD + MEAN).permute(0, 2, 3, 1)
+
+
+def test_shapes_dtype_and_range():
+    batches = first_epoch(arrays())
+    assert len(batches) == 5
+    v1, v2, y = batches[0]
+    assert v1.shape == v2.shape == (8, 3, 32, 32) and v1.dtype == torch.float32
+    low = (0 - MEAN) / STD
+    high = (255 - MEAN) / STD
+    assert (v1 >= low - 1e-4).all() and (v1 <= high + 1e-4).all()
+    assert y.dtype == torch.int64 and y.shape[0] == 8
+    assert not torch.allclose(v1, v2), "the two views must be augmented independently"
+
+
+def test_identity_settings_reproduce_the_image_and_its_label():
+    src = arrays()
+    for v1, v2, y in first_epoch(src, IDENTITY):
+        expected = torch.from_numpy(src.images[y.view(-1).numpy()]).float()
+        torch.testing.assert_close(pixels(v1), expected, atol=0.01, rtol=0)
+        torch.testing.assert_close(v1, v2)
+
+
+def test_flip_always_mirrors():
+    src = arrays()
+    v1, _, y = first_epoch(src, Augment(**{**IDENTITY.__dict__, "flip_p": 1.0}))[0]
+    expected = torch.from_numpy(src.images[y.view(-1).numpy()][:, :, ::-1].copy()).float()
+    torch.testing.assert_close(pixels(v1), expected, atol=0.01, rtol=0)
+
+
+def test_grayscale_makes_channels_equal():
+    v1, _, _ = first_epoch(arrays(), Augment(**{**IDENTITY.__dict__, "gray_p": 1.0}))[0]
+    p = pixels(v1)
+    assert (p[..., 0] - p[..., 1]).abs().max() < 1.01 and (p[..., 1] - p[..., 2]).abs().max() < 1.01
+    assert p.std() > 10  # not a blank image
+
+
+def test_jitter_ranges_and_blur_window_follow_the_paper():
+    r = Augment().jitter_ranges()
+    assert r["brightness"] == r["contrast"] == r["saturation"] == pytest.approx((0.2, 1.8))
+    assert r["hue"] == pytest.approx((-72.0, 72.0))  # 0.2 of a turn, in degrees as DALI wants
+    assert Augment(jitter_strength=0.5).jitter_ranges()["hue"] == pytest.approx((-36.0, 36.0))
+    assert Augment().blur_window(224) == 23 and Augment().blur_window(32) == 3
+
+
+def test_crop_keeps_between_8_and_100_percent_of_the_area():
+    # a single bright pixel column per image lets us see how much the crop magnifies
+    src = arrays(n=64)
+    views = torch.cat([v for v, _, _ in first_epoch(src, Augment(**{**IDENTITY.__dict__, "crop_min_area": 0.08,
+                                                                    "crop_min_ratio": 3 / 4,
+                                                                    "crop_max_ratio": 4 / 3}))])
+    full = torch.from_numpy(src.images).float()
+    # a crop of the whole image would reproduce it; random crops must (almost always) not
+    differs = [(pixels(v[None])[0] - full[i]).abs().mean() > 1 for i, v in enumerate(views)]
+    assert sum(differs) > len(differs) // 2
+
+
+def test_fixed_seed_reproduces_and_epochs_differ():
+    src = arrays()
+    a, b = first_epoch(src, seed=3), first_epoch(src, seed=3)
+    for x, y in zip(a, b):
+        for s, t in zip(x, y):
+            torch.testing.assert_close(s, t, atol=0, rtol=0)
+    c = first_epoch(src, seed=3, epoch=1)
+    assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_shards_are_disjoint_and_equal():
+    src = arrays(n=43)
+    seen = []
+    for index in range(2):
+        labels = torch.cat([y.view(-1) for _, _, y in first_epoch(src, shard=Shard(index, 2), batch_size=7)])
+        assert len(labels) == 21  # 43 // 2 = 21 per shard, 3 full batches of 7
+        seen.append(set(labels.tolist()))
+    assert not seen[0] & seen[1]
+
+
+def test_eval_loader_reads_every_image_once_in_order(image_folder):
+    src = load_source(str(image_folder), "train", str(image_folder))
+    loader = eval_loader(src, batch_size=5, size=24, workers=1, device_id=None)
+    views, labels = zip(*[(v.clone(), y.clone()) for v, y in loader])
+    assert torch.cat(views).shape == (24, 3, 24, 24)
+    np.testing.assert_array_equal(torch.cat(labels).view(-1).numpy(), src.labels)
+
+
+def test_folder_images_decode_in_both_formats(image_folder):
+    src = load_source(str(image_folder), "train", str(image_folder))
+    assert {f.rsplit(".", 1)[1] for f in src.files} == {"jpg", "png"}
+    batches = first_epoch(src, batch_size=6, size=24)
+    assert len(batches) == 4 and batches[0][0].shape == (6, 3, 24, 24)
+    assert sorted(torch.cat([y.view(-1) for _, _, y in batches]).tolist()) == sorted(src.labels.tolist())

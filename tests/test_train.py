@@ -1,0 +1,100 @@
+"""train.py and evaluate.py run as a user runs them, on a tiny generated folder."""
+import json
+
+import pytest
+import timm
+import torch
+from conftest import make_folder, run_cli
+from safetensors.torch import load_file
+
+TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",
+        "--log-every", "1", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data") / "images")
+
+
+@pytest.fixture(scope="module")
+def two_epochs(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    r = run_cli("train.py", "--data", str(folder), "--epochs", "2", "--out", str(out), *TINY)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_training_writes_every_output(two_epochs):
+    out = two_epochs
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["backbone"] == "resnet18" and cfg["world_size"] == 1 and cfg["global_batch"] == 8
+    assert cfg["n_train"] == 22 and cfg["steps_per_epoch"] == 2 and cfg["dali_placement"] == "cpu"
+    assert cfg["loss_impl_resolved"] == "tiled" and cfg["aug"]["jitter_p"] == 0.8
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["step", "step", "epoch"] * 2
+    for r in records:
+        assert set(r) >= {"epoch", "step", "loss", "lr", "images_per_s"} and r["images_per_s"] > 0
+        assert 0 < r["loss"] < 10
+    assert records[-1]["step"] == 4 and records[-1]["epoch"] == 2
+    assert {p.name for p in (out / "checkpoint").iterdir()} >= {"model.safetensors", "optimizer.bin",
+                                                                 "config.json", "progress.json"}
+    assert json.loads((out / "checkpoint" / "progress.json").read_text()) == {"epoch": 1, "step": 4}
+    weights = load_file(str(out / "backbone.safetensors"))
+    timm.create_model("resnet18", num_classes=0).load_state_dict(weights)  # strict: every key
+
+
+def test_resume_continues_from_the_saved_epoch_and_matches(folder, two_epochs, tmp_path):
+    out = tmp_path / "resumed"
+    first = run_cli("train.py", "--data", str(folder), "--epochs", "2", "--stop-after", "1", "--out", str(out),
+                    *TINY)
+    assert first.returncode == 0, first.stderr
+    assert "continue with --resume" in first.stdout
+    again = run_cli("train.py", "--data", str(folder), "--epochs", "2", "--out", str(out), *TINY)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    second = run_cli("train.py", "--data", str(folder), "--epochs", "2", "--out", str(out), "--resume", *TINY)
+    assert second.returncode == 0, second.stderr
+    assert "resuming at epoch 2" in second.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4]
+    # an epoch's data and augmentations depend only on (seed, epoch): resuming changes nothing
+    resumed = load_file(str(out / "backbone.safetensors"))
+    straight = load_file(str(two_epochs / "backbone.safetensors"))
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_evaluate_writes_every_key(two_epochs, folder):
+    r = run_cli("evaluate.py", "--run", str(two_epochs), "--probe-epochs", "5", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((two_epochs / "eval.json").read_text())
+    assert result["n_train"] == 22 and result["n_test"] == 2
+    for scores in (result, result["random_init"]):
+        for key in ("knn_top1", "linear_top1"):
+            assert 0 <= scores[key] <= 1
+    assert "random init" in r.stdout
+
+
+@pytest.mark.parametrize("args,sentence", [
+    (["--data", "/no/such/folder"], "data path /no/such/folder does not exist"),
+    (["--data", "EMPTY"], "is empty"),
+    (["--data", "NOIMAGES"], "holds no images"),
+    (["--data", "FOLDER", "--batch-size", "64"], "--batch-size 64 is larger than the 22 training images"),
+    (["--data", "FOLDER", "--batch-size", "8", "--temperature", "0"], "--temperature must be positive"),
+    (["--data", "FOLDER", "--batch-size", "8", "--backbone", "resnet19x"], "unknown backbone 'resnet19x'"),
+])
+def test_cli_errors_are_one_sentence(args, sentence, folder, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noimages").mkdir()
+    (tmp_path / "noimages" / "readme.txt").write_text("no pictures here")
+    subs = {"EMPTY": str(tmp_path / "empty"), "NOIMAGES": str(tmp_path / "noimages"), "FOLDER": str(folder)}
+    args = [subs.get(a, a) for a in args]
+    r = run_cli("train.py", *args, "--out", str(tmp_path / "out"), "--epochs", "1")
+    assert r.returncode == 2
+    assert sentence in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_evaluate_on_a_folder_that_is_not_a_run(tmp_path):
+    r = run_cli("evaluate.py", "--run", str(tmp_path))
+    assert r.returncode == 2 and "is not a training run" in r.stderr and "Traceback" not in r.stderr
