@@ -56,7 +56,8 @@ class Report:
                                  MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                                  TextColumn("lr {task.fields[lr]:.3g}"),
                                  TextColumn("{task.fields[rate]:.0f} img/s"), TimeRemainingColumn(),
-                                 console=self.console, transient=False)
+                                 console=self.console, transient=False,
+                                 disable=not self.console.is_terminal)
         self.progress.start()
 
     # -- per step and per epoch ---------------------------------------------------------------
@@ -96,6 +97,8 @@ class Report:
                     "images_per_s": rate})
         if self.progress:
             self.progress.update(self.task, loss=mean, rate=rate)
+            if not self.console.is_terminal:  # a log file gets one line per epoch instead of a bar
+                self.console.print(f"epoch {epoch + 1}: loss {mean:.4f}, lr {self.lr:.3g}, {rate:.0f} images/s")
 
     def check(self, loss: float, step: int) -> float:
         if not math.isfinite(loss):
