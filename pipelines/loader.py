@@ -4,16 +4,19 @@ same number of steps and a run can be resumed at any step.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import nvidia.dali.fn as fn
 import torch
 from nvidia.dali import pipeline_def
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipelines.augment import Augment, center_view, decode, simclr_view
 from pipelines.sources import Source
+from pipelines.webdataset import IMAGE_EXTS, LABEL_BYTES, parse_labels
 
 
 @dataclass
@@ -59,45 +62,87 @@ class Feeder:
         return ([self.sample(i) for i in index],
                 [np.array(self.source.labels[i], dtype=np.int64) for i in index])
 
+    def read(self):
+        """(data, labels) nodes: encoded bytes or HWC images, and int64 labels."""
+        return fn.external_source(source=self, num_outputs=2, batch=True, batch_info=True,
+                                  layout=["B" if self.source.encoded else "HWC", ""])
 
-def read(feeder: Feeder, gpu: bool):
+
+class ShardReader:
+    """WebDataset tar shards through DALI's own reader: DALI splits the samples into `count`
+    contiguous, disjoint shards (rotated by the epoch) and shuffles within a buffer; we count the
+    steps, so every process runs `steps` batches however unequal the shards are."""
+
+    def __init__(self, source: Source, batch_size: int, shard: Shard, *, shuffle: bool,
+                 drop_last: bool, seed: int = 0, epoch: int = 0):
+        self.source, self.batch_size, self.shard = source, batch_size, shard
+        self.shuffle, self.drop_last, self.epoch = shuffle, drop_last, epoch
+        per_shard = len(source) // shard.count
+        self.steps = per_shard // batch_size if drop_last else -(-per_shard // batch_size)
+
+    def read(self):
+        encoded, cls = fn.readers.webdataset(
+            paths=self.source.shards, index_paths=self.source.indexes, ext=[IMAGE_EXTS, "cls"],
+            missing_component_behavior="empty", shard_id=(self.shard.index + self.epoch) % self.shard.count,
+            num_shards=self.shard.count, random_shuffle=self.shuffle, initial_fill=4 * self.batch_size,
+            pad_last_batch=not self.drop_last, name="Reader")
+        return encoded, fn.pad(cls, axes=[0], shape=[LABEL_BYTES], fill_value=0)  # parsed by the Loader
+
+
+def make_input(source: Source, batch_size: int, shard: Shard, **kwargs):
+    kind = ShardReader if source.shards is not None else Feeder
+    return kind(source, batch_size, shard, **kwargs)
+
+
+def read(data, gpu: bool):
     """The pipeline's input: decoded RGB images (on the GPU when `gpu`) and labels."""
-    data, labels = fn.external_source(source=feeder, num_outputs=2, batch=True, batch_info=True,
-                                      layout=["B" if feeder.source.encoded else "HWC", ""])
-    if feeder.source.encoded:
-        images = decode(data, gpu)
+    data_node, labels = data.read()
+    if data.source.encoded or data.source.shards is not None:
+        images = decode(data_node, gpu)
     else:
-        images = data.gpu() if gpu else data
+        images = data_node.gpu() if gpu else data_node
     return images, labels
 
 
 @pipeline_def(enable_conditionals=True)
-def two_view_pipeline(feeder: Feeder, size: int, aug: Augment, gpu: bool):
+def two_view_pipeline(feeder, size: int, aug: Augment, gpu: bool):
     """Decode once, augment twice: (view1, view2, label)."""
     images, labels = read(feeder, gpu)
     return simclr_view(images, size, aug), simclr_view(images, size, aug), labels
 
 
 @pipeline_def
-def eval_pipeline(feeder: Feeder, size: int, gpu: bool):
+def eval_pipeline(feeder, size: int, gpu: bool):
     """No augmentation: (view, label)."""
     images, labels = read(feeder, gpu)
     return center_view(images, size), labels
 
 
 class Loader:
-    """Iterates one epoch of torch batches from a DALI pipeline; `len()` is the steps in it."""
+    """Iterates one epoch of torch batches from a DALI pipeline; `len()` is the steps in it (those
+    still to come when `done` steps of the epoch were taken before a restored checkpoint)."""
 
-    def __init__(self, pipe, feeder: Feeder, names: list[str]):
-        self.feeder = feeder
-        self.iterator = DALIGenericIterator(pipe, names)
+    def __init__(self, pipe, feeder, names: list[str], done: int = 0):
+        self.feeder, self.done = feeder, done
+        reader = isinstance(feeder, ShardReader) and not feeder.drop_last  # every sample once
+        self.iterator = DALIGenericIterator(pipe, names, reader_name="Reader" if reader else None,
+                                            last_batch_policy=LastBatchPolicy.PARTIAL)
 
     def __len__(self) -> int:
-        return self.feeder.steps
+        return self.feeder.steps - self.done
+
+    def state(self) -> bytes:
+        """DALI's checkpoint after the batches consumed so far (readers' positions, every random
+        operator's state; external_source resumes at the next batch index): build the pipeline with
+        it (train_loader's `state`) and the rest of the epoch comes out bit for bit the same."""
+        return self.iterator.checkpoints()[0]
 
     def __iter__(self):
-        for batch in self.iterator:
-            yield tuple(batch[0][name] for name in self.iterator.output_map)
+        for batch in itertools.islice(self.iterator, len(self)):
+            outputs = [batch[0][name] for name in self.iterator.output_map]
+            if outputs[-1].dim() == 2:  # WebDataset labels arrive as padded ASCII
+                outputs[-1] = torch.from_numpy(parse_labels(outputs[-1].numpy()))
+            yield tuple(outputs)
 
 
 def placement(device_id: int | None) -> str:
@@ -106,25 +151,27 @@ def placement(device_id: int | None) -> str:
 
 def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, shard: Shard,
                  seed: int, epoch: int, workers: int, device_id: int | None,
-                 prefetch: int = 2) -> Loader:
+                 prefetch: int = 2, state: bytes | None = None, done: int = 0) -> Loader:
     """One epoch of two-view batches (view1, view2, label) for this process's shard, tail dropped.
 
     Built afresh each epoch with a seed drawn from (seed, epoch, shard): an epoch's data order and
     augmentations depend on nothing else, so a run resumed at an epoch boundary sees the same data.
+    Mid-epoch, `state` (Loader.state() after `done` steps) continues the epoch where it stopped.
     """
-    feeder = Feeder(source, batch_size, shard, shuffle=True, drop_last=True, seed=seed, epoch=epoch)
+    feeder = make_input(source, batch_size, shard, shuffle=True, drop_last=True, seed=seed, epoch=epoch)
     pipe_seed = int(np.random.default_rng([seed, epoch, shard.index]).integers(2**31))
     pipe = two_view_pipeline(feeder, size, aug, device_id is not None, batch_size=batch_size,
                              num_threads=workers, device_id=device_id, seed=pipe_seed,
-                             prefetch_queue_depth=prefetch, py_num_workers=1)
+                             prefetch_queue_depth=prefetch, py_num_workers=1,
+                             enable_checkpointing=True, checkpoint=state)
     pipe.build()
-    return Loader(pipe, feeder, ["view1", "view2", "label"])
+    return Loader(pipe, feeder, ["view1", "view2", "label"], done=done if state is not None else 0)
 
 
 def eval_loader(source: Source, *, batch_size: int, size: int, workers: int,
                 device_id: int | None) -> Loader:
     """Every image once, in order, as (view, label)."""
-    feeder = Feeder(source, batch_size, Shard(), shuffle=False, drop_last=False)
+    feeder = make_input(source, batch_size, Shard(), shuffle=False, drop_last=False)
     pipe = eval_pipeline(feeder, size, device_id is not None, batch_size=batch_size,
                          num_threads=workers, device_id=device_id, seed=0)
     pipe.build()

@@ -6,9 +6,11 @@ A source is either a list of encoded files (decoded by DALI) or an array of deco
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -17,6 +19,8 @@ from cli import UserError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm"}
 HOLDOUT_FRACTION = 0.1  # a single folder keeps this much aside as its test split
 DIGITS_SIZE = 32
+LIST_HEADER = "# simclr image list v1"  # first line of a list written by `python -m pipelines.verify`
+Screen = Callable[[list[str]], list[int]]  # files -> indices of the ones to keep
 
 
 @dataclass
@@ -26,6 +30,8 @@ class Source:
     files: list[str] | None = None  # encoded images, decoded by DALI
     images: np.ndarray | None = None  # (N, H, W, 3) uint8, already decoded
     classes: list[str] = field(default_factory=list)
+    shards: list[str] | None = None  # WebDataset tar shards, read by DALI (labels come with them)
+    indexes: list[str] | None = None  # their DALI index files
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -40,24 +46,45 @@ class Source:
         return Source(self.name, self.labels[index], files, images, self.classes)
 
 
-def load_source(spec: str, split: str = "train", test_spec: str | None = None) -> Source:
-    """The `split` ("train" or "test") of the data named by `spec` (see README: Data)."""
+def load_source(spec: str, split: str = "train", test_spec: str | None = None,
+                screen: Screen | None = None) -> Source:
+    """The `split` ("train" or "test") of the data named by `spec` (see README: Data).
+
+    `screen` sees every file of a folder before the held-out split and returns the indices of the
+    ones to keep (pipelines.verify drops files DALI cannot decode); image lists are already screened.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if split == "test" and test_spec:
-        return _load(test_spec, "all")
+        return _load(test_spec, "all", screen)
     if split == "train" and test_spec:
-        return _load(spec, "all")
-    return _load(spec, split)
+        return _load(spec, "all", screen)
+    return _load(spec, split, screen)
 
 
-def _load(spec: str, split: str) -> Source:
+def _load(spec: str, split: str, screen: Screen | None = None) -> Source:
     if spec == "digits":
         return load_digits(split)
     kind, sep, path = spec.partition(":")
+    if sep and kind == "wds":
+        return load_webdataset(path, split)
     if sep and kind in ("cifar10", "cifar100"):
         return load_cifar(kind, path, split)
-    return load_folder(spec, split)
+    if sep and kind == "list":
+        return load_list(path, split)
+    if is_image_list(spec):
+        return load_list(spec, split)
+    return load_folder(spec, split, screen)
+
+
+# -- WebDataset tar shards (see pipelines/webdataset.py) ------------------------------------------
+def load_webdataset(pattern: str, split: str) -> Source:
+    from pipelines.webdataset import find_shards
+
+    if split == "test":
+        raise UserError(f"wds:{pattern} has no test split of its own: pass --test-data")
+    shards, indexes, n = find_shards(pattern)
+    return Source(f"wds:{pattern}", np.full(n, -1, dtype=np.int64), shards=shards, indexes=indexes)
 
 
 # -- built-in: scikit-learn's digits, upscaled to 32 px RGB ------------------------------------
@@ -143,13 +170,14 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def load_folder(path: str, split: str) -> Source:
+def load_folder(path: str, split: str, screen: Screen | None = None) -> Source:
     root = Path(path)
     if not root.exists():
         raise UserError(f"data path {root} does not exist (expected a folder of images, 'digits', "
                         f"'cifar10:PATH' or 'cifar100:PATH')")
     if not root.is_dir():
-        raise UserError(f"data path {root} is not a folder of images")
+        raise UserError(f"data path {root} is neither a folder of images nor an image list "
+                        f"written by `python -m pipelines.verify`")
     if not any(root.iterdir()):
         raise UserError(f"data folder {root} is empty")
     files = list_images(root)
@@ -164,9 +192,64 @@ def load_folder(path: str, split: str) -> Source:
     else:  # a flat (or mixed) folder is unlabeled
         classes, labels = [], np.full(len(files), -1, dtype=np.int64)
     source = Source(str(root), labels, files=[str(f) for f in files], classes=classes)
+    if screen is not None:
+        source = source.subset(np.asarray(screen(source.files), dtype=np.int64))
+        if not len(source):
+            raise UserError(f"none of the {len(files)} images in {root} can be decoded")
+    return holdout(source, split)
+
+
+def holdout(source: Source, split: str) -> Source:
+    """A deterministic held-out split ("test": about HOLDOUT_FRACTION, "train": the rest, "all")."""
     if split == "all":
         return source
-    order = np.random.default_rng(0).permutation(len(files))  # deterministic held-out split
-    n_test = max(1, int(round(HOLDOUT_FRACTION * len(files)))) if len(files) > 1 else 0
+    n = len(source)
+    order = np.random.default_rng(0).permutation(n)
+    n_test = max(1, int(round(HOLDOUT_FRACTION * n))) if n > 1 else 0
     index = np.sort(order[:n_test] if split == "test" else order[n_test:])
     return source.subset(index)
+
+
+# -- an image list: the files of a folder that `python -m pipelines.verify` found decodable --------
+# A text file: LIST_HEADER, "# root: ROOT", "# classes: A<TAB>B..." (empty when unlabeled), then one
+# "RELATIVE/PATH<TAB>LABEL" line per image (label -1 when unlabeled).
+def is_image_list(spec: str) -> bool:
+    path = Path(spec)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(LIST_HEADER)) == LIST_HEADER.encode()
+
+
+def write_image_list(path: Path, source: Source, root: Path) -> None:
+    """Writes `source` (files under `root`) as an image list, atomically."""
+    lines = [LIST_HEADER, f"# root: {root.resolve()}", "# classes: " + "\t".join(source.classes)]
+    lines += [f"{Path(f).relative_to(root)}\t{y}" for f, y in zip(source.files, source.labels)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_list(path: str, split: str) -> Source:
+    file = Path(path)
+    if not is_image_list(path):
+        raise UserError(f"{file} is not an image list written by `python -m pipelines.verify`")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    if len(lines) < 3 or not lines[1].startswith("# root: ") or not lines[2].startswith("# classes:"):
+        raise UserError(f"image list {file} lacks its '# root:' and '# classes:' header lines")
+    root = Path(lines[1][len("# root: "):])
+    classes = [c for c in lines[2][len("# classes:"):].strip().split("\t") if c]
+    files, labels = [], []
+    for number, line in enumerate(lines[3:], start=4):
+        name, tab, label = line.rpartition("\t")
+        if not tab or not label.lstrip("-").isdigit() or int(label) >= len(classes):
+            raise UserError(f"line {number} of image list {file} is not 'PATH<TAB>LABEL': {line[:80]!r}")
+        files.append(str(root / name))
+        labels.append(int(label))
+    if not files:
+        raise UserError(f"image list {file} names no images")
+    missing = next((f for f in files if not os.path.isfile(f)), None)
+    if missing is not None:
+        raise UserError(f"{missing}, named in image list {file}, does not exist: "
+                        f"run `python -m pipelines.verify {root}` again")
+    return holdout(Source(str(file), np.array(labels, dtype=np.int64), files=files, classes=classes), split)

@@ -1,0 +1,39 @@
+"""Pack a folder of images into WebDataset tar shards (with DALI index files) for `--data wds:...`.
+
+    python -m pipelines.pack /data/images /data/shards --shard-size 10000
+    python train.py --data 'wds:/data/shards/shard-*.tar' ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+
+from cli import UserError, exit_on_user_error
+from pipelines.sources import load_folder
+from pipelines.webdataset import write_shards
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("src", help="a folder of images (class sub-folders give labels)")
+    parser.add_argument("out", help="folder for shard-NNNNNN.tar and .idx files")
+    parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default: 10000)")
+    args = parser.parse_args(argv)
+    if args.shard_size < 1:
+        raise UserError(f"--shard-size must be positive, got {args.shard_size}")
+    source = load_folder(args.src, "all")
+    with Progress(console=Console(stderr=True)) as progress:
+        task = progress.add_task("packing", total=len(source))
+        shards = write_shards(source.files, source.labels, Path(args.out), args.shard_size,
+                              progress=lambda: progress.advance(task))
+    print(f"wrote {len(source)} samples in {len(shards)} shard(s) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""WebDataset-style tar shards: one sample = `KEY.jpg` (or .png, ...) + optional `KEY.cls` (class
+index as text), read by DALI's webdataset reader through index files beside the shards.
+
+Index format (DALI's, version v1.2): a header `v1.2 N` then one line per sample listing each of its
+components as `ext offset size name`.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from cli import UserError
+
+IMAGE_EXTS = "jpg;jpeg;png;bmp;webp;tif;tiff"
+LABEL_BYTES = 12  # .cls contents are padded to this many bytes on their way through DALI
+
+
+def index_path(shard: str) -> str:
+    return str(Path(shard).with_suffix(".idx"))
+
+
+def count_samples(index_file: str) -> int:
+    with open(index_file) as f:
+        header = f.readline().split()
+    if len(header) != 2 or not header[1].isdigit():
+        raise UserError(f"{index_file} is not a DALI webdataset index (its first line should be 'v1.2 N')")
+    return int(header[1])
+
+
+def find_shards(pattern: str) -> tuple[list[str], list[str], int]:
+    """Shards matching `pattern` (a glob), their index files and the number of samples."""
+    shards = sorted(glob.glob(pattern))
+    if not shards:
+        raise UserError(f"no tar shards match {pattern!r}")
+    indexes = [index_path(s) for s in shards]
+    for shard, index in zip(shards, indexes):
+        if not Path(index).is_file():
+            raise UserError(f"shard {shard} has no index file {index}: write shards with "
+                            f"'python -m pipelines.pack', or index them with DALI's wds2idx")
+    return shards, indexes, sum(count_samples(i) for i in indexes)
+
+
+def parse_labels(padded: np.ndarray) -> np.ndarray:
+    """(B, LABEL_BYTES) uint8 ASCII class indices, zero-padded -> (B,) int64; empty -> -1."""
+    out = np.full(len(padded), -1, dtype=np.int64)
+    for i, row in enumerate(padded):
+        text = bytes(row).rstrip(b"\0").strip()
+        if text:
+            out[i] = int(text)
+    return out
+
+
+def write_shards(files: list[str], labels: np.ndarray, out: Path, shard_size: int, progress=None) -> list[Path]:
+    """Pack encoded image files into tar shards of `shard_size` samples, each with its index."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for first in range(0, len(files), shard_size):
+        shard = out / f"shard-{first // shard_size:06d}.tar"
+        lines = []
+        with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(first, min(first + shard_size, len(files))):
+                key = f"{i:09d}"
+                ext = Path(files[i]).suffix.lower().lstrip(".").replace("jpeg", "jpg")
+                parts = [(ext, Path(files[i]).read_bytes())]
+                if labels[i] >= 0:
+                    parts.append(("cls", str(int(labels[i])).encode()))
+                components = []
+                for part_ext, data in parts:
+                    info = tarfile.TarInfo(f"{key}.{part_ext}")
+                    info.size, info.mode = len(data), 0o644
+                    header_at = tar.offset
+                    tar.addfile(info, io.BytesIO(data))
+                    # a USTAR header with a short name is one 512-byte block; the data follows it
+                    components.append(f"{part_ext} {header_at + 512} {len(data)} {info.name}")
+                lines.append(" ".join(components))
+                if progress:
+                    progress()
+        tmp = Path(index_path(str(shard)) + ".tmp")
+        tmp.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+        tmp.replace(index_path(str(shard)))
+        written.append(shard)
+    return written

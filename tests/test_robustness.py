@@ -1,0 +1,433 @@
+"""Never lose work, never crash on bad data: undecodable images, signals, kill -9, non-finite steps,
+unsafe checkpoint files, an output folder that cannot take a checkpoint. CPU only, generated data."""
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+import pytest
+import torch
+from conftest import ROOT, make_folder, run_cli, write_image
+from nvidia.dali import pipeline_def
+from PIL import Image
+from safetensors.torch import load_file
+
+from cli import UserError
+from pipelines.sources import load_source
+from pipelines.verify import Screening, check_image
+
+# A tiny timm model, one BLAS thread: each run trains in about a second on a busy 2-core machine.
+TINY = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",
+        "--log-every", "1", "--workers", "1"]
+ENV = {"OMP_NUM_THREADS": "1"}
+BAD = {  # relative path -> start of the reason pipelines.verify gives
+    "cat/empty.jpg": "empty file",
+    "dog/half.jpg": "JPEG that cannot be decoded",
+    "dog/no_iend.png": "truncated PNG",
+    "fox/notes.jpg": "not an image",
+    "fox/anim.jpg": "not an image",  # a GIF: Pillow reads it, DALI does not
+}
+ODD_BUT_GOOD = ["cat/cmyk.jpg", "dog/gray.jpg", "dog/gray.png", "fox/tiny.png", "fox/tiny.jpg", "cat/png_named.jpg"]
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def add_odd_files(root: Path, seed: int = 1) -> Path:
+    """The BAD files, the ODD_BUT_GOOD ones and a .txt (not an image suffix: never listed)."""
+    rng = np.random.default_rng(seed)
+    for name, mode, size in [("cat/cmyk.jpg", "CMYK", (40, 32)), ("dog/gray.jpg", "L", (40, 32)),
+                             ("dog/gray.png", "L", (40, 32)), ("fox/tiny.png", "RGB", (5, 5)),
+                             ("fox/tiny.jpg", "RGB", (5, 5))]:
+        write_image(root / name, rng, size=size, mode=mode)
+    picture = Image.open(root / "cat" / "001.jpg").convert("RGB")
+    jpeg, png = encoded(picture, "JPEG"), encoded(picture, "PNG")
+    for name, data in [("cat/png_named.jpg", png), ("cat/empty.jpg", b""), ("dog/half.jpg", jpeg[:len(jpeg) // 2]),
+                       ("dog/no_iend.png", png[:-12]),  # Pillow alone would accept it
+                       ("fox/notes.jpg", b"this is not a picture\n" * 10), ("fox/anim.jpg", encoded(picture, "GIF")),
+                       ("fox/readme.txt", b"ignored by its suffix")]:
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory) -> Path:
+    return add_odd_files(make_folder(tmp_path_factory.mktemp("bad") / "images", per_class=12))
+
+
+def dali_decode(path: Path) -> np.ndarray | None:
+    """The oracle: DALI's own CPU decoder as the training pipeline calls it (None: it fails)."""
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def decode():
+        return fn.decoders.image(fn.external_source(name="x", layout="B"), device="cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    pipe.feed_input("x", [np.fromfile(path, dtype=np.uint8)])
+    try:
+        return np.array(pipe.run()[0].at(0))
+    except RuntimeError:
+        return None
+
+
+def test_check_image_agrees_with_dalis_decoder(bad_folder):
+    for name in [*BAD, *ODD_BUT_GOOD, "cat/000.png", "cat/001.jpg"]:
+        verdict, decoded = check_image(str(bad_folder / name)), dali_decode(bad_folder / name)
+        assert (verdict is None) == (decoded is not None), (name, verdict)
+        if name in BAD:
+            assert verdict.startswith(BAD[name]), (name, verdict)
+        else:  # CMYK, grayscale, 5x5, a PNG named .jpg: DALI's RGB is Pillow's, to the bit
+            np.testing.assert_array_equal(decoded, np.asarray(Image.open(bad_folder / name).convert("RGB")))
+
+
+def test_verify_writes_the_list_that_training_reads(bad_folder, tmp_path):
+    listing = tmp_path / "good.tsv"
+    r = run_cli("-m", "pipelines.verify", str(bad_folder), "--out", str(listing), "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"{5 + 36 + len(ODD_BUT_GOOD)} images" in r.stdout and f"{len(BAD)} cannot be decoded" in r.stdout
+    lines = listing.read_text().splitlines()
+    assert lines[:3] == ["# simclr image list v1", f"# root: {bad_folder.resolve()}", "# classes: cat\tdog\tfox"]
+    rows = dict(line.split("\t") for line in lines[3:])
+    expected = {str(p.relative_to(bad_folder)) for p in bad_folder.rglob("*.*") if p.suffix != ".txt"} - set(BAD)
+    assert set(rows) == expected and rows["fox/tiny.png"] == "2" and rows["cat/cmyk.jpg"] == "0"
+    skipped = dict(line.split("\t") for line in Path(f"{listing}.skipped").read_text().splitlines())
+    assert {Path(p).relative_to(bad_folder).as_posix() for p in skipped} == set(BAD)
+    # the list gives the same split as the folder screened at start-up (same files, same held-out part)
+    for split in ("train", "test"):
+        listed, screened = load_source(str(listing), split), load_source(str(bad_folder), split, screen=Screening())
+        assert listed.files == screened.files and listed.labels.tolist() == screened.labels.tolist()
+    assert load_source(f"list:{listing}", "train").files == load_source(str(listing), "train").files
+
+
+def test_image_list_problems_are_one_sentence(bad_folder, tmp_path):
+    listing = tmp_path / "l.tsv"
+    listing.write_text(f"# simclr image list v1\n# root: {bad_folder}\n# classes: cat\tdog\tfox\ncat/gone.jpg\t0\n")
+    with pytest.raises(UserError, match="cat/gone.jpg, named in image list .* does not exist"):
+        load_source(str(listing), "train")
+    listing.write_text(f"# simclr image list v1\n# root: {bad_folder}\n# classes: cat\ncat/000.png\t7\n")
+    with pytest.raises(UserError, match="line 4 of image list"):
+        load_source(str(listing), "train")
+    (tmp_path / "other.txt").write_text("hello\n")
+    with pytest.raises(UserError, match="neither a folder of images nor an image list"):
+        load_source(str(tmp_path / "other.txt"), "train")
+
+
+def test_training_skips_bad_images_and_names_them(bad_folder, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train.py", "--data", str(bad_folder), "--epochs", "1", "--out", str(out), *TINY, env=ENV)
+    assert r.returncode == 0, r.stderr
+    panel = " ".join(re.sub("[│╭╮╰╯─]", " ", r.stdout).split())
+    assert (f"skipped {len(BAD)} that cannot be decoded: cat/empty.jpg, dog/half.jpg, dog/no_iend.png, ... "
+            f"(all in skipped.txt)") in panel
+    lines = (out / "skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(bad_folder / n) for n in sorted(BAD)]
+    assert all(line.split("\t")[1].startswith(BAD[n]) for line, n in zip(lines, sorted(BAD)))
+    cfg = json.loads((out / "config.json").read_text())
+    good = 36 + len(ODD_BUT_GOOD)
+    assert cfg["n_train"] == good - round(0.1 * good) and cfg["scan"]["skipped"] == len(BAD)
+    assert cfg["scan"]["checked"] == good + len(BAD)
+
+
+def test_on_bad_image_error_names_the_first_bad_file(bad_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_here("--data", str(bad_folder), "--on-bad-image", "error", "--out", str(tmp_path / "o"))
+    assert stop.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"error: {bad_folder / 'cat/empty.jpg'} cannot be decoded: empty file (and {len(BAD) - 1} more); "
+        f"remove it, or pass --on-bad-image skip to train without it")
+
+
+# -- interruption ---------------------------------------------------------------------------------
+RUN = ["--epochs", "3", *TINY, "--save-every-steps", "3"]  # 36 + 6 good images -> 38 train, 4 steps/epoch
+
+
+@pytest.fixture(scope="module")
+def straight(bad_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    r = run_cli("train.py", "--data", str(bad_folder), "--out", str(out), *RUN, env=ENV)
+    assert r.returncode == 0, r.stderr
+    return load_file(str(out / "backbone.safetensors"))
+
+
+def start_training(folder: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", "--data", str(folder), "--out", str(out), *RUN],
+                            cwd=ROOT, env={**os.environ, **ENV, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not get there in time"
+        time.sleep(0.002)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged_step(out: Path, step: int) -> bool:
+    path = out / "metrics.jsonl"
+    return path.is_file() and f'"step": {step},' in path.read_text()
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def resume_to_the_end(folder: Path, out: Path) -> dict:
+    r = run_cli("train.py", "--data", str(folder), "--out", str(out), *RUN, "--resume", env=ENV)
+    assert r.returncode == 0, r.stderr
+    # the lines a killed run wrote after its checkpoint are dropped
+    assert [rec["step"] for rec in records(out) if rec["kind"] == "step"] == list(range(1, 13))
+    return load_file(str(out / "backbone.safetensors"))
+
+
+def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(bad_folder, straight, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(bad_folder, out)
+    wait_for(lambda: logged_step(out, 5), proc)  # epoch 2 has begun; it ends at step 8
+    proc.send_signal(signal.SIGSTOP)  # freeze it, so that the signal lands inside the epoch
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    progress = json.loads((out / "checkpoint" / "progress.json").read_text())
+    assert progress["step"] % 4 != 0, progress  # stopped mid-epoch, and saved there
+    assert (out / "checkpoint" / "dali_0.state").is_file()
+    line = stdout.strip().splitlines()[-1]
+    assert line.startswith(f"SIGTERM at step {progress['step']}: the checkpoint is in {out / 'checkpoint'}")
+    assert f"; continue with  python train.py --data {bad_folder} --out {out} " in line
+    assert line.endswith(" --save-every-steps 3 --resume")
+    assert_same_weights(resume_to_the_end(bad_folder, out), straight)
+
+
+def test_kill_9_while_saving_leaves_the_last_checkpoint_whole(bad_folder, straight, tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    proc = start_training(bad_folder, out)
+    wait_for(lambda: logged_step(out, 4), proc)  # step 3 was checkpointed mid-epoch
+    # kill -9 once a save is seen under way (or at step 7 at the latest): any moment must do
+    wait_for(lambda: (out / "checkpoint.tmp").exists() or logged_step(out, 7), proc)
+    proc.kill()
+    proc.communicate()
+    progress = json.loads((train.find_checkpoint(out) / "progress.json").read_text())
+    assert progress["step"] >= 3  # whichever save the kill hit, the one before it is whole
+    assert_same_weights(resume_to_the_end(bad_folder, out), straight)
+
+
+class Crash(BaseException):
+    """Stands for kill -9: nothing after it runs, nothing catches it."""
+
+
+class FakeAccelerator:
+    is_main_process, process_index, wait_for_everyone = True, 0, staticmethod(lambda: None)
+
+    def save_state(self, path):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "model.safetensors").write_bytes(b"weights")
+
+
+def test_a_crash_at_any_point_of_a_save_leaves_a_whole_checkpoint(tmp_path, monkeypatch):
+    import train
+
+    calls = {"n": 0, "crash_at": None}
+
+    def crashing(fn):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == calls["crash_at"]:
+                raise Crash
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(Path, "rename", crashing(Path.rename))
+    monkeypatch.setattr(shutil, "rmtree", crashing(shutil.rmtree))
+    acc = FakeAccelerator()
+    for crash_at in range(1, 8):
+        out = tmp_path / f"c{crash_at}"
+        out.mkdir()
+        train.save_checkpoint(acc, out, {"step": 1}, {})
+        (out / "checkpoint.old").mkdir()  # a half-deleted leftover of an earlier crash
+        calls.update(n=0, crash_at=crash_at)
+        try:
+            train.save_checkpoint(acc, out, {"step": 2}, {})
+        except Crash:
+            pass
+        calls["crash_at"] = None
+        found = train.find_checkpoint(out)
+        assert json.loads((found / "progress.json").read_text())["step"] in (1, 2), crash_at
+        assert (found / "model.safetensors").read_bytes() == b"weights"
+        train.save_checkpoint(acc, out, {"step": 3}, {})  # and the next save goes through
+        assert json.loads((train.find_checkpoint(out) / "progress.json").read_text()) == {"step": 3}
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]
+
+
+# -- in one process: non-finite steps, unsafe checkpoint files, the output folder -----------------
+def train_here(*args: str) -> int:
+    """train.main in this process (no start-up cost); a UserError becomes SystemExit(2)."""
+    import train
+
+    return train.main([*args, *TINY])
+
+
+class StepHooks(dict):
+    """{step: action(loss) -> loss}: runs while that 1-based step of a run computes its loss."""
+    count = 0
+
+
+def nan(loss):  # the loss, and so every gradient, becomes NaN
+    return loss * float("nan")
+
+
+def sigint(times: int):  # Ctrl-C pressed `times` times during the step
+    def action(loss):
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+    return action
+
+
+@pytest.fixture
+def hooks(monkeypatch) -> StepHooks:
+    import models.ntxent
+
+    real, hooks = models.ntxent.nt_xent_loss, StepHooks()
+
+    def loss(*args, **kwargs):
+        hooks.count += 1
+        return hooks.get(hooks.count, lambda value: value)(real(*args, **kwargs))
+
+    monkeypatch.setattr(models.ntxent, "nt_xent_loss", loss)
+    return hooks
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("small") / "images", per_class=6)  # 16 train: 2 steps/epoch
+
+
+def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(small_folder, tmp_path, hooks, capsys):
+    out = tmp_path / "run"
+    hooks[4] = nan
+    with pytest.raises(SystemExit) as stop:
+        train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the loss became nan at step 4: lower --lr, raise --temperature, "
+                          "or train in bf16 rather than fp16 (pass --max-nonfinite K")
+    assert f"the last checkpoint, {out / 'checkpoint'} (step 2), is from before it" in err
+    assert len(err.splitlines()) == 1
+    assert json.loads((out / "checkpoint" / "progress.json").read_text()) == {"epoch": 0, "step": 2}
+    assert [r["step"] for r in records(out) if r["kind"] == "step"] == [1, 2, 3]
+
+
+def test_max_nonfinite_skips_steps_without_touching_the_weights(small_folder, tmp_path, hooks):
+    from accelerate.utils import set_seed
+
+    import train
+
+    out = tmp_path / "run"
+    hooks.update({1: nan, 2: nan, 3: nan, 4: nan})  # every step of two epochs
+    assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "2", "--max-nonfinite", "4") == 0
+    skips = [(r["kind"], r["step"]) for r in records(out) if r["kind"] != "epoch"]
+    assert skips == [("nonfinite", s) for s in range(1, 5)]
+    assert records(out)[0]["problem"] == "the loss became nan"
+    set_seed(0)  # as train.main does before it builds the model
+    initial = train.build_model(train.parse_args(["--backbone", "test_resnet"])).backbone
+    exported = load_file(str(out / "backbone.safetensors"))
+    for name, weight in initial.named_parameters():  # BatchNorm's running statistics did move
+        torch.testing.assert_close(exported[name], weight.detach(), rtol=0, atol=0, msg=name)
+
+
+def test_max_nonfinite_is_a_budget(small_folder, tmp_path, hooks, capsys):
+    out = tmp_path / "run"
+    hooks.update({2: nan, 3: nan})
+    with pytest.raises(SystemExit):
+        train_here("--data", str(small_folder), "--out", str(out), "--epochs", "2", "--max-nonfinite", "1")
+    err = capsys.readouterr().err
+    assert "the loss became nan at step 3: " in err and "(it is non-finite step 2, more than --max-nonfinite 1)" in err
+    kinds = [(r["kind"], r["step"]) for r in records(out)]
+    assert kinds == [("step", 1), ("nonfinite", 2), ("epoch", 2)]
+
+
+class Payload:
+    """Unpickling this creates a folder: the proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_checkpoint_files_that_would_run_code_are_refused(small_folder, tmp_path, name, capsys):
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "2", "--stop-after", "1") == 0
+    torch.save({"state": Payload(marker), "param_groups": []}, out / "checkpoint" / name)
+    with pytest.raises(SystemExit) as stop:
+        train_here("--data", str(small_folder), "--out", str(out), "--epochs", "2", "--resume")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"error: --resume: {out / 'checkpoint' / name} " in err and err.strip().endswith("refusing to load it")
+    assert not marker.exists()
+    torch.load(out / "checkpoint" / name, weights_only=False)  # the payload is real
+    assert marker.is_dir()
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_sentence(small_folder, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    for out, sentence in [(tmp_path / "a-file" / "run", "cannot write to output folder {}: Not a directory"),
+                          (tmp_path / "a-file", "output folder {} is a file")]:
+        with pytest.raises(SystemExit) as stop:  # a file where a folder should be stops root too
+            train_here("--data", str(small_folder), "--out", str(out), "--epochs", "1")
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip() == "error: " + sentence.format(out)
+
+
+def test_a_full_disk_is_found_before_training(small_folder, tmp_path, monkeypatch, capsys):
+    import safeguards
+
+    free = shutil.disk_usage(tmp_path)._replace(free=2**20)
+    monkeypatch.setattr(safeguards.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(SystemExit):
+        train_here("--data", str(small_folder), "--out", str(tmp_path / "run"), "--epochs", "1")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: output folder {tmp_path / 'run'} has 1 MiB free, but its checkpoints need about")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    linear = torch.nn.Linear(10, 10)  # 110 float32 weights: two checkpoints of weights + momentum, one export
+    assert safeguards.checkpoint_bytes(linear, "lars") == 440 * 5
+    assert safeguards.checkpoint_bytes(linear, "adamw") == 440 * 7
+
+
+def test_sigint_stops_at_the_step_boundary_and_a_second_one_at_once(small_folder, tmp_path, hooks, capsys):
+    before = signal.getsignal(signal.SIGINT)
+    hooks[3] = sigint(1)
+    out = tmp_path / "run"
+    assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3") == 130
+    assert json.loads((out / "checkpoint" / "progress.json").read_text()) == {"epoch": 0, "step": 3}
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        f"SIGINT at step 3: the checkpoint is in {out / 'checkpoint'}; continue with  python train.py --data")
+    hooks.clear()
+    hooks.count, hooks[2] = 0, sigint(2)  # during step 5, after step 4 ended epoch 2 with a checkpoint
+    assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3", "--resume") == 130
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"stopped at once at step 4 by a second signal; the checkpoint of step 4 in {out / 'checkpoint'} is whole")
+    assert json.loads((out / "checkpoint" / "progress.json").read_text()) == {"epoch": 1, "step": 4}
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are given back
