@@ -8,9 +8,11 @@ so they follow the pipeline seed on either device.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -51,6 +53,11 @@ def decode(encoded, gpu: bool):
     return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
 
+def _uniform(low: float, high: float):
+    """A per-sample uniform draw; a plain number when the range is one value (DALI wants high > low)."""
+    return fn.random.uniform(range=[low, high]) if high > low else float(low)
+
+
 def _coin(p: float):
     """A per-sample 0.0 / 1.0 that is 1.0 with probability p."""
     return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
@@ -58,7 +65,7 @@ def _coin(p: float):
 
 def _factor(low: float, high: float, apply):
     """A per-sample factor: uniform in [low, high] where `apply` is 1, else the identity (1)."""
-    return 1.0 + apply * (fn.random.uniform(range=[low, high]) - 1.0)
+    return 1.0 + apply * (_uniform(low, high) - 1.0)
 
 
 def color_jitter_and_gray(images, aug: Augment):
@@ -71,7 +78,7 @@ def color_jitter_and_gray(images, aug: Augment):
         brightness=_factor(*r["brightness"], apply),
         contrast=_factor(*r["contrast"], apply),
         saturation=_factor(*r["saturation"], apply) * keep_colour,  # saturation 0 = grayscale
-        hue=apply * fn.random.uniform(range=list(r["hue"])),
+        hue=apply * _uniform(*r["hue"]),
     )
 
 
@@ -80,8 +87,16 @@ def gaussian_blur(images, size: int, aug: Augment):
     if aug.blur_p <= 0:
         return images
     if fn.random.coin_flip(probability=aug.blur_p, dtype=types.BOOL):
-        sigma = fn.random.uniform(range=[aug.blur_sigma_min, aug.blur_sigma_max])
-        images = fn.gaussian_blur(images, window_size=aug.blur_window(size), sigma=sigma)
+        sigma = _uniform(aug.blur_sigma_min, aug.blur_sigma_max)
+        # Taps beyond 3 sigma carry 0.3% of the weight: a per-sample window of 2*ceil(3 sigma)+1,
+        # capped at the paper's tenth of the side, gives the same blur at a fraction of the cost
+        # (a 23-tap kernel at 224 px made blur the slowest operator).
+        if isinstance(sigma, float):
+            window = min(2 * math.ceil(3 * sigma) + 1, aug.blur_window(size))
+        else:
+            window = dmath.min(2 * fn.cast(dmath.ceil(3.0 * sigma), dtype=types.INT32) + 1,
+                               aug.blur_window(size))
+        images = fn.gaussian_blur(images, window_size=window, sigma=sigma)
     return images
 
 

@@ -118,3 +118,21 @@ def test_folder_images_decode_in_both_formats(image_folder):
     batches = first_epoch(src, batch_size=6, size=24)
     assert len(batches) == 4 and batches[0][0].shape == (6, 3, 24, 24)
     assert sorted(torch.cat([y.view(-1) for _, _, y in batches]).tolist()) == sorted(src.labels.tolist())
+
+
+@pytest.mark.parametrize("sigma,size", [(2.0, 32), (1.0, 64)])
+def test_blur_matches_a_separable_gaussian_oracle(sigma, size):
+    from scipy.ndimage import correlate1d
+
+    src = arrays(n=8, size=size)
+    aug = Augment(**{**IDENTITY.__dict__, "blur_p": 1.0, "blur_sigma_min": sigma, "blur_sigma_max": sigma})
+    v1, _, y = first_epoch(src, aug, size=size)[0]
+    window = min(2 * int(np.ceil(3 * sigma)) + 1, aug.blur_window(size))  # 3 at 32 px, 7 at 64 px
+    x = np.arange(window) - window // 2
+    w = np.exp(-x ** 2 / (2 * sigma ** 2))
+    w /= w.sum()
+    img = src.images[y.view(-1).numpy()].astype(np.float64)
+    expected = correlate1d(correlate1d(img, w, axis=1, mode="mirror"), w, axis=2, mode="mirror")
+    got = pixels(v1).numpy()
+    assert np.abs(got - expected).max() <= 1.01  # uint8 rounding in between
+    assert np.abs(got - img).mean() > 5  # and it did blur
