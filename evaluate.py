@@ -1,10 +1,14 @@
-"""What the backbone learned: kNN and linear probe on frozen features, against random init.
+"""What the backbone learned: kNN and linear probe on frozen features, optional semi-supervised
+fine-tuning, each against the same architecture at random init; plots; frozen embeddings.
 
-    python evaluate.py --run runs/digits
+    python evaluate.py --run runs/digits                      # kNN, linear probe, plots
+    python evaluate.py --run runs/digits --finetune --label-fraction 0.01
     python evaluate.py --run runs/x --data /images/train --test-data /images/val
+    python evaluate.py --run runs/x --embed /images/catalogue --to catalogue.npy
 
 Features come from the run's exported backbone (backbone.safetensors) in eval mode, through a DALI
-pipeline without augmentation (resize, centre crop, normalise).
+pipeline without augmentation (resize, centre crop, normalise). The protocols are in probes.py, the
+pictures in plots.py.
 """
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error
+from probes import extract, knn_top1, linear_probe_top1  # noqa: F401  (public API, used by tests)
 
 
 @dataclass
@@ -32,10 +37,21 @@ class EvalConfig:
     probe_epochs: int = 100  # linear probe epochs over the cached features
     probe_lr: float = 1e-3  # linear probe AdamW learning rate
     probe_weight_decay: float = 1e-4  # linear probe weight decay
-    seed: int = 0  # seeds the random-init backbone and the probe
+    seed: int = 0  # seeds the random-init backbone, the probe, the labelled subset and fine-tuning
+    finetune: bool = False  # also fine-tune backbone + linear head on a fraction of the labels
+    label_fraction: float = 0.1  # fine-tuning: class-balanced fraction of the training labels (0.01, 0.1, 1.0)
+    finetune_epochs: int = 0  # fine-tuning epochs (0 = the paper's: 60 at label fractions <= 0.01, 30 above)
+    finetune_min_steps: int = 100  # fine-tuning: at least this many steps, however few the labels
+    finetune_batch_size: int = 256  # fine-tuning: images per step (capped at the labelled subset)
+    finetune_lr: float = 0.05  # fine-tuning: SGD Nesterov learning rate, cosine to zero
+    finetune_augment: bool = True  # fine-tuning: the pretraining's crop and flip (colour, gray, blur off)
+    plots: bool = True  # write PNGs beside the run: training curves, t-SNE map, retrieval grid
+    plot_points: int = 2000  # most test images drawn in the t-SNE map
+    embed: str = ""  # a folder of images to embed with the frozen backbone instead of evaluating
+    to: str = ""  # with --embed: the .npy file for the (N, F) embeddings (paths go to FILE.paths.txt)
 
 
-# -- features ---------------------------------------------------------------------------------
+# -- the backbone ------------------------------------------------------------------------------
 def load_backbone(run_cfg: dict, weights: Path | None):
     """The run's backbone architecture, with its trained weights or (weights=None) at random init."""
     from safetensors.torch import load_file
@@ -48,68 +64,19 @@ def load_backbone(run_cfg: dict, weights: Path | None):
     return model
 
 
-@torch.no_grad()
-def extract(model, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features (N, F) and labels (N,), in the loader's order; BatchNorm in eval mode."""
-    model.eval().to(device)
-    feats, labels = [], []
-    for images, y in loader:
-        feats.append(model(images.to(device)).float().cpu())
-        labels.append(y.view(-1).long().cpu())
-    return torch.cat(feats), torch.cat(labels)
-
-
-# -- protocols --------------------------------------------------------------------------------
-@torch.no_grad()
-def knn_top1(train_x, train_y, test_x, test_y, k: int = 200, temperature: float = 0.1,
-             chunk: int = 1024) -> float:
-    """Weighted kNN (cosine similarity, votes weighted by exp(sim / T)), top-1 accuracy."""
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    k = min(k, len(train_x))
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    correct = 0
-    for start in range(0, len(test_x), chunk):
-        sim = test_x[start:start + chunk] @ train_x.T  # (c, N_train)
-        top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(sim), classes).scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
-        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
-    return correct / len(test_x)
-
-
-def linear_probe_top1(train_x, train_y, test_x, test_y, *, epochs: int = 100, lr: float = 1e-3,
-                      weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0) -> float:
-    """A linear layer trained on standardised frozen features (the backbone never sees a gradient)."""
-    gen = torch.Generator().manual_seed(seed)
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    layer = torch.nn.Linear(train_x.shape[1], classes)
-    torch.nn.init.normal_(layer.weight, std=0.01, generator=gen)
-    torch.nn.init.zeros_(layer.bias)
-    opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * -(-len(train_x) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_x), generator=gen).split(batch_size):
-            loss = F.cross_entropy(layer(train_x[idx]), train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    with torch.no_grad():
-        return (layer(test_x).argmax(1) == test_y).float().mean().item()
-
-
-# -- the command ------------------------------------------------------------------------------
-def evaluate_backbone(model, train_loader, test_loader, cfg: EvalConfig, device) -> dict:
-    train_x, train_y = extract(model, train_loader, device)
-    test_x, test_y = extract(model, test_loader, device)
+def frozen_scores(train_x, train_y, test_x, test_y, cfg: EvalConfig) -> dict:
     return {"knn_top1": knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature),
             "linear_top1": linear_probe_top1(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs,
                                              lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay,
                                              seed=cfg.seed)}
 
 
+def evaluate_backbone(model, train_loader, test_loader, cfg: EvalConfig, device) -> dict:
+    """kNN and linear probe on the frozen features of `model`."""
+    return frozen_scores(*extract(model, train_loader, device), *extract(model, test_loader, device), cfg)
+
+
+# -- inputs -----------------------------------------------------------------------------------
 def load_run(run: Path) -> dict:
     if not (run / "config.json").is_file():
         raise UserError(f"{run} is not a training run: it has no config.json (pass train.py's --out)")
@@ -122,55 +89,176 @@ def labelled(source, what: str):
     if (source.labels < 0).any():
         raise UserError(f"evaluation needs labels, but the {what} split of {source.name} has images "
                         f"outside class sub-folders")
+    if len(source) == 0:
+        raise UserError(f"evaluation needs test images, but the {what} split of {source.name} is empty")
     return source
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="kNN and linear-probe evaluation of a SimCLR run.")
+def parse_args(argv: list[str] | None) -> EvalConfig:
+    parser = argparse.ArgumentParser(description="kNN, linear-probe and fine-tuning evaluation of a SimCLR "
+                                                 "run, plots, and frozen embeddings of a folder.")
     add_dataclass_flags(parser, EvalConfig)
     cfg = dataclass_from_args(EvalConfig, parser.parse_args(argv))
     if not cfg.run:
         raise UserError("--run is required: the output folder of a training run")
+    if cfg.finetune and not 0 < cfg.label_fraction <= 1:
+        raise UserError(f"--label-fraction must be in (0, 1], got {cfg.label_fraction}")
+    if cfg.embed and not cfg.to:
+        raise UserError("--embed needs --to FILE.npy: where to write the embeddings")
+    if cfg.embed and not cfg.to.endswith(".npy"):
+        raise UserError(f"--to must name a .npy file, got {cfg.to}")
+    return cfg
 
+
+# -- fine-tuning, both backbones -----------------------------------------------------------------
+def run_finetune(cfg: EvalConfig, run_cfg: dict, run: Path, train_src, test_loader, n_classes: int,
+                 device_id, device) -> dict:
+    from probes import FinetuneSettings, balanced_subset, finetune, finetune_augment, finetune_epochs
+
+    if getattr(train_src, "shards", None) is not None:
+        raise UserError(f"--finetune picks a labelled subset image by image, which tar shards ({train_src.name}) "
+                        f"do not allow: pass a folder or a list of images as --data")
+    index = balanced_subset(train_src.labels, cfg.label_fraction, cfg.seed)
+    subset = train_src.subset(index)
+    epochs = finetune_epochs(cfg.finetune_epochs, cfg.label_fraction, len(subset), cfg.finetune_batch_size,
+                             cfg.finetune_min_steps)
+    settings = FinetuneSettings(epochs=epochs, batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
+                                augment=finetune_augment(run_cfg.get("aug", {}), cfg.finetune_augment),
+                                image_size=run_cfg["image_size"], workers=cfg.workers, device_id=device_id,
+                                seed=cfg.seed)
+    scores = {}
+    for name, weights in (("simclr", run / "backbone.safetensors"), ("random_init", None)):
+        torch.manual_seed(cfg.seed)
+        scores[name] = finetune(load_backbone(run_cfg, weights), subset, n_classes, test_loader, settings, device)
+    counts = np.bincount(subset.labels)
+    return {"label_fraction": cfg.label_fraction, "n_labelled": len(subset),
+            "per_class": int(counts[counts > 0].min()), "epochs": epochs,
+            "batch_size": min(cfg.finetune_batch_size, len(subset)), "lr": cfg.finetune_lr,
+            "augment": ("random resized crop + flip as in pretraining; colour jitter, grayscale and blur off"
+                        if cfg.finetune_augment else "none (whole image resized to a square)"),
+            **scores["simclr"], "random_init": scores["random_init"]}
+
+
+# -- embeddings of a folder ----------------------------------------------------------------------
+def embed_folder(cfg: EvalConfig, run: Path, run_cfg: dict, device_id, device) -> int:
+    """Frozen embeddings of every image under cfg.embed, in sorted path order, plus the paths."""
+    from rich.console import Console
+
+    from pipelines.loader import eval_loader
+    from pipelines.sources import load_folder
+    from pipelines.verify import Screening
+
+    screen = Screening("skip", cfg.workers)  # files DALI cannot decode are left out, and said so
+    source = load_folder(cfg.embed, "all", screen)
+    loader = eval_loader(source, batch_size=cfg.batch_size, size=run_cfg["image_size"], workers=cfg.workers,
+                         device_id=device_id)
+    x, _ = extract(load_backbone(run_cfg, run / "backbone.safetensors"), loader, device)
+    to = Path(cfg.to)
+    paths = to.with_suffix(".paths.txt")
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        for final, write in ((to, lambda f: np.save(f, x.numpy().astype(np.float32))),
+                             (paths, lambda f: f.write("".join(p + "\n" for p in source.files).encode()))):
+            tmp = final.with_name(final.name + ".tmp")
+            with open(tmp, "wb") as f:
+                write(f)
+            tmp.replace(final)
+    except OSError as err:
+        raise UserError(f"cannot write the embeddings to {to}: {err.strerror}") from None
+    skipped = f"; {len(screen.bad)} undecodable file(s) left out, e.g. {screen.bad[0][0]}" if screen.bad else ""
+    Console().print(f"{len(source)} images from {cfg.embed} -> {to} ({x.shape[0]} x {x.shape[1]} float32), "
+                    f"paths in {paths}{skipped}")
+    return 0
+
+
+# -- the command ------------------------------------------------------------------------------
+def print_table(results: dict, run_cfg: dict, data: str, cfg: EvalConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    n_train, n_test = results["n_train"], results["n_test"]
+    table = Table(title=f"{run_cfg['backbone']} on {data}: {n_train} train / {n_test} test")
+    table.add_column("protocol")
+    table.add_column("SimCLR", justify="right")
+    table.add_column("random init", justify="right")
+    pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
+    for key, name in (("knn_top1", f"kNN (k={min(cfg.knn_k, n_train)}) top-1"), ("linear_top1", "linear probe top-1")):
+        table.add_row(name, pct(results[key]), pct(results["random_init"][key]))
+    ft = results.get("finetune")
+    if ft:
+        what = f"fine-tune, {ft['label_fraction']:.0%} labels ({ft['n_labelled']} images)"
+        for k in ("top1", "top5"):
+            if ft[k] is not None:
+                table.add_row(f"{what} top-{k[-1]}", pct(ft[k]), pct(ft["random_init"][k]))
+    Console().print(table)
+
+
+def make_plots(run: Path, cfg: EvalConfig, feats: dict, train_src, test_src, results: dict) -> dict:
+    import plots
+
+    written = {}
+    if (run / "metrics.jsonl").is_file():
+        written["curves"] = plots.training_curves(run / "metrics.jsonl", run / "training_curves.png")
+    _, _, test_x, test_y = feats["simclr"]
+    maps = {"SimCLR": feats["simclr"][2], "random init": feats["random_init"][2]}
+    scores = {"SimCLR": results["knn_top1"], "random init": results["random_init"]["knn_top1"]}
+    written["embeddings"] = plots.embedding_map(maps, test_y.numpy(), test_src.classes, run / "embeddings.png",
+                                                scores=scores, max_points=cfg.plot_points, seed=cfg.seed)
+    train_x, train_y = feats["simclr"][:2]
+    if any(getattr(s, "shards", None) is not None for s in (train_src, test_src)):
+        return {k: str(v) for k, v in written.items()}  # no image-by-image access to draw the retrieval grid
+    written["retrieval"] = plots.retrieval_grid(test_x, test_y.numpy(), train_x, train_y.numpy(), test_src,
+                                                train_src, run / "retrieval.png", seed=cfg.seed)
+    return {k: str(v) for k, v in written.items() if v is not None}
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
     from pipelines.loader import eval_loader
     from pipelines.sources import load_source
+    from pipelines.verify import Screening
 
     run = Path(cfg.run)
     run_cfg = load_run(run)
+    cuda = torch.cuda.is_available()
+    device, device_id = torch.device("cuda" if cuda else "cpu"), (0 if cuda else None)
+    if cfg.embed:
+        return embed_folder(cfg, run, run_cfg, device_id, device)
+
     data = cfg.data or run_cfg["data"]
     test_data = cfg.test_data or (run_cfg.get("test_data", "") if not cfg.data else "")
-    train_src = labelled(load_source(data, "train", test_data or None), "train")
-    test_src = labelled(load_source(data, "test", test_data or None), "test")
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    size = run_cfg["image_size"]
+    screen = Screening("skip", cfg.workers)  # evaluate on what DALI can decode; skipped files are counted
+    train_src = labelled(load_source(data, "train", test_data or None, screen), "train")
+    test_src = labelled(load_source(data, "test", test_data or None, screen), "test")
+    kwargs = dict(batch_size=cfg.batch_size, size=run_cfg["image_size"], workers=cfg.workers, device_id=device_id)
+    train_loader, test_loader = eval_loader(train_src, **kwargs), eval_loader(test_src, **kwargs)  # kept, re-read
 
-    def loaders():
-        kwargs = dict(batch_size=cfg.batch_size, size=size, workers=cfg.workers, device_id=0 if cuda else None)
-        return eval_loader(train_src, **kwargs), eval_loader(test_src, **kwargs)
-
-    torch.manual_seed(cfg.seed)
-    results = evaluate_backbone(load_backbone(run_cfg, run / "backbone.safetensors"), *loaders(), cfg, device)
-    torch.manual_seed(cfg.seed)
-    results["random_init"] = evaluate_backbone(load_backbone(run_cfg, None), *loaders(), cfg, device)
+    feats, results = {}, {}
+    for name, weights in (("simclr", run / "backbone.safetensors"), ("random_init", None)):
+        torch.manual_seed(cfg.seed)
+        model = load_backbone(run_cfg, weights)
+        feats[name] = (*extract(model, train_loader, device), *extract(model, test_loader, device))
+        results[name] = frozen_scores(*feats[name], cfg)
+    results = {**results.pop("simclr"), **results}
     results.update(n_train=len(train_src), n_test=len(test_src), data=data, test_data=test_data)
+    if screen.bad:
+        results["skipped_files"] = [p for p, _ in screen.bad]
+    if cfg.finetune:
+        n_classes = max(len(train_src.classes), int(max(train_src.labels.max(), test_src.labels.max())) + 1)
+        results["finetune"] = run_finetune(cfg, run_cfg, run, train_src, test_loader, n_classes, device_id, device)
+    print_table(results, run_cfg, data, cfg)
+    write_results(run, results)
+    if cfg.plots:  # after the numbers are safe on disk
+        results["plots"] = make_plots(run, cfg, feats, train_src, test_src, results)
+        write_results(run, results)
+    return 0
 
+
+def write_results(run: Path, results: dict) -> None:
     tmp = run / "eval.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(run / "eval.json")
-
-    table = Table(title=f"{run_cfg['backbone']} on {data}: {len(train_src)} train / {len(test_src)} test")
-    table.add_column("top-1")
-    table.add_column("SimCLR", justify="right")
-    table.add_column("random init", justify="right")
-    for key, name in (("knn_top1", f"kNN (k={min(cfg.knn_k, len(train_src))})"), ("linear_top1", "linear probe")):
-        table.add_row(name, f"{results[key]:.2%}", f"{results['random_init'][key]:.2%}")
-    Console().print(table)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""See the augmentations: original images beside pairs of views from the training pipeline itself.
+
+    python -m pipelines.preview --data digits --out views.png
+    python -m pipelines.preview --data /images/train --image-size 224 --blur-p 0 --out views.png
+
+The views come from `pipelines.loader.train_loader` with the same augmentation flags as train.py
+(one pair per epoch seed: pair p is what epoch p of a run with this --seed would draw for these
+images, had they formed the whole data set), de-normalised for display. The "original" row is the
+raw source image (the decoded file or the array), so crops show where they came from.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+
+CELL = 1.3  # inches per image
+
+
+def pixels(views: torch.Tensor) -> np.ndarray:
+    """Normalised (N, 3, S, S) float views -> (N, S, S, 3) uint8 for display."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (views.cpu().float() * std + mean).clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def augmented_pairs(source, aug: Augment, *, size: int, seed: int, pairs: int,
+                    device_id: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`pairs` two-view draws of every image of `source`, each (N, S, S, 3) uint8 in source order."""
+    from pipelines.loader import Shard, train_loader
+
+    out = []
+    for p in range(pairs):
+        loader = train_loader(source, batch_size=len(source), size=size, aug=aug, shard=Shard(), seed=seed,
+                              epoch=p, workers=1, device_id=device_id)
+        view1, view2, _ = next(iter(loader))
+        order = torch.as_tensor(loader.feeder.order[:len(source)])  # batch row i holds image order[i]
+        a, b = torch.empty_like(view1.cpu()), torch.empty_like(view2.cpu())
+        a[order], b[order] = view1.cpu(), view2.cpu()
+        out.append((pixels(a), pixels(b)))
+        del loader
+    return out
+
+
+def describe(aug: Augment, size: int) -> str:
+    parts = [f"{size} px crop of {aug.crop_min_area:g}-{aug.crop_max_area:g} of the area, "
+             f"ratio {aug.crop_min_ratio:.2f}-{aug.crop_max_ratio:.2f}", f"flip {aug.flip_p:g}",
+             f"jitter s={aug.jitter_strength:g} p={aug.jitter_p:g}", f"gray {aug.gray_p:g}",
+             f"blur p={aug.blur_p:g} sigma {aug.blur_sigma_min:g}-{aug.blur_sigma_max:g}"]
+    return ", ".join(parts)
+
+
+def draw(originals: list[np.ndarray], pairs: list, aug: Augment, size: int, out: Path) -> Path:
+    """Rows: original, then view 1 / view 2 of each pair; one column per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from plots import save, show
+
+    rows = 1 + 2 * len(pairs)
+    cols = len(originals)
+    fig, axes = plt.subplots(rows, cols, figsize=(CELL * cols + 0.9, CELL * rows + 0.7), squeeze=False,
+                             gridspec_kw={"wspace": 0.06, "hspace": 0.12})
+    labels = ["original"] + [f"pair {p + 1}\nview {v}" for p in range(len(pairs)) for v in (1, 2)]
+    for c, image in enumerate(originals):
+        show(axes[0, c], image)
+        for p, (a, b) in enumerate(pairs):
+            show(axes[1 + 2 * p, c], a[c])
+            show(axes[2 + 2 * p, c], b[c])
+    for r, label in enumerate(labels):
+        axes[r, 0].set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center", labelpad=8)
+    fig.subplots_adjust(left=0.9 / (CELL * cols + 0.9), right=0.99, bottom=0.01, top=1 - 0.7 / (CELL * rows + 0.7))
+    fig.suptitle(f"training views: {describe(aug, size)}", fontsize=9, wrap=True)
+    return save(fig, out)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Draw original images beside augmented training views.")
+    parser.add_argument("--data", default="digits",
+                        help="'digits', a folder of images, 'cifar10:PATH' or 'cifar100:PATH' (default: digits)")
+    parser.add_argument("--out", default="views.png", help="PNG to write (default: views.png)")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the augmented views, in pixels "
+                                                                   "(default: 32)")
+    parser.add_argument("--seed", type=int, default=0, help="picks the images and seeds the augmentations "
+                                                            "(default: 0)")
+    parser.add_argument("--n", type=int, default=8, help="images to show (default: 8)")
+    parser.add_argument("--pairs", type=int, default=2, help="augmented pairs per image (default: 2)")
+    add_dataclass_flags(parser.add_argument_group("augmentations (as train.py)"), Augment)
+    args = parser.parse_args(argv)
+    aug = dataclass_from_args(Augment, args)
+    if args.n < 1 or args.pairs < 1:
+        raise UserError(f"--n and --pairs must be at least 1, got {args.n} and {args.pairs}")
+    if args.image_size < 8:
+        raise UserError(f"--image-size must be at least 8 pixels, got {args.image_size}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+
+    from plots import display_image
+    from pipelines.sources import load_source
+
+    source = load_source(args.data, "train")
+    if args.n > len(source):
+        raise UserError(f"--n {args.n} is more than the {len(source)} images in {args.data}")
+    picked = source.subset(np.sort(np.random.default_rng(args.seed).choice(len(source), args.n, replace=False)))
+    device_id = 0 if torch.cuda.is_available() else None
+    pairs = augmented_pairs(picked, aug, size=args.image_size, seed=args.seed, pairs=args.pairs,
+                            device_id=device_id)
+    originals = [display_image(picked, i, max_side=4 * args.image_size) for i in range(len(picked))]
+    try:
+        print(draw(originals, pairs, aug, args.image_size, out))
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

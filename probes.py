@@ -1,0 +1,215 @@
+"""Evaluation protocols: frozen features (kNN, linear probe), semi-supervised fine-tuning on a
+class-balanced fraction of the labels, and the cheap online kNN monitor that train.py can run.
+
+Frozen protocols never give the backbone a gradient and run it in eval mode, so neither its weights
+nor its BatchNorm running statistics change (tests/test_evaluate.py checks both).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cli import UserError
+
+
+# -- frozen features --------------------------------------------------------------------------
+@torch.no_grad()
+def extract(model, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features (N, F) and labels (N,), in the loader's order; BatchNorm in eval mode."""
+    model.eval().to(device)
+    feats, labels = [], []
+    for images, y in loader:
+        feats.append(model(images.to(device)).float().cpu())
+        labels.append(y.view(-1).long().cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_top1(train_x, train_y, test_x, test_y, k: int = 200, temperature: float = 0.1,
+             chunk: int = 1024) -> float:
+    """Weighted kNN (cosine similarity, votes weighted by exp(sim / T)), top-1 accuracy."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    k = min(k, len(train_x))
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    correct = 0
+    for start in range(0, len(test_x), chunk):
+        sim = test_x[start:start + chunk] @ train_x.T  # (c, N_train)
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(sim), classes).scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
+        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
+    return correct / len(test_x)
+
+
+def linear_probe_top1(train_x, train_y, test_x, test_y, *, epochs: int = 100, lr: float = 1e-3,
+                      weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0) -> float:
+    """A linear layer trained on standardised frozen features (the backbone never sees a gradient)."""
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    layer = torch.nn.Linear(train_x.shape[1], classes)
+    torch.nn.init.normal_(layer.weight, std=0.01, generator=gen)
+    torch.nn.init.zeros_(layer.bias)
+    opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * -(-len(train_x) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train_x), generator=gen).split(batch_size):
+            loss = F.cross_entropy(layer(train_x[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return (layer(test_x).argmax(1) == test_y).float().mean().item()
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float | None:
+    """Fraction of rows whose label is among the k largest logits; None with fewer than k classes."""
+    if logits.shape[1] < k:
+        return None
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+
+
+# -- semi-supervised fine-tuning (SimCLR paper, section 6 / appendix B.5) -----------------------
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a class-balanced `fraction` of the labelled images: the same number per class
+    (fraction * N / classes, at least 1, at most the smallest class), drawn with the seed. A fraction
+    of 1 keeps every image, as the paper's 100% row does."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"--label-fraction must be in (0, 1], got {fraction}")
+    if fraction >= 1:
+        return np.arange(len(labels))
+    classes = np.unique(labels)
+    per_class = max(1, round(fraction * len(labels) / len(classes)))
+    per_class = min(per_class, min(int((labels == c).sum()) for c in classes))
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
+    return np.sort(np.concatenate(picked))
+
+
+@dataclass
+class FinetuneSettings:
+    epochs: int  # passes over the labelled subset
+    batch_size: int  # images per step
+    lr: float  # SGD (Nesterov momentum 0.9) learning rate, cosine to zero, no weight decay
+    augment: object  # pipelines.augment.Augment used for the labelled images
+    image_size: int
+    workers: int
+    device_id: int | None
+    seed: int = 0
+
+
+def finetune_augment(run_aug: dict, on: bool):
+    """The pretraining's crop and flip, with colour jitter, grayscale and blur off (on=False: none)."""
+    from pipelines.augment import Augment
+
+    if not on:  # the whole image, squashed to a square, never flipped
+        return Augment(crop_min_area=1.0, crop_max_area=1.0, crop_min_ratio=1.0, crop_max_ratio=1.0,
+                       flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    keep = ("crop_min_area", "crop_max_area", "crop_min_ratio", "crop_max_ratio", "flip_p")
+    return Augment(**{k: run_aug[k] for k in keep if k in run_aug}, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+
+
+def finetune(backbone: nn.Module, labelled, n_classes: int, test_loader, s: FinetuneSettings,
+             device: torch.device) -> dict:
+    """Fine-tune backbone + a linear head on `labelled` (a Source), then score it on `test_loader`.
+
+    Every parameter trains, BatchNorm in train mode; one of the two views of our training pipeline is
+    the labelled batch (so the crop and flip are the pretraining's own DALI code). Returns top-1 and
+    top-5 (None with fewer than 5 classes) on the test set.
+    """
+    from models.backbone import feature_width
+    from pipelines.loader import Shard, train_loader
+
+    torch.manual_seed(s.seed)
+    head = nn.Linear(feature_width(backbone), n_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    model = nn.Sequential(backbone, head).to(device)
+    batch = min(s.batch_size, len(labelled))
+    steps = s.epochs * (len(labelled) // batch)
+    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    for epoch in range(s.epochs):
+        loader = train_loader(labelled, batch_size=batch, size=s.image_size, aug=s.augment, shard=Shard(),
+                              seed=s.seed, epoch=epoch, workers=s.workers, device_id=s.device_id)
+        model.train()
+        for view, _, y in loader:
+            loss = F.cross_entropy(model(view.to(device)), y.view(-1).long().to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        del loader  # one pipeline at a time
+    logits, labels = extract(model, test_loader, device)
+    return {"top1": top_k_accuracy(logits, labels, 1), "top5": top_k_accuracy(logits, labels, 5)}
+
+
+def finetune_epochs(requested: int, fraction: float, n_labelled: int, batch_size: int, min_steps: int) -> int:
+    """The paper's schedule (60 epochs at <= 1% labels, 30 above) unless `requested`, stretched to at
+    least `min_steps` steps so that a handful of labelled images still gets a real run."""
+    epochs = requested or (60 if fraction <= 0.01 else 30)
+    per_epoch = n_labelled // min(batch_size, n_labelled)
+    return max(epochs, math.ceil(min_steps / per_epoch))
+
+
+# -- online kNN monitor for train.py ----------------------------------------------------------
+def _concat(a, b):
+    """One Source holding a then b (so one DALI pipeline serves both), or None if they cannot mix."""
+    from pipelines.sources import Source
+
+    labels = np.concatenate([a.labels, b.labels])
+    if a.encoded and b.encoded:
+        return Source(a.name, labels, files=a.files + b.files, classes=a.classes)
+    if not a.encoded and not b.encoded and a.images.shape[1:] == b.images.shape[1:]:
+        return Source(a.name, labels, images=np.concatenate([a.images, b.images]), classes=a.classes)
+    return None
+
+
+class KnnMonitor:
+    """kNN top-1 of the current backbone on fixed subsets of the run's own train and test splits.
+
+    Feature extraction only (no gradients, eval mode, then the backbone's mode is restored). The DALI
+    eval pipeline is built on first use and kept: it is re-iterated each time rather than rebuilt,
+    so the monitor holds one small memory pool for the whole run.
+    """
+
+    def __init__(self, train_src, test_src, *, n_train: int, n_test: int, size: int, batch_size: int,
+                 workers: int, device_id: int | None, seed: int = 0, k: int = 200):
+        for src, what in ((train_src, "train"), (test_src, "test")):
+            if getattr(src, "shards", None) is not None:
+                raise UserError(f"--knn-every needs images it can pick one by one, but {src.name} is read from "
+                                f"tar shards; point --test-data at a folder, or leave --knn-every off")
+            if len(src) == 0 or (src.labels < 0).any():
+                raise UserError(f"--knn-every needs labelled images, but the {what} split of {src.name} "
+                                f"{'is empty' if len(src) == 0 else 'has images outside class sub-folders'}")
+        rng = np.random.default_rng(seed)
+        self.train = train_src.subset(np.sort(rng.permutation(len(train_src))[:n_train]))
+        self.test = test_src.subset(np.sort(rng.permutation(len(test_src))[:n_test]))
+        self.kwargs = dict(batch_size=batch_size, size=size, workers=workers, device_id=device_id)
+        self.k, self.loaders = k, None
+
+    def __len__(self) -> int:
+        return len(self.train) + len(self.test)
+
+    def __call__(self, backbone: nn.Module, device: torch.device) -> float:
+        from pipelines.loader import eval_loader
+
+        if self.loaders is None:
+            both = _concat(self.train, self.test)
+            sources = [both] if both is not None else [self.train, self.test]
+            self.loaders = [eval_loader(s, **self.kwargs) for s in sources]
+        was_training = backbone.training
+        try:
+            parts = [extract(backbone, loader, device) for loader in self.loaders]
+        finally:
+            backbone.train(was_training)
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        n = len(self.train)
+        return knn_top1(x[:n], y[:n], x[n:], y[n:], k=self.k)

@@ -1,0 +1,210 @@
+"""evaluate.py and probes.py: fine-tuning, eval.json, plots, embeddings, a frozen linear probe, and
+train.py's online kNN monitor and tensorboard logging, on tiny generated folders."""
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_folder, run_cli, write_image
+from PIL import Image
+
+import plots
+from evaluate import EvalConfig, evaluate_backbone, load_backbone
+from pipelines.loader import eval_loader
+from pipelines.sources import load_folder, load_source
+from probes import KnnMonitor, balanced_subset, extract, knn_top1, top_k_accuracy
+
+CLASSES = ("ant", "bee", "cat", "dog", "eel")  # five, so that top-5 is reported
+TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",
+        "--log-every", "1", "--workers", "1"]
+QUICK_EVAL = ["--batch-size", "8", "--workers", "1", "--probe-epochs", "5", "--knn-k", "10"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {"train": make_folder(root / "train", CLASSES, per_class=8, seed=1),
+            "test": make_folder(root / "test", CLASSES, per_class=4, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    r = run_cli("train.py", "--data", str(data["train"]), "--epochs", "2", "--out", str(out), "--knn-every", "1",
+                "--knn-train", "20", "--knn-test", "4", "--log-with", "tensorboard", *TINY)
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+@pytest.fixture(scope="module")
+def run(trained):
+    return trained[0]
+
+
+@pytest.fixture(scope="module")
+def evaluated(run, data):
+    r = run_cli("evaluate.py", "--run", str(run), "--test-data", str(data["test"]), "--finetune",
+                "--label-fraction", "0.5", "--finetune-epochs", "1", "--finetune-min-steps", "2",
+                "--finetune-batch-size", "8", *QUICK_EVAL)
+    assert r.returncode == 0, r.stderr
+    return r, json.loads((run / "eval.json").read_text())
+
+
+def backbone_and_loaders(run, data, batch_size=8):
+    cfg = json.loads((run / "config.json").read_text())
+    kwargs = dict(batch_size=batch_size, size=32, workers=1, device_id=None)
+    train, test = load_source(str(data["train"]), "train"), load_source(str(data["train"]), "test")
+    return load_backbone(cfg, run / "backbone.safetensors"), eval_loader(train, **kwargs), eval_loader(test, **kwargs)
+
+
+# -- online monitoring ------------------------------------------------------------------------------
+def test_training_logs_online_knn_and_tensorboard(trained):
+    run, stdout = trained
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in records if r["kind"] == "knn"]
+    assert [(r["epoch"], r["step"]) for r in knn] == [(1, 4), (2, 8)]
+    assert all(0 <= r["knn_top1"] <= 1 and r["knn_top1"] * 4 == round(r["knn_top1"] * 4) for r in knn)  # 4 test images
+    assert [r["kind"] for r in records if r["kind"] != "knn"] == ["step"] * 4 + ["epoch"] + ["step"] * 4 + ["epoch"]
+    assert "kNN top-1" in stdout
+    events = list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert {"step/loss", "step/lr", "epoch/images_per_s", "knn/knn_top1"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("knn/knn_top1")] == [4, 8]
+
+
+def test_knn_monitor_matches_an_offline_knn_and_restores_train_mode(run, data):
+    backbone, *_ = backbone_and_loaders(run, data)
+    train, test = load_source(str(data["train"]), "train"), load_source(str(data["train"]), "test")
+    monitor = KnnMonitor(train, test, n_train=20, n_test=4, size=32, batch_size=8, workers=1, device_id=None)
+    backbone.train()
+    first = monitor(backbone, torch.device("cpu"))
+    assert backbone.training and all(m.training for m in backbone.modules())
+    assert monitor(backbone, torch.device("cpu")) == first  # the kept pipeline re-reads the same images
+    kwargs = dict(batch_size=5, size=32, workers=1, device_id=None)
+    tx, ty = extract(backbone, eval_loader(monitor.train, **kwargs), torch.device("cpu"))
+    qx, qy = extract(backbone, eval_loader(monitor.test, **kwargs), torch.device("cpu"))
+    assert len(tx) == 20 and len(qx) == 4
+    assert first == knn_top1(tx, ty, qx, qy)
+
+
+def test_knn_every_needs_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(12):  # a flat folder: no classes
+        write_image(tmp_path / "flat" / f"{i}.png", rng)
+    r = run_cli("train.py", "--data", str(tmp_path / "flat"), "--out", str(tmp_path / "out"), "--epochs", "1",
+                "--knn-every", "1", *TINY)
+    assert r.returncode == 2 and "--knn-every needs labelled images" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- evaluate.py: eval.json, the table, the plots ----------------------------------------------------
+def test_eval_json_keeps_old_keys_and_adds_finetune(evaluated, data):
+    r, result = evaluated
+    assert result["n_train"] == 40 and result["n_test"] == 20
+    for scores in (result, result["random_init"]):
+        assert 0 <= scores["knn_top1"] <= 1 and 0 <= scores["linear_top1"] <= 1
+    ft = result["finetune"]
+    assert ft["label_fraction"] == 0.5 and ft["n_labelled"] == 20 and ft["per_class"] == 4
+    assert ft["epochs"] == 1 and ft["batch_size"] == 8 and "flip" in ft["augment"]
+    for scores in (ft, ft["random_init"]):
+        assert 0 <= scores["top1"] <= scores["top5"] <= 1  # five classes: top-5 is reported
+        assert scores["top1"] * 20 == pytest.approx(round(scores["top1"] * 20), abs=1e-4)
+    assert "fine-tune, 50% labels (20 images) top-1" in r.stdout and "top-5" in r.stdout
+    assert "random init" in r.stdout
+
+
+def test_evaluate_draws_every_plot(evaluated, run):
+    _, result = evaluated
+    assert set(result["plots"]) == {"curves", "embeddings", "retrieval"}
+    rows = min(max(len(CLASSES), 6), 10)  # retrieval queries
+    expected = {"curves": (plots.CURVE_PANEL[0] * 4, plots.CURVE_PANEL[1]),  # loss, lr, images/s, kNN
+                "embeddings": plots.MAP_SIZE,
+                "retrieval": (plots.CELL * (plots.NEIGHBOURS + 1.25) + 0.3, plots.CELL * rows + 0.6)}
+    for key, (w, h) in expected.items():
+        path = run / result["plots"][key]
+        assert path.parent == run and path.suffix == ".png"
+        with Image.open(path) as im:
+            im.load()  # decodes the whole file
+            assert im.size == (int(w * plots.DPI), int(h * plots.DPI)), key
+            assert np.asarray(im.convert("L")).std() > 10  # not a blank canvas
+
+
+def test_finetune_and_embed_refuse_bad_flags(run, tmp_path):
+    for args, sentence in ([["--finetune", "--label-fraction", "2"], "--label-fraction must be in (0, 1]"],
+                           [["--embed", str(tmp_path)], "--embed needs --to"],
+                           [["--embed", str(tmp_path), "--to", str(tmp_path / "x.csv")], "must name a .npy"]):
+        r = run_cli("evaluate.py", "--run", str(run), *args)
+        assert r.returncode == 2 and sentence in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# -- embeddings ------------------------------------------------------------------------------------
+def test_embed_writes_one_row_per_image_equal_to_extract(run, data, tmp_path):
+    folder = tmp_path / "catalogue"
+    shutil.copytree(data["test"], folder)
+    good = load_folder(str(folder), "all")
+    (folder / "eel" / "broken.jpg").write_bytes((folder / "eel" / "001.jpg").read_bytes()[:200])  # truncated
+    to = tmp_path / "emb" / "test.npy"
+    r = run_cli("evaluate.py", "--run", str(run), "--embed", str(folder), "--to", str(to),
+                "--batch-size", "8", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "1 undecodable file(s) left out" in r.stdout
+    emb = np.load(to)
+    paths = (tmp_path / "emb" / "test.paths.txt").read_text().splitlines()
+    source = good
+    assert emb.shape == (len(source), 512) and emb.dtype == np.float32 and paths == source.files
+    backbone, *_ = backbone_and_loaders(run, data)
+    ref, _ = extract(backbone, eval_loader(source, batch_size=3, size=32, workers=1, device_id=None), "cpu")
+    np.testing.assert_allclose(emb, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+# -- protocols --------------------------------------------------------------------------------------
+def test_linear_probe_leaves_the_backbone_frozen(run, data):
+    backbone, train, test = backbone_and_loaders(run, data)
+    before = copy.deepcopy(backbone.state_dict())  # weights and BatchNorm running statistics
+    backbone.train()  # evaluation must switch to eval mode itself
+    scores = evaluate_backbone(backbone, train, test, EvalConfig(probe_epochs=3, knn_k=10), torch.device("cpu"))
+    assert 0 <= scores["linear_top1"] <= 1
+    after = backbone.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    assert all(p.grad is None for p in backbone.parameters())
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    # eval-mode BatchNorm treats images independently: the batch size does not change a feature
+    _, _, test_small = backbone_and_loaders(run, data, batch_size=1)
+    torch.testing.assert_close(extract(backbone, test, "cpu")[0], extract(backbone, test_small, "cpu")[0],
+                               rtol=1e-4, atol=1e-4)
+    # and the check above can fail: one forward pass in train mode moves the running statistics
+    backbone.train()
+    with torch.no_grad():
+        backbone(next(iter(test))[0])
+    assert not torch.equal(before["bn1.running_mean"], backbone.state_dict()["bn1.running_mean"])
+
+
+def test_balanced_subset_is_equal_per_class_and_seeded():
+    labels = np.repeat(np.arange(4), [50, 30, 20, 100])  # 200 images, unbalanced
+    picked = balanced_subset(labels, 0.1, seed=0)
+    assert np.bincount(labels[picked]).tolist() == [5, 5, 5, 5]
+    assert np.array_equal(picked, balanced_subset(labels, 0.1, seed=0)) and np.all(np.diff(picked) > 0)
+    assert not np.array_equal(picked, balanced_subset(labels, 0.1, seed=1))
+    assert np.bincount(labels[balanced_subset(labels, 0.001)]).tolist() == [1, 1, 1, 1]  # at least one
+    assert np.bincount(labels[balanced_subset(labels, 0.9)]).tolist() == [20] * 4  # at most the smallest class
+    assert len(balanced_subset(labels, 1.0)) == 200  # 100% = every label, as in the paper
+    with pytest.raises(Exception, match="label-fraction"):
+        balanced_subset(labels, 0.0)
+
+
+def test_top_k_accuracy_against_a_loop():
+    logits = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(50) % 7
+    for k in (1, 3, 5):
+        ranks = [(row > row[y]).sum().item() for row, y in zip(logits, labels)]
+        assert top_k_accuracy(logits, labels, k) == pytest.approx(np.mean([r < k for r in ranks]))
+    assert top_k_accuracy(logits[:, :4], labels % 4, 5) is None

@@ -1,0 +1,126 @@
+"""plots.py and pipelines/preview.py: every PNG decodes at its layout's size; the preview's views
+belong to the images beside them. No training needed: features and metrics are generated."""
+import json
+
+import numpy as np
+import pytest
+from conftest import make_folder, run_cli
+from PIL import Image
+
+import plots
+from pipelines.augment import Augment
+from pipelines.preview import CELL as PREVIEW_CELL
+from pipelines.preview import augmented_pairs
+from pipelines.sources import Source, load_folder
+
+IDENTITY = Augment(crop_min_area=1.0, crop_min_ratio=1.0, crop_max_ratio=1.0, flip_p=0.0, jitter_p=0.0,
+                   gray_p=0.0, blur_p=0.0)
+
+
+def png_size(path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()  # decodes every byte
+        assert np.asarray(im.convert("L")).std() > 10  # something is drawn
+        return im.size
+
+
+def pixels(w: float, h: float, dpi: int = plots.DPI) -> tuple[int, int]:
+    return int(w * dpi), int(h * dpi)
+
+
+def write_metrics(run, knn: bool):
+    run.mkdir(parents=True, exist_ok=True)
+    records = []
+    for epoch in (1, 2, 3):
+        for s in (1, 2):
+            step = 2 * (epoch - 1) + s
+            records.append({"kind": "step", "epoch": epoch, "step": step, "loss": 5 - 0.1 * step, "lr": 0.1 * step,
+                            "images_per_s": 100 + step})
+        records.append({"kind": "epoch", "epoch": epoch, "step": 2 * epoch, "loss": 5 - 0.2 * epoch, "lr": 0.2,
+                        "images_per_s": 100.0})
+        if knn:
+            records.append({"kind": "knn", "epoch": epoch, "step": 2 * epoch, "knn_top1": 0.2 * epoch})
+    records.insert(4, {**records[3], "loss": 99.0})  # a resumed run logged step 3 again: the later one wins
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run / "metrics.jsonl"
+
+
+def arrays(n=30, classes=3, seed=0) -> Source:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    return Source("arrays", np.arange(n) % classes, images=images, classes=[f"c{i}" for i in range(classes)])
+
+
+def test_read_metrics_keeps_the_last_record_of_a_step(tmp_path):
+    kinds = plots.read_metrics(write_metrics(tmp_path, knn=True))
+    assert [r["step"] for r in kinds["step"]] == [1, 2, 3, 4, 5, 6]
+    assert kinds["step"][2]["loss"] == pytest.approx(4.7) and len(kinds["knn"]) == 3
+
+
+@pytest.mark.parametrize("knn,panels", [(False, 3), (True, 4)])
+def test_training_curves(tmp_path, knn, panels):
+    out = plots.training_curves(write_metrics(tmp_path, knn), tmp_path / "curves.png")
+    assert png_size(out) == pixels(plots.CURVE_PANEL[0] * panels, plots.CURVE_PANEL[1])
+
+
+def test_plots_cli_draws_curves_and_refuses_a_folder_without_metrics(tmp_path):
+    write_metrics(tmp_path / "run", knn=False)
+    r = run_cli("plots.py", "--run", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert png_size(tmp_path / "run" / "training_curves.png") == pixels(plots.CURVE_PANEL[0] * 3, plots.CURVE_PANEL[1])
+    r = run_cli("plots.py", "--run", str(tmp_path))
+    assert r.returncode == 2 and "has no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("n", [2, 6, 30])  # a row, PCA, t-SNE
+def test_embedding_map(tmp_path, n):
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 3
+    features = {"SimCLR": rng.normal(size=(n, 16)) + 3 * labels[:, None], "random init": rng.normal(size=(n, 16))}
+    out = plots.embedding_map(features, labels, ["a", "b", "c"], tmp_path / "map.png",
+                              scores={"SimCLR": 0.9, "random init": 0.3})
+    assert png_size(out) == pixels(*plots.MAP_SIZE)
+
+
+@pytest.mark.parametrize("kind", ["arrays", "folder"])
+def test_retrieval_grid_shows_images_from_either_kind_of_source(tmp_path, kind):
+    if kind == "arrays":
+        source = arrays()
+    else:
+        source = load_folder(str(make_folder(tmp_path / "images", per_class=10, size=(48, 36))), "all")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(len(source), 8))
+    queries = np.arange(0, len(source), 3)
+    out = plots.retrieval_grid(x[queries], source.labels[queries], x, source.labels, source.subset(queries), source,
+                               tmp_path / "grid.png")
+    rows = 6  # three classes, at least six queries
+    assert png_size(out) == pixels(plots.CELL * (plots.NEIGHBOURS + 1.25) + 0.3, plots.CELL * rows + 0.6)
+
+
+def test_retrieval_queries_cover_the_classes():
+    labels = np.repeat([0, 1, 2], [10, 2, 5])
+    picked = plots.pick_queries(labels, 6, seed=0)
+    assert len(set(picked)) == 6 and set(labels[picked]) == {0, 1, 2}
+    assert np.array_equal(picked, plots.pick_queries(labels, 6, seed=0))
+
+
+# -- pipelines.preview -----------------------------------------------------------------------------
+def test_preview_views_line_up_with_their_originals():
+    source = arrays(n=6)
+    (a, b), = augmented_pairs(source, IDENTITY, size=32, seed=3, pairs=1, device_id=None)
+    assert a.shape == (6, 32, 32, 3) and a.dtype == np.uint8
+    for view in (a, b):  # an identity crop gives the image back, in the source's order
+        assert np.abs(view.astype(int) - source.images.astype(int)).max() <= 1
+
+
+def test_preview_cli_writes_the_grid(tmp_path):
+    folder = make_folder(tmp_path / "images", per_class=4, size=(48, 36))
+    out = tmp_path / "views.png"
+    r = run_cli("-m", "pipelines.preview", "--data", str(folder), "--out", str(out), "--n", "5", "--pairs", "2",
+                "--image-size", "32", "--blur-p", "0", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    rows = 1 + 2 * 2  # original + two pairs of views
+    assert png_size(out) == pixels(PREVIEW_CELL * 5 + 0.9, PREVIEW_CELL * rows + 0.7)
+    r = run_cli("-m", "pipelines.preview", "--data", str(folder), "--out", str(out), "--n", "500")
+    assert r.returncode == 2 and "--n 500 is more than the" in r.stderr and "Traceback" not in r.stderr
