@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from cli import UserError
 
 
 class Report:
+    tracker = None  # accelerator.log, set by train.py when --log-with names a tracker
+    knn_text = ""  # the last online kNN top-1, shown on the progress line
+
     def __init__(self, main: bool, out: Path, reduce):
         self.main, self.out, self.reduce = main, out, reduce  # reduce: accelerator.reduce
         self.console = Console(stderr=False) if main else None
@@ -28,11 +32,17 @@ class Report:
         self.epoch_rates: list[float] = []
 
     # -- start-up ---------------------------------------------------------------------------
-    def start(self, cfg: dict, *, model, source, start_epoch: int) -> None:
+    def start(self, cfg: dict, *, model, source, start_epoch: int, start_step: int = 0) -> None:
         if not self.main:
             return
         from models.backbone import count_parameters
+        from rich.markup import escape
 
+        resumed = ""
+        if start_step % cfg["steps_per_epoch"]:
+            resumed = f" (resuming at epoch {start_epoch + 1}, after step {start_step})"
+        elif start_epoch:
+            resumed = f" (resuming at epoch {start_epoch + 1})"
         rows = [
             ("device", f"{cfg['device']}  (mixed precision: {cfg['mixed_precision']})"),
             ("DALI placement", cfg["dali_placement"]),
@@ -45,9 +55,17 @@ class Report:
             ("optimiser", f"{cfg['optimizer']}, lr {cfg['scaled_lr']:.4g} ({cfg['lr_scaling']} scaling), "
                           f"{cfg['warmup_epochs']} warmup epochs, cosine"),
             ("loss", f"NT-Xent, tau {cfg['temperature']}, {cfg['loss_impl_resolved']} implementation"),
-            ("epochs", f"{cfg['epochs']}" + (f" (resuming at epoch {start_epoch + 1})" if start_epoch else "")),
+            ("epochs", f"{cfg['epochs']}{resumed}"),
             ("output", str(self.out)),
         ]
+        if cfg.get("scan"):  # a folder checked at start-up for files DALI cannot decode (pipelines.verify)
+            scan = cfg["scan"]
+            rows.insert(3, ("image check", f"{scan['checked']} files in {scan['seconds']:.1f} s"))
+            if scan["skipped"]:
+                names = [os.path.relpath(p, cfg["data"]) for p in scan["first_skipped"]]
+                more = ", ..." if scan["skipped"] > len(names) else ""
+                rows.insert(4, ("skipped", f"[yellow]{scan['skipped']} that cannot be decoded[/]: "
+                                           f"{escape(', '.join(names))}{more} (all in skipped.txt)"))
         grid = Table.grid(padding=(0, 2))
         for key, value in rows:
             grid.add_row(f"[bold]{key}[/]", value)
@@ -55,19 +73,21 @@ class Report:
         self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                                  TextColumn("lr {task.fields[lr]:.3g}"),
-                                 TextColumn("{task.fields[rate]:.0f} img/s"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[rate]:.0f} img/s"), TextColumn("{task.fields[knn]}"),
+                                 TimeRemainingColumn(),
                                  console=self.console, transient=False,
                                  disable=not self.console.is_terminal)
         self.progress.start()
 
     # -- per step and per epoch ---------------------------------------------------------------
-    def epoch_start(self, epoch: int, steps: int) -> None:
+    def epoch_start(self, epoch: int, steps: int, done: int = 0) -> None:
+        """`done`: steps of this epoch taken before a mid-epoch resume."""
         self.epoch, self.loss_sum, self.n_steps = epoch, None, 0
         self.t_epoch = self.t_log = time.perf_counter()
         self.images_epoch = self.images_log = 0
         if self.progress:
-            self.task = self.progress.add_task("", total=steps, epoch=epoch + 1, loss=float("nan"),
-                                               lr=0.0, rate=0.0)
+            self.task = self.progress.add_task("", total=steps, completed=done, epoch=epoch + 1,
+                                               loss=float("nan"), lr=0.0, rate=0.0, knn=self.knn_text)
 
     def step(self, step: int, loss: torch.Tensor, lr: float, global_batch: int, *, log: bool) -> None:
         """Accumulates on the device; synchronises only on logging steps."""
@@ -88,8 +108,38 @@ class Report:
         if self.progress:
             self.progress.advance(self.task)
 
+    def nonfinite(self, step: int, problem: str, lr: float) -> None:
+        """A step skipped by --max-nonfinite: logged, not averaged into the epoch's loss."""
+        self.lr = lr
+        self.write({"kind": "nonfinite", "epoch": self.epoch + 1, "step": step, "problem": problem})
+        if self.progress:
+            self.progress.advance(self.task)
+
+    def rewind(self, step: int) -> None:
+        """On resume, forget metrics.jsonl lines written after the checkpoint (a killed run's)."""
+        def before(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except ValueError:  # a line cut short by kill -9
+                return False
+
+        path = self.out / "metrics.jsonl"
+        if self.main and path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if before(line)]
+            if len(kept) != len(lines):
+                path.write_text("".join(kept))
+
+    def interrupted(self, text: str) -> None:
+        if self.main:
+            self.progress.stop()
+            self.console.print(text, highlight=False, soft_wrap=True)
+
     def epoch_end(self, epoch: int, step: int) -> None:
-        mean = self.check(self.reduce(self.loss_sum.float(), "mean").item() / self.n_steps, step)
+        if self.loss_sum is None:  # every step was skipped as non-finite (the same on every process)
+            mean = float("nan")
+        else:
+            mean = self.check(self.reduce(self.loss_sum.float(), "mean").item() / self.n_steps, step)
         rate = self.images_epoch / (time.perf_counter() - self.t_epoch)
         self.last_loss, self.images_seen = mean, self.images_seen + self.images_epoch
         self.epoch_rates.append(rate)
@@ -99,6 +149,15 @@ class Report:
             self.progress.update(self.task, loss=mean, rate=rate)
             if not self.console.is_terminal:  # a log file gets one line per epoch instead of a bar
                 self.console.print(f"epoch {epoch + 1}: loss {mean:.4f}, lr {self.lr:.3g}, {rate:.0f} images/s")
+
+    def knn(self, epoch: int, step: int, top1: float) -> None:
+        """The online kNN top-1 (train.py's --knn-every; main process only)."""
+        self.knn_text = f"kNN {top1:.1%}"
+        self.write({"kind": "knn", "epoch": epoch + 1, "step": step, "knn_top1": top1})
+        if self.progress:
+            self.progress.update(self.task, knn=self.knn_text)
+            if not self.console.is_terminal:
+                self.console.print(f"epoch {epoch + 1}: kNN top-1 {top1:.2%}")
 
     def check(self, loss: float, step: int) -> float:
         if not math.isfinite(loss):
@@ -110,6 +169,9 @@ class Report:
         if self.main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tracker is not None:  # e.g. "step/loss", "epoch/images_per_s", "knn/knn_top1"
+                self.tracker({f"{record['kind']}/{k}": v for k, v in record.items()
+                              if k not in ("kind", "epoch", "step")}, step=record["step"])
 
     # -- the end --------------------------------------------------------------------------------
     def finish(self, done: bool = True) -> None:

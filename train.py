@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -29,11 +30,12 @@ from pipelines.augment import Augment
 # -----------------------------------------------------------------------------------------------
 @dataclass
 class Config:
-    data: str = "digits"  # 'digits', a folder of images, 'cifar10:PATH' or 'cifar100:PATH'
+    data: str = "digits"  # 'digits', a folder of images, a list from pipelines.verify, 'cifar10:PATH', 'cifar100:PATH'
     test_data: str = ""  # a separate folder for evaluation (else a folder keeps 10% aside)
     out: str = "runs/simclr"  # output folder: config, metrics, checkpoint, backbone weights
     backbone: str = "resnet18"  # any timm model name
     small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32-pixel images
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (the paper's global BN; GPUs)
     proj_hidden: int = 0  # projection head hidden width (0 = the backbone's feature width)
     proj_dim: int = 128  # projection head output size
     image_size: int = 32  # side of the augmented views, in pixels
@@ -52,6 +54,13 @@ class Config:
     stop_after: int = 0  # end this invocation after this many epochs, checkpointed (0 = never)
     workers: int = 0  # DALI CPU threads per process (0 = cores / processes)
     log_every: int = 10  # steps between lines in metrics.jsonl
+    save_every_steps: int = 0  # also checkpoint every this many steps inside an epoch (0 = at epoch ends)
+    on_bad_image: str = "skip"  # images DALI cannot decode: skip (listed in OUT/skipped.txt) or error
+    max_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip before stopping the run
+    knn_every: int = 0  # epochs between online kNN top-1 checks on held-out labelled data (0 = off)
+    knn_train: int = 1000  # online kNN: labelled training images that vote
+    knn_test: int = 500  # online kNN: held-out test images it scores
+    log_with: str = ""  # also log metrics through accelerate's trackers: tensorboard (to OUT/tensorboard)
     aug: Augment = field(default_factory=Augment)  # augmentation settings (flags of their own)
 
 
@@ -78,6 +87,14 @@ def validate(cfg: Config) -> None:
          f"--loss-impl must be auto, triton, tiled or reference, got {cfg.loss_impl!r}"),
         (cfg.stop_after >= 0, f"--stop-after must not be negative, got {cfg.stop_after}"),
         (cfg.warmup_epochs >= 0, f"--warmup-epochs must not be negative, got {cfg.warmup_epochs}"),
+        (cfg.save_every_steps >= 0, f"--save-every-steps must not be negative, got {cfg.save_every_steps}"),
+        (cfg.on_bad_image in ("skip", "error"), f"--on-bad-image must be skip or error, got {cfg.on_bad_image!r}"),
+        (cfg.max_nonfinite >= 0, f"--max-nonfinite must not be negative, got {cfg.max_nonfinite}"),
+        (cfg.knn_every >= 0, f"--knn-every must not be negative, got {cfg.knn_every}"),
+        (cfg.knn_train > 0 and cfg.knn_test > 0, "--knn-train and --knn-test must be positive"),
+        (cfg.log_with in ("", "tensorboard"), f"--log-with must be tensorboard (or empty), got {cfg.log_with!r}"),
+        (cfg.log_with != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+         "--log-with tensorboard needs the tensorboard package: pip install tensorboard"),
     ]
     for ok, sentence in checks:
         if not ok:
@@ -92,12 +109,13 @@ def scaled_lr(cfg: Config, global_batch: int) -> float:
 # -----------------------------------------------------------------------------------------------
 # Data, model, optimiser
 # -----------------------------------------------------------------------------------------------
-def make_accelerator():
+def make_accelerator(log_with: str = "", out: str | None = None):
     from accelerate import Accelerator
 
     # cpu=True is what makes several CPU processes form a gloo group (plain Accelerator() on a
     # CPU-only machine leaves each process training alone).
-    return Accelerator(cpu=not torch.cuda.is_available())
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with or None,
+                       project_dir=out if log_with else None)
 
 
 def dali_device_id(accelerator) -> int | None:
@@ -105,15 +123,27 @@ def dali_device_id(accelerator) -> int | None:
     return accelerator.local_process_index if accelerator.device.type == "cuda" else None
 
 
-def load_train_source(cfg: Config, world: int):
+def load_train_source(cfg: Config, world: int, screen=None):
     from pipelines.sources import load_source
 
-    source = load_source(cfg.data, "train", cfg.test_data or None)
+    source = load_source(cfg.data, "train", cfg.test_data or None, screen=screen)
     per_process = len(source) // world
     if per_process < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {per_process} training images "
                         f"each of the {world} process(es) reads from {cfg.data} ({len(source)} in all)")
     return source
+
+
+def make_monitor(cfg: Config, source, workers: int, device_id: int | None, screen=None):
+    """The optional online kNN check (probes.KnnMonitor) on the run's own train and test splits."""
+    if not cfg.knn_every:
+        return None
+    from pipelines.sources import load_source
+    from probes import KnnMonitor
+
+    return KnnMonitor(source, load_source(cfg.data, "test", cfg.test_data or None, screen), n_train=cfg.knn_train,
+                      n_test=cfg.knn_test, size=cfg.image_size, batch_size=cfg.batch_size, workers=workers,
+                      device_id=device_id, seed=cfg.seed)
 
 
 def build_model(cfg: Config):
@@ -142,21 +172,35 @@ def build_optimizer(cfg: Config, model, lr: float, steps_per_epoch: int):
 # -----------------------------------------------------------------------------------------------
 # Saving: checkpoints are written beside the old one and swapped in with renames
 # -----------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, out: Path, state: dict, config: dict) -> None:
-    """Accelerate state + our progress, atomically: a crash leaves the previous checkpoint whole."""
+def save_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_state: bytes | None = None) -> None:
+    """Accelerate state + our progress (+ each process's DALI state mid-epoch), atomically: a crash,
+    even kill -9, at any moment leaves the previous checkpoint whole, and find_checkpoint finds it."""
+    from safeguards import fsync
+
     final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / "config.json", config)
-        write_json(tmp / "progress.json", state)  # written last: its presence marks a whole save
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if loader_state is not None:
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / f"dali_{accelerator.process_index}.state").write_bytes(loader_state)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(tmp / "config.json", config)
+            write_json(tmp / "progress.json", state)  # written last: its presence marks a whole save
+            fsync(*tmp.iterdir(), tmp)  # on the disk before the swap, also across a power cut
+            if final.exists():
+                if old.exists():  # left by a crash during the last clean-up; `final` is whole
+                    shutil.rmtree(old)
+                final.rename(old)
+            tmp.rename(final)
+            fsync(out)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise UserError(f"cannot write a checkpoint to {tmp}: {err.strerror}; the previous one in {out} "
+                        f"is whole") from None
     accelerator.wait_for_everyone()
 
 
@@ -191,63 +235,118 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     from accelerate.utils import set_seed
 
+    from accelerate.utils import broadcast_object_list
+
     from models.ntxent import nt_xent_loss, resolve_impl
     from pipelines.loader import Shard, placement, train_loader
+    from pipelines.verify import Screening
     from report import Report
+    from safeguards import StopSignal, check_free_space, checkpoint_bytes, nonfinite_error, step_if_finite
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.log_with, cfg.out)
     world, rank = accelerator.num_processes, accelerator.process_index
     out = Path(cfg.out)
     prepare_out(cfg, out, accelerator)
     set_seed(cfg.seed)
 
     # data: each process reads its own shard; steps per epoch are equal on every process
-    source = load_train_source(cfg, world)
-    shard, device_id = Shard(rank, world), dali_device_id(accelerator)
     workers = cfg.workers or max(1, (os.cpu_count() or 1) // world)
+    screen = Screening(cfg.on_bad_image, workers, accelerator.is_main_process,  # files DALI cannot decode
+                       share=lambda obj: broadcast_object_list([obj])[0])
+    source = load_train_source(cfg, world, screen)
+    shard, device_id = Shard(rank, world), dali_device_id(accelerator)
     steps_per_epoch = (len(source) // world) // cfg.batch_size
+    monitor = make_monitor(cfg, source, workers, device_id, screen)  # None unless --knn-every
+    if accelerator.is_main_process:
+        screen.write_skipped(out / "skipped.txt")
 
     # model and optimiser
     model = build_model(cfg)
+    if accelerator.is_main_process:  # room for the checkpoints, before the first step
+        check_free_space(out, checkpoint_bytes(model, cfg.optimizer))
+    if cfg.sync_bn and world > 1:
+        if accelerator.device.type != "cuda":
+            raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     global_batch = cfg.batch_size * world
     lr = scaled_lr(cfg, global_batch)
     optimizer, scheduler = build_optimizer(cfg, model, lr, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler is not registered for checkpointing: its lr is a function of the step
+    # (step_update below), and accelerate would load it back with pickle (weights_only=False).
     loss_impl = resolve_impl(cfg.loss_impl, accelerator.device)
 
     resolved = {**dataclasses.asdict(cfg), "world_size": world, "global_batch": global_batch,
                 "scaled_lr": lr, "steps_per_epoch": steps_per_epoch, "n_train": len(source),
                 "dali_placement": placement(device_id), "loss_impl_resolved": loss_impl,
-                "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision}
-    start_epoch = resume(cfg, out, accelerator) if cfg.resume else 0
+                "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
+                "scan": screen.summary() if screen.checked else None}
+    start_step, loader_state = resume(cfg, out, accelerator, steps_per_epoch) if cfg.resume else (0, None)
+    start_epoch = start_step // steps_per_epoch
     report = Report(accelerator.is_main_process, out, accelerator.reduce)
-    report.start(resolved, model=accelerator.unwrap_model(model), source=source, start_epoch=start_epoch)
+    report.start(resolved, model=accelerator.unwrap_model(model), source=source, start_epoch=start_epoch,
+                 start_step=start_step)
+    report.rewind(start_step)  # a killed run may have logged steps after its last checkpoint
     if accelerator.is_main_process:
         write_json(out / "config.json", resolved)
+    if cfg.log_with:  # hyperparameters must be flat scalars for tensorboard: others go as JSON text
+        flat = {**resolved, **{f"aug_{k}": v for k, v in resolved["aug"].items()}}
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                for k, v in flat.items() if k != "aug"}
+        accelerator.init_trackers("tensorboard", config=flat)
+        report.tracker = accelerator.log
 
-    step = start_epoch * steps_per_epoch
+    step, skipped, saved = start_step, 0, (start_step if cfg.resume else None)
     last = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
-    for epoch in range(start_epoch, last):
-        loader = train_loader(source, batch_size=cfg.batch_size, size=cfg.image_size, aug=cfg.aug,
-                              shard=shard, seed=cfg.seed, epoch=epoch, workers=workers,
-                              device_id=device_id)
-        model.train()
-        report.epoch_start(epoch, steps_per_epoch)
-        for view1, view2, _ in loader:
-            scheduler.step_update(step)
-            view1, view2 = view1.to(accelerator.device), view2.to(accelerator.device)
-            z = model(torch.cat([view1, view2]))  # (2B, proj_dim): one pass, BN sees both views
-            loss = nt_xent_loss(*z.chunk(2), cfg.temperature, impl=cfg.loss_impl)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            report.step(step, loss.detach(), optimizer.param_groups[0]["lr"], global_batch,
-                        log=step % cfg.log_every == 0)
-        report.epoch_end(epoch, step)
-        del loader  # free the pipeline's threads before the next one starts
-        save_checkpoint(accelerator, out, {"epoch": epoch, "step": step}, resolved)
+    stop = StopSignal(accelerator)  # SIGINT / SIGTERM: checkpoint at the next step boundary, then exit
+    try:
+        for epoch in range(start_epoch, last):
+            done = step - epoch * steps_per_epoch  # steps of this epoch taken before a mid-epoch resume
+            loader = train_loader(source, batch_size=cfg.batch_size, size=cfg.image_size, aug=cfg.aug,
+                                  shard=shard, seed=cfg.seed, epoch=epoch, workers=workers,
+                                  device_id=device_id, state=loader_state if done else None, done=done)
+            model.train()
+            report.epoch_start(epoch, steps_per_epoch, done)
+            for view1, view2, _ in loader:
+                scheduler.step_update(step)
+                view1, view2 = view1.to(accelerator.device), view2.to(accelerator.device)
+                z = model(torch.cat([view1, view2]))  # (2B, proj_dim): one pass, BN sees both views
+                loss = nt_xent_loss(*z.chunk(2), cfg.temperature, impl=cfg.loss_impl)
+                accelerator.backward(loss)
+                problem = step_if_finite(accelerator, model, optimizer, loss)  # zeroes the gradients
+                step += 1
+                if not problem:
+                    report.step(step, loss.detach(), optimizer.param_groups[0]["lr"], global_batch,
+                                log=step % cfg.log_every == 0)
+                elif (skipped := skipped + 1) > cfg.max_nonfinite:  # nothing is saved after it
+                    raise nonfinite_error(problem, step, skipped, cfg.max_nonfinite, out, saved)
+                else:
+                    report.nonfinite(step, problem, optimizer.param_groups[0]["lr"])
+                periodic = cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0
+                stopping = stop.agreed(due=periodic or step % cfg.log_every == 0)
+                if (periodic or stopping) and step % steps_per_epoch:  # an epoch's end is saved below
+                    save_checkpoint(accelerator, out, {"epoch": epoch - 1, "step": step}, resolved,
+                                    loader.state())
+                    saved = step
+                if stopping:
+                    break
+            del loader  # free the pipeline's threads before the next one starts
+            if step % steps_per_epoch == 0:  # the epoch is whole
+                report.epoch_end(epoch, step)
+                if monitor is not None and (epoch + 1) % cfg.knn_every == 0 and accelerator.is_main_process:
+                    # main process only, no collectives inside: the others go on to the checkpoint's barrier
+                    report.knn(epoch, step, monitor(accelerator.unwrap_model(model).backbone, accelerator.device))
+                save_checkpoint(accelerator, out, {"epoch": epoch, "step": step}, resolved)
+                saved = step
+            if stop.agreed():
+                report.interrupted(stop.message(step, out, argv, world))
+                accelerator.end_training()
+                return 128 + stop.signum
+    except KeyboardInterrupt:  # a second signal: stop at once; the checkpoint on disk is whole
+        report.interrupted(stop.abort_message(step, out, saved))
+        return 130
+    finally:
+        stop.restore()
 
     if accelerator.is_main_process:
         export_backbone(accelerator.unwrap_model(model), out / "backbone.safetensors")
@@ -262,6 +361,8 @@ def prepare_out(cfg: Config, out: Path, accelerator) -> None:
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue that run, "
                         f"or choose another --out")
     if accelerator.is_main_process:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output folder {out} is a file")
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write-test"
@@ -272,8 +373,8 @@ def prepare_out(cfg: Config, out: Path, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def resume(cfg: Config, out: Path, accelerator) -> int:
-    """Load the last checkpoint; returns the first epoch still to train."""
+def resume(cfg: Config, out: Path, accelerator, steps_per_epoch: int) -> tuple[int, bytes | None]:
+    """Load the last checkpoint; returns the step it was saved at and, mid-epoch, DALI's state."""
     path = find_checkpoint(out)
     if path is None:
         raise UserError(f"--resume: there is no checkpoint in {out / 'checkpoint'}")
@@ -285,8 +386,20 @@ def resume(cfg: Config, out: Path, accelerator) -> int:
     if saved.get("world_size") != accelerator.num_processes:
         raise UserError(f"--resume: the checkpoint in {path} was written by {saved.get('world_size')} "
                         f"process(es); resume it with the same number, not {accelerator.num_processes}")
-    accelerator.load_state(str(path))
-    return json.loads((path / "progress.json").read_text())["epoch"] + 1
+    if saved.get("steps_per_epoch") != steps_per_epoch:
+        raise UserError(f"--resume: {cfg.data} now gives {steps_per_epoch} steps per epoch, not the "
+                        f"{saved.get('steps_per_epoch')} the checkpoint in {path} was written with: "
+                        f"the data changed")
+    from safeguards import load_state_safely
+
+    load_state_safely(accelerator, path)  # refuses pickles that would run code
+    step = json.loads((path / "progress.json").read_text())["step"]
+    if step % steps_per_epoch == 0:
+        return step, None
+    state = path / f"dali_{accelerator.process_index}.state"
+    if not state.is_file():
+        raise UserError(f"--resume: {path} stops inside an epoch but lacks {state.name}")
+    return step, state.read_bytes()
 
 
 if __name__ == "__main__":
