@@ -13,14 +13,13 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from checkpoint import export_backbone, prepare_out, resume, save_checkpoint, write_json
 from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error
 from pipelines.augment import Augment
 
@@ -170,72 +169,12 @@ def build_optimizer(cfg: Config, model, lr: float, steps_per_epoch: int):
 
 
 # -----------------------------------------------------------------------------------------------
-# Saving: checkpoints are written beside the old one and swapped in with renames
-# -----------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_state: bytes | None = None) -> None:
-    """Accelerate state + our progress (+ each process's DALI state mid-epoch), atomically: a crash,
-    even kill -9, at any moment leaves the previous checkpoint whole, and find_checkpoint finds it."""
-    from safeguards import fsync
-
-    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
-    try:
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if loader_state is not None:
-            tmp.mkdir(parents=True, exist_ok=True)
-            (tmp / f"dali_{accelerator.process_index}.state").write_bytes(loader_state)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_json(tmp / "config.json", config)
-            write_json(tmp / "progress.json", state)  # written last: its presence marks a whole save
-            fsync(*tmp.iterdir(), tmp)  # on the disk before the swap, also across a power cut
-            if final.exists():
-                if old.exists():  # left by a crash during the last clean-up; `final` is whole
-                    shutil.rmtree(old)
-                final.rename(old)
-            tmp.rename(final)
-            fsync(out)
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        raise UserError(f"cannot write a checkpoint to {tmp}: {err.strerror}; the previous one in {out} "
-                        f"is whole") from None
-    accelerator.wait_for_everyone()
-
-
-def find_checkpoint(out: Path) -> Path | None:
-    """The last whole checkpoint (also after a crash between the two renames)."""
-    for path in (out / "checkpoint", out / "checkpoint.old"):
-        if (path / "progress.json").is_file():
-            return path
-    return None
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def export_backbone(model, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------------------------
 # Training
 # -----------------------------------------------------------------------------------------------
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    from accelerate.utils import set_seed
-
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, set_seed
 
     from models.ntxent import nt_xent_loss, resolve_impl
     from pipelines.loader import Shard, placement, train_loader
@@ -353,53 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     report.finish(done=last == cfg.epochs)
     accelerator.end_training()
     return 0
-
-
-def prepare_out(cfg: Config, out: Path, accelerator) -> None:
-    """Refuse to overwrite a run by accident; check that the folder is writable before training."""
-    if find_checkpoint(out) and not cfg.resume:
-        raise UserError(f"{out} already holds a checkpoint: pass --resume to continue that run, "
-                        f"or choose another --out")
-    if accelerator.is_main_process:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"output folder {out} is a file")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise UserError(f"cannot write to output folder {out}: {err.strerror}") from None
-    accelerator.wait_for_everyone()
-
-
-def resume(cfg: Config, out: Path, accelerator, steps_per_epoch: int) -> tuple[int, bytes | None]:
-    """Load the last checkpoint; returns the step it was saved at and, mid-epoch, DALI's state."""
-    path = find_checkpoint(out)
-    if path is None:
-        raise UserError(f"--resume: there is no checkpoint in {out / 'checkpoint'}")
-    saved = json.loads((path / "config.json").read_text())
-    for key in ("backbone", "small_stem", "proj_hidden", "proj_dim", "batch_size", "data"):
-        if saved.get(key) != getattr(cfg, key):
-            raise UserError(f"--resume: the checkpoint in {path} was trained with --{key.replace('_', '-')} "
-                            f"{saved.get(key)}, not {getattr(cfg, key)}")
-    if saved.get("world_size") != accelerator.num_processes:
-        raise UserError(f"--resume: the checkpoint in {path} was written by {saved.get('world_size')} "
-                        f"process(es); resume it with the same number, not {accelerator.num_processes}")
-    if saved.get("steps_per_epoch") != steps_per_epoch:
-        raise UserError(f"--resume: {cfg.data} now gives {steps_per_epoch} steps per epoch, not the "
-                        f"{saved.get('steps_per_epoch')} the checkpoint in {path} was written with: "
-                        f"the data changed")
-    from safeguards import load_state_safely
-
-    load_state_safely(accelerator, path)  # refuses pickles that would run code
-    step = json.loads((path / "progress.json").read_text())["step"]
-    if step % steps_per_epoch == 0:
-        return step, None
-    state = path / f"dali_{accelerator.process_index}.state"
-    if not state.is_file():
-        raise UserError(f"--resume: {path} stops inside an epoch but lacks {state.name}")
-    return step, state.read_bytes()
 
 
 if __name__ == "__main__":

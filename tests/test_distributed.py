@@ -1,6 +1,5 @@
 """Two processes on the CPU over gloo, started as users start them: `accelerate launch`."""
 import json
-import sys
 
 import pytest
 from conftest import make_folder, run_cli

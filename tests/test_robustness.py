@@ -217,7 +217,7 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(bad_folder, 
 
 
 def test_kill_9_while_saving_leaves_the_last_checkpoint_whole(bad_folder, straight, tmp_path):
-    import train
+    import checkpoint
 
     out = tmp_path / "run"
     proc = start_training(bad_folder, out)
@@ -226,7 +226,7 @@ def test_kill_9_while_saving_leaves_the_last_checkpoint_whole(bad_folder, straig
     wait_for(lambda: (out / "checkpoint.tmp").exists() or logged_step(out, 7), proc)
     proc.kill()
     proc.communicate()
-    progress = json.loads((train.find_checkpoint(out) / "progress.json").read_text())
+    progress = json.loads((checkpoint.find_checkpoint(out) / "progress.json").read_text())
     assert progress["step"] >= 3  # whichever save the kill hit, the one before it is whole
     assert_same_weights(resume_to_the_end(bad_folder, out), straight)
 
@@ -244,7 +244,7 @@ class FakeAccelerator:
 
 
 def test_a_crash_at_any_point_of_a_save_leaves_a_whole_checkpoint(tmp_path, monkeypatch):
-    import train
+    import checkpoint
 
     calls = {"n": 0, "crash_at": None}
 
@@ -262,19 +262,19 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_whole_checkpoint(tmp_path, monk
     for crash_at in range(1, 8):
         out = tmp_path / f"c{crash_at}"
         out.mkdir()
-        train.save_checkpoint(acc, out, {"step": 1}, {})
+        checkpoint.save_checkpoint(acc, out, {"step": 1}, {})
         (out / "checkpoint.old").mkdir()  # a half-deleted leftover of an earlier crash
         calls.update(n=0, crash_at=crash_at)
         try:
-            train.save_checkpoint(acc, out, {"step": 2}, {})
+            checkpoint.save_checkpoint(acc, out, {"step": 2}, {})
         except Crash:
             pass
         calls["crash_at"] = None
-        found = train.find_checkpoint(out)
+        found = checkpoint.find_checkpoint(out)
         assert json.loads((found / "progress.json").read_text())["step"] in (1, 2), crash_at
         assert (found / "model.safetensors").read_bytes() == b"weights"
-        train.save_checkpoint(acc, out, {"step": 3}, {})  # and the next save goes through
-        assert json.loads((train.find_checkpoint(out) / "progress.json").read_text()) == {"step": 3}
+        checkpoint.save_checkpoint(acc, out, {"step": 3}, {})  # and the next save goes through
+        assert json.loads((checkpoint.find_checkpoint(out) / "progress.json").read_text()) == {"step": 3}
         assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]
 
 
