@@ -1,0 +1,197 @@
+"""NT-Xent: reference against a NumPy oracle, tiled and Triton against the float64 reference.
+
+"rel" below means max|actual - expected| <= rel * max|expected| (+ a float32-rounding floor for values
+that are exactly zero, such as the loss of a single pair). On a machine without CUDA the Triton kernels
+run on CPU tensors under the interpreter, which must be switched on before triton is imported.
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from models.ntxent import _NTXent, _reference_rows, nt_xent_loss, nt_xent_reference, resolve_impl  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+TILED_DEVICES = ["cpu", "cuda"] if CUDA else ["cpu"]
+TRITON_DEVICE = "cuda" if CUDA else "cpu"
+TEMPERATURES = [0.05, 0.1, 0.5, 1.0]
+
+
+def numpy_oracle(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:
+    """NT-Xent by explicit loops in float64: anchors i, candidates k, feature d."""
+    z = np.concatenate([z1, z2]).astype(np.float64)
+    m, dim = z.shape
+    norms = [math.sqrt(math.fsum(z[i, d] ** 2 for d in range(dim))) for i in range(m)]
+    total = 0.0
+    for i in range(m):
+        sims = [math.fsum(z[i, d] * z[k, d] for d in range(dim)) / (norms[i] * norms[k]) for k in range(m)]
+        denom = math.fsum(math.exp(sims[k] / tau) for k in range(m) if k != i)
+        total += math.log(denom) - sims[(i + m // 2) % m] / tau
+    return total / m
+
+
+def views(n, d, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z1, z2 = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    z2 = z2 + 0.5 * z1  # correlated views, like real positives
+    return z1.to(device=device, dtype=dtype), z2.to(device=device, dtype=dtype)
+
+
+def loss_and_grads(fn, z1, z2):
+    a, b = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    loss = fn(a, b)
+    loss.backward()
+    return loss.detach(), a.grad, b.grad
+
+
+def assert_rel(actual, expected, rel, floor=0.0):
+    actual, expected = torch.as_tensor(actual).double().cpu(), torch.as_tensor(expected).double().cpu()
+    assert torch.isfinite(actual).all()
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * expected.abs().max().item() + floor, f"max error {err:.3g}, scale {expected.abs().max():.3g}"
+
+
+def check_against_float64(z1, z2, tau, rel, **kwargs):
+    """Value and gradients of nt_xent_loss(**kwargs) against the float64 reference on the same inputs."""
+    ref = loss_and_grads(lambda a, b: nt_xent_reference(a, b, tau), z1.double().cpu(), z2.double().cpu())
+    got = loss_and_grads(lambda a, b: nt_xent_loss(a, b, tau, **kwargs), z1, z2)
+    floor = 4 * torch.finfo(torch.float32).eps / tau  # lse - pos of two logits ~ 1/tau can cancel to 0
+    assert got[0].dtype == torch.promote_types(z1.dtype, torch.float32)  # the loss is float32 (or 64)
+    assert got[1].dtype == got[2].dtype == z1.dtype
+    for g, r in zip(got, ref):
+        assert_rel(g, r, rel, floor)
+
+
+# ---------------------------------------------------------------------------- reference vs oracle
+@pytest.mark.parametrize("n,d", [(1, 3), (4, 5), (7, 3)])
+@pytest.mark.parametrize("tau", TEMPERATURES)
+def test_reference_matches_numpy_oracle(n, d, tau):
+    z1, z2 = views(n, d, torch.float64)
+    expected = numpy_oracle(z1.numpy(), z2.numpy(), tau)
+    assert nt_xent_reference(z1, z2, tau).item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # float32 inputs are computed in float32
+    assert nt_xent_reference(z1.float(), z2.float(), tau).item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("n,d", [(3, 5), (5, 3)])
+@pytest.mark.parametrize("tau", [0.05, 0.3, 1.0])
+def test_reference_gradient_finite_differences(n, d, tau):
+    z1, z2 = views(n, d, torch.float64)
+    z1.requires_grad_(), z2.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: nt_xent_reference(a, b, tau), (z1, z2))
+
+
+# ---------------------------------------------------------------------------- tiled
+@pytest.mark.parametrize("device", TILED_DEVICES)
+@pytest.mark.parametrize("tau", [0.01, 0.02, 0.025] + TEMPERATURES)  # < 0.025: running max
+@pytest.mark.parametrize("n,d,block", [(37, 70, 5), (37, 70, 16), (37, 70, None), (1, 9, 3), (1, 9, 1),
+                                       (7, 5, 1), (20, 16, 40), (33, 128, 13), (33, 128, (13, 13))])
+def test_tiled_fp32_matches_float64(device, tau, n, d, block):
+    z1, z2 = views(n, d, device=device)
+    check_against_float64(z1, z2, tau, 1e-5, impl="tiled", block=block)
+
+
+@pytest.mark.parametrize("device", TILED_DEVICES)
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+def test_tiled_bf16_inputs(device, tau):
+    z1, z2 = views(37, 70, torch.bfloat16, device)
+    check_against_float64(z1, z2, tau, 1e-2, impl="tiled", block=8)
+
+
+def test_tiled_ignores_autocast():
+    z1, z2 = views(37, 70)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check_against_float64(z1, z2, 0.1, 1e-5, impl="tiled", block=8)
+
+
+def test_tiled_cpu_threads_leave_thread_count_alone():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # row blocks go to 3 Python threads, each single-threaded
+        check_against_float64(*views(37, 70), 0.1, 1e-5, impl="tiled", block=4)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_single_pair_has_zero_loss():
+    z1, z2 = views(1, 4)
+    for impl in ("reference", "tiled"):
+        assert nt_xent_loss(z1, z2, 0.1, impl=impl).item() == pytest.approx(0.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- triton
+@pytest.mark.parametrize("tau", TEMPERATURES)
+@pytest.mark.parametrize("n,d,block", [(37, 70, (16, 32)), (40, 70, (32, 16)), (1, 5, (16, 16)), (37, 70, None)])
+def test_triton_fp32_matches_float64(tau, n, d, block):
+    z1, z2 = views(n, d, device=TRITON_DEVICE)
+    check_against_float64(z1, z2, tau, 1e-5, impl="triton", block=block)
+
+
+@pytest.mark.parametrize("dtype,tau", [(torch.float16, 0.05), (torch.bfloat16, 0.05), (torch.bfloat16, 0.5)])
+def test_triton_16bit_inputs(dtype, tau):
+    z1, z2 = views(37, 70, dtype, TRITON_DEVICE)
+    check_against_float64(z1, z2, tau, 1e-2, impl="triton", block=(16, 32))
+
+
+def test_fp16_low_temperature_where_naive_overflows():
+    """exp(1 / 0.05) = 4.9e8 overflows float16; log-sum-exp in float32 does not."""
+    z1, z2 = views(37, 70, torch.float16, TRITON_DEVICE)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    assert torch.isinf(torch.exp(z @ z.T / 0.05)).any()
+    check_against_float64(z1, z2, 0.05, 1e-2, impl="triton", block=(16, 32))
+    check_against_float64(z1.to(TILED_DEVICES[-1]), z2.to(TILED_DEVICES[-1]), 0.05, 1e-2, impl="tiled")
+
+
+# ---------------------------------------------------------------------------- rows against gathered columns
+@pytest.mark.parametrize("impl,device,block", [("tiled", d, 5) for d in TILED_DEVICES]
+                         + [("triton", TRITON_DEVICE, (16, 16))])
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+def test_local_rows_against_gathered_columns(impl, device, block, tau):
+    """The distributed form in one process: rank r's rows are z[r*2n : r*2n + 2n] of 3 ranks' columns.
+
+    Covers the row offsets of the compiled kernels on CUDA, where the two-process test runs on the CPU.
+    """
+    n, world = 7, 3
+    z = torch.nn.functional.normalize(torch.randn(world * 2 * n, 20, dtype=torch.float64), dim=1)
+    for rank in range(world):
+        want_z = z.clone().requires_grad_()
+        want = _reference_rows(want_z, rank * 2 * n, n, tau)
+        want.backward()
+        got_z = z.float().to(device).requires_grad_()
+        got = _NTXent.apply(got_z, rank * 2 * n, n, tau, impl, block, torch.float32)
+        got.backward()
+        assert_rel(got.detach(), want.detach(), 1e-5)
+        assert_rel(got_z.grad, want_z.grad, 1e-5)  # other ranks' rows get the column-side term only
+        assert got_z.grad[:rank * 2 * n].abs().sum() > 0 or rank == 0
+
+
+# ---------------------------------------------------------------------------- selection and errors
+def test_resolve_impl():
+    assert resolve_impl("auto", torch.device("cpu")) == "tiled"
+    assert resolve_impl("auto", "cuda") == "triton"  # triton is a requirement of this project
+    assert resolve_impl("reference", "cpu") == "reference"
+    with pytest.raises(ValueError, match="unknown NT-Xent"):
+        resolve_impl("fused", "cpu")
+
+
+def test_auto_matches_reference():
+    z1, z2 = views(9, 12)
+    assert nt_xent_loss(z1, z2, 0.2).item() == pytest.approx(nt_xent_reference(z1, z2, 0.2).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(temperature=0.0), "temperature"), (dict(impl="x"), "unknown"),
+                                          (dict(distributed=True), "not initialised"),
+                                          (dict(impl="tiled", block=(4, 8)), "square"), (dict(block=0), "positive")])
+def test_bad_arguments(kwargs, match):
+    z1, z2 = views(4, 8)
+    with pytest.raises(ValueError, match=match):
+        nt_xent_loss(z1, z2, **kwargs)
+    with pytest.raises(ValueError, match="must both be"):
+        nt_xent_loss(z1, z2[:3])

@@ -1,0 +1,86 @@
+"""NT-Xent across two CPU processes (gloo) against one process over the concatenated batch.
+
+Convention under test (see models/ntxent.py): rank r holds pairs r*n ... r*n + n - 1 and returns the
+mean over its own 2n anchors, with negatives gathered from both ranks. Then
+    mean over ranks of the rank losses        == single-process loss over the 2 * n pairs,
+    rank r's gradient for its rows / W (= 2)  == single-process gradient of those rows,
+so averaging parameter gradients over ranks (DDP, accelerate) gives the single-process gradient.
+"""
+import os
+import socket
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from models.ntxent import nt_xent_loss, nt_xent_reference  # noqa: E402
+
+WORLD = 2
+N_PER_RANK, DIM = 7, 13  # odd shapes catch offset and masking bugs
+# (impl, block, temperature); blocks that do not divide a rank's 14 rows. Triton runs here under the
+# interpreter on CPU tensors, only on machines without CUDA (the interpreter of triton 3.6 with NumPy 2.5
+# cannot take a loop bound from a kernel argument; 3.8 can); on CUDA machines test_ntxent.py checks the
+# compiled kernels' row offsets in one process (test_local_rows_against_gathered_columns).
+CASES = [("reference", None, 0.1), ("tiled", 5, 0.1), ("tiled", None, 0.05), ("tiled", 3, 1.0)]
+if not torch.cuda.is_available():
+    CASES += [("triton", (16, 16), 0.1), ("triton", (16, 16), 0.05)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, z1, z2, out_dir):
+    # Triton kernels here run on CPU tensors: this fresh process switches the interpreter on before
+    # triton is first imported (also on a CUDA machine, where gloo and two ranks share no GPU).
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        results = []
+        for impl, block, tau in CASES:
+            a, b = z1[rows].clone().requires_grad_(), z2[rows].clone().requires_grad_()
+            loss = nt_xent_loss(a, b, tau, impl=impl, block=block)
+            loss.backward()
+            results.append((loss.detach(), a.grad, b.grad))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    g = torch.Generator().manual_seed(3)
+    z1 = torch.randn(WORLD * N_PER_RANK, DIM, generator=g)
+    z2 = torch.randn(WORLD * N_PER_RANK, DIM, generator=g) + 0.5 * z1
+    out = str(tmp_path_factory.mktemp("ranks"))
+    mp.spawn(_worker, args=(_free_port(), z1, z2, out), nprocs=WORLD, join=True)
+    return z1, z2, [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{i}-{b}-{t}" for i, b, t in CASES])
+def test_two_processes_match_one(two_ranks, case):
+    z1, z2, ranks = two_ranks
+    tau = CASES[case][2]
+    a, b = z1.double().requires_grad_(), z2.double().requires_grad_()
+    single = nt_xent_reference(a, b, tau)  # float64, one process, all 2 * WORLD * n anchors
+    single.backward()
+
+    losses = torch.stack([ranks[r][case][0] for r in range(WORLD)]).double()
+    assert losses.mean().item() == pytest.approx(single.item(), rel=1e-5)
+    assert not torch.allclose(losses[0], losses[1])  # the ranks really saw different anchors
+    for r in range(WORLD):
+        rows = slice(r * N_PER_RANK, (r + 1) * N_PER_RANK)
+        _, g1, g2 = ranks[r][case]
+        for got, want in ((g1, a.grad[rows]), (g2, b.grad[rows])):
+            err = (got.double() / WORLD - want).abs().max().item()
+            assert err <= 1e-5 * want.abs().max().item(), f"rank {r}: gradient error {err:.3g}"
