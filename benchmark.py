@@ -1,14 +1,14 @@
 """Throughput benchmarks, one section per part of the trainer: `python benchmark.py SECTION [options]`.
 
-Sections are functions registered in SECTIONS, each with its own argparse subcommand; the helpers
-above them (hardware and versions, timing, isolated measurements, tables, JSON) are shared.
-
-    python benchmark.py pipeline --image-size 224 --json pipeline.json
+    python benchmark.py pipeline --image-size 224 --json pipeline.json   # DALI vs torchvision
+    python benchmark.py model                                            # the compute ceiling
+    python benchmark.py train                                            # train.py end to end / model
+    python benchmark.py loss --sizes 16384                               # NT-Xent implementations
     python benchmark.py all --json all.json
 
-Every measurement runs in a fresh subprocess, so that peak memory is this measurement's alone: on the
-CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident set just
-before the work; on CUDA torch.cuda.max_memory_allocated minus the memory allocated before it.
+Sections live in bench/ and are registered in SECTIONS, each with its own subcommand; each
+measurement runs in a fresh process (bench/common.py). `--json FILE` writes every figure with the
+hardware, the package versions and the command.
 """
 from __future__ import annotations
 
