@@ -14,6 +14,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# The Triton kernels run on CPU tensors only when the interpreter is chosen before triton is first
+# imported, and other test modules import it indirectly (timm, torch's compiler): decide here, first.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def write_image(path: Path, rng: np.random.Generator, size=(40, 32), mode="RGB", colour=None) -> Path:
     """A smooth random image (or a solid `colour`), saved in the format its suffix names."""
