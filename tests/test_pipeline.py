@@ -72,16 +72,24 @@ def test_jitter_ranges_and_blur_window_follow_the_paper():
     assert Augment().blur_window(224) == 23 and Augment().blur_window(32) == 3
 
 
-def test_crop_keeps_between_8_and_100_percent_of_the_area():
-    # a single bright pixel column per image lets us see how much the crop magnifies
-    src = arrays(n=64)
-    views = torch.cat([v for v, _, _ in first_epoch(src, Augment(**{**IDENTITY.__dict__, "crop_min_area": 0.08,
-                                                                    "crop_min_ratio": 3 / 4,
-                                                                    "crop_max_ratio": 4 / 3}))])
-    full = torch.from_numpy(src.images).float()
-    # a crop of the whole image would reproduce it; random crops must (almost always) not
-    differs = [(pixels(v[None])[0] - full[i]).abs().mean() > 1 for i, v in enumerate(views)]
-    assert sum(differs) > len(differs) // 2
+def test_crop_area_and_aspect_ratio_follow_the_settings():
+    # pixels that encode their own coordinates (R = 2x, G = 2y on a 128 px image) reveal each crop
+    side = 128
+    ramp = np.arange(side, dtype=np.uint8) * 2
+    image = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.zeros((side, side), np.uint8)), -1)
+    src = Source("coords", np.arange(64, dtype=np.int64), images=np.repeat(image[None], 64, axis=0))
+    crop_only = Augment(**{**IDENTITY.__dict__, "crop_min_area": 0.08, "crop_min_ratio": 3 / 4,
+                           "crop_max_ratio": 4 / 3})
+    views = pixels(torch.cat([v for v, _, _ in first_epoch(src, crop_only, size=32)]))
+    # first to last output pixel centre spans the crop less one output pixel (31/32 of it)
+    width = (views[..., 0].amax((1, 2)) - views[..., 0].amin((1, 2))) / 2 * 32 / 31  # source pixels
+    height = (views[..., 1].amax((1, 2)) - views[..., 1].amin((1, 2))) / 2 * 32 / 31
+    area, ratio = width * height / side ** 2, width / height
+    assert area.min() > 0.08 * 0.85 and area.max() <= 1.0 + 1e-6
+    assert ratio.min() > 0.75 * 0.9 and ratio.max() < 4 / 3 / 0.9
+    assert area.min() < 0.25 and area.max() > 0.8  # the whole range is drawn from, not one scale
+    whole = pixels(first_epoch(src, IDENTITY, size=32)[0][0])
+    assert ((whole[..., 0].amax((1, 2)) - whole[..., 0].amin((1, 2))) / 2 * 32 / 31).min() > side - 1
 
 
 def test_fixed_seed_reproduces_and_epochs_differ():
