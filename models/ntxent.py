@@ -94,17 +94,20 @@ def _tasks(work, local: list[int], make_buffer, device: torch.device) -> list:
         return buffers
 
     def worker(k: int) -> None:
-        torch.set_num_threads(1)  # this thread's ops; grad mode is per thread, hence no_grad
-        with torch.no_grad():
+        with torch.no_grad():  # grad mode is per thread
             for t in range(k, len(local), threads):  # interleaved: early blocks have more tiles
                 work(t, local[t], buffers[k])
 
+    # Single-threaded ops in every worker. set_num_threads is process-wide and rebuilds torch's
+    # thread pool, so it is called here only, with no op in flight: called from the workers
+    # themselves it raced with their running ops and could abort the process.
+    torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(threads) as pool:
             for job in [pool.submit(worker, k) for k in range(threads)]:
                 job.result()
     finally:
-        torch.set_num_threads(intra_op)  # the workers' set_num_threads also moved the process default
+        torch.set_num_threads(intra_op)
     return buffers
 
 
