@@ -4,7 +4,6 @@ final table. Only the main process prints or writes; the others only take part i
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -14,8 +13,6 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-
-from cli import UserError
 
 
 class Report:
@@ -90,14 +87,15 @@ class Report:
                                                loss=float("nan"), lr=0.0, rate=0.0, knn=self.knn_text)
 
     def step(self, step: int, loss: torch.Tensor, lr: float, global_batch: int, *, log: bool) -> None:
-        """Accumulates on the device; synchronises only on logging steps."""
+        """A step that was applied (safeguards.step_if_finite kept non-finite ones out). Accumulates on
+        the device; synchronises only on logging steps."""
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.n_steps += 1
         self.images_epoch += global_batch
         self.images_log += global_batch
         self.lr = lr
         if log:
-            value = self.check(self.reduce(loss.float(), "mean").item(), step)
+            value = self.reduce(loss.float(), "mean").item()
             now = time.perf_counter()
             rate = self.images_log / (now - self.t_log)
             self.t_log, self.images_log = now, 0
@@ -139,7 +137,7 @@ class Report:
         if self.loss_sum is None:  # every step was skipped as non-finite (the same on every process)
             mean = float("nan")
         else:
-            mean = self.check(self.reduce(self.loss_sum.float(), "mean").item() / self.n_steps, step)
+            mean = self.reduce(self.loss_sum.float(), "mean").item() / self.n_steps
         rate = self.images_epoch / (time.perf_counter() - self.t_epoch)
         self.last_loss, self.images_seen = mean, self.images_seen + self.images_epoch
         self.epoch_rates.append(rate)
@@ -158,12 +156,6 @@ class Report:
             self.progress.update(self.task, knn=self.knn_text)
             if not self.console.is_terminal:
                 self.console.print(f"epoch {epoch + 1}: kNN top-1 {top1:.2%}")
-
-    def check(self, loss: float, step: int) -> float:
-        if not math.isfinite(loss):
-            raise UserError(f"the loss became {loss} at step {step}: lower --lr, raise --temperature, "
-                            f"or train in bf16 rather than fp16; the last checkpoint in {self.out} is intact")
-        return loss
 
     def write(self, record: dict) -> None:
         if self.main:

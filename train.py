@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import broadcast_object_list, set_seed
 
     from models.ntxent import nt_xent_loss, resolve_impl
-    from pipelines.loader import Shard, placement, train_loader
+    from pipelines.loader import Shard, epoch_steps, placement, train_loader
     from pipelines.verify import Screening
     from report import Report
     from safeguards import StopSignal, check_free_space, checkpoint_bytes, nonfinite_error, step_if_finite
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                        share=lambda obj: broadcast_object_list([obj])[0])
     source = load_train_source(cfg, world, screen)
     shard, device_id = Shard(rank, world), dali_device_id(accelerator)
-    steps_per_epoch = (len(source) // world) // cfg.batch_size
+    steps_per_epoch = epoch_steps(len(source), world, cfg.batch_size)
     monitor = make_monitor(cfg, source, workers, device_id, screen)  # None unless --knn-every
     if accelerator.is_main_process:
         screen.write_skipped(out / "skipped.txt")

@@ -25,6 +25,13 @@ class Shard:
     count: int = 1  # number of shards (accelerate's num_processes)
 
 
+def epoch_steps(n: int, shards: int, batch_size: int, drop_last: bool = True) -> int:
+    """Steps in an epoch for each of `shards` processes: equal shards of n // shards images, the
+    tail batch dropped (training) or kept (evaluation, one shard)."""
+    per_shard = n // shards if drop_last else -(-n // shards)
+    return per_shard // batch_size if drop_last else -(-per_shard // batch_size)
+
+
 class Feeder:
     """Batches of (image, label) for `external_source`, from this process's shard of a source.
 
@@ -38,9 +45,8 @@ class Feeder:
                  drop_last: bool, seed: int = 0, epoch: int = 0):
         self.source, self.batch_size, self.shard = source, batch_size, shard
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
-        per_shard = len(source) // shard.count if drop_last else -(-len(source) // shard.count)
-        self.per_shard = per_shard
-        self.steps = per_shard // batch_size if drop_last else -(-per_shard // batch_size)
+        self.per_shard = len(source) // shard.count if drop_last else -(-len(source) // shard.count)
+        self.steps = epoch_steps(len(source), shard.count, batch_size, drop_last)
         self.order = self.shard_order()
 
     def shard_order(self) -> np.ndarray:
@@ -77,8 +83,7 @@ class ShardReader:
                  drop_last: bool, seed: int = 0, epoch: int = 0):
         self.source, self.batch_size, self.shard = source, batch_size, shard
         self.shuffle, self.drop_last, self.epoch = shuffle, drop_last, epoch
-        per_shard = len(source) // shard.count
-        self.steps = per_shard // batch_size if drop_last else -(-per_shard // batch_size)
+        self.steps = epoch_steps(len(source), shard.count, batch_size, drop_last)
 
     def read(self):
         encoded, cls = fn.readers.webdataset(
