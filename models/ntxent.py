@@ -104,9 +104,9 @@ def _tasks(work, local: list[int], make_buffer, device: torch.device, block: int
     def worker(k: int) -> None:
         # MKL's thread count is per thread: a new thread's matmuls use every core unless the thread
         # itself asks for one (measured: 2 threads' worth of CPU per worker). set_num_threads also
-        # resizes torch's process-wide pthreadpool, which must not happen while another worker's op
-        # runs (that aborted the process once); the caller has already set 1, so here it is a no-op,
-        # and the barrier keeps every worker's call ahead of every op anyway.
+        # sizes torch's process-wide pthreadpool, which should not change under another worker's
+        # running op: the caller has already set 1, so here that part is a no-op, and the barrier
+        # keeps every worker's call ahead of every op anyway.
         try:
             torch.set_num_threads(1)
         finally:
@@ -115,7 +115,7 @@ def _tasks(work, local: list[int], make_buffer, device: torch.device, block: int
             for t in range(k, len(local), threads):  # interleaved: early blocks have more tiles
                 work(t, local[t], buffers[k], scratches[k])
 
-    torch.set_num_threads(1)  # with no op in flight: resizes the shared pool (see worker)
+    torch.set_num_threads(1)  # with no op in flight: sizes the shared pool (see worker)
     try:
         with ThreadPoolExecutor(threads) as pool:
             for job in [pool.submit(worker, k) for k in range(threads)]:
