@@ -18,8 +18,53 @@ sys.path.insert(0, str(ROOT))
 # imported, and other test modules import it indirectly (timm, torch's compiler): decide here, first.
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():
+CUDA = torch.cuda.is_available()
+if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# -- devices ----------------------------------------------------------------------------------------
+# A test that takes the `device` argument runs once per device: the CPU, and CUDA where there is a GPU
+# (DALI's mixed decoder and GPU operators, Triton compiled). `--device NAME` runs only those cases on
+# NAME, plus the end-to-end runs marked `on_device` (which use whatever device the process finds):
+# scripts/gpu_check.sh runs `--device cuda` on a GPU machine and `--device cpu` for its dry run.
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default=None,
+                     help="run only the device cases (tests taking `device`, and those marked on_device), on this device")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "on_device: an end-to-end run on the machine's device, kept by --device")
+    if config.getoption("--device") == "cuda" and not CUDA:
+        raise pytest.UsageError("--device cuda needs a CUDA GPU, and torch sees none")
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        only = metafunc.config.getoption("--device")
+        metafunc.parametrize("device", [only] if only else ["cpu", "cuda"] if CUDA else ["cpu"])
+
+
+def pytest_collection_modifyitems(config, items):
+    only = config.getoption("--device")
+    if only is None:
+        return
+    def kept(item) -> bool:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        return item.get_closest_marker("on_device") is not None or params.get("device") == only
+
+    config.hook.pytest_deselected(items=[item for item in items if not kept(item)])
+    items[:] = [item for item in items if kept(item)]
+
+
+def triton_runs_on(device: str) -> bool:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter (machines without CUDA)."""
+    return device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dali_device_id(device: str) -> int | None:
+    """The DALI pipeline's device_id for a test device: GPU 0, or None for a CPU-only pipeline."""
+    return 0 if device == "cuda" else None
 
 
 def write_image(path: Path, rng: np.random.Generator, size=(40, 32), mode="RGB", colour=None) -> Path:

@@ -4,7 +4,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import make_folder, run_cli
+from conftest import CUDA, make_folder, run_cli
 from safetensors.torch import load_file
 
 TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",
@@ -24,12 +24,14 @@ def two_epochs(folder, tmp_path_factory):
     return out
 
 
+@pytest.mark.on_device  # on a GPU machine: DALI on the GPU, training on CUDA (scripts/gpu_check.sh)
 def test_training_writes_every_output(two_epochs):
     out = two_epochs
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["backbone"] == "resnet18" and cfg["world_size"] == 1 and cfg["global_batch"] == 8
-    assert cfg["n_train"] == 22 and cfg["steps_per_epoch"] == 2 and cfg["dali_placement"] == "cpu"
-    assert cfg["loss_impl_resolved"] == "tiled" and cfg["aug"]["jitter_p"] == 0.8
+    assert cfg["n_train"] == 22 and cfg["steps_per_epoch"] == 2
+    assert (cfg["dali_placement"], cfg["device"][:4]) == (("gpu", "cuda") if CUDA else ("cpu", "cpu"))
+    assert cfg["loss_impl_resolved"] == "tiled" and cfg["aug"]["jitter_p"] == 0.8  # fp32 embeddings
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["step", "step", "epoch"] * 2
     for r in records:
@@ -64,11 +66,12 @@ def test_resume_continues_from_the_saved_epoch_and_matches(folder, two_epochs, t
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.on_device  # on a GPU machine: features, kNN and probe on CUDA
 def test_evaluate_writes_every_key(two_epochs, folder):
     r = run_cli("evaluate.py", "--run", str(two_epochs), "--probe-epochs", "5", "--batch-size", "8")
     assert r.returncode == 0, r.stderr
     result = json.loads((two_epochs / "eval.json").read_text())
-    assert result["n_train"] == 22 and result["n_test"] == 2
+    assert result["n_train"] == 22 and result["n_test"] == 2 and result["device"][:4] == ("cuda" if CUDA else "cpu")
     for scores in (result, result["random_init"]):
         for key in ("knn_top1", "linear_top1"):
             assert 0 <= scores[key] <= 1
