@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is not registered for checkpointing: its lr is a function of the step
     # (step_update below), and accelerate would load it back with pickle (weights_only=False).
-    loss_impl = resolve_impl(cfg.loss_impl, accelerator.device)
+    loss_impl = resolve_impl(cfg.loss_impl, accelerator.device)  # fp32: accelerate upcasts the outputs
 
     resolved = {**dataclasses.asdict(cfg), "world_size": world, "global_batch": global_batch,
                 "scaled_lr": lr, "steps_per_epoch": steps_per_epoch, "n_train": len(source),

@@ -13,7 +13,7 @@ log-sum-exp and a -inf self-mask:
              O(N x block + threads x N x D). Any device; on the CPU, one Python thread per core.
   triton     two fused kernels (models/ntxent_triton.py) with an online log-sum-exp. CUDA, or CPU
              tensors under TRITON_INTERPRET=1.
-"auto" picks triton on CUDA tensors and tiled otherwise (`resolve_impl`).
+"auto" picks per device and dtype (`resolve_impl`): triton for 16-bit CUDA tensors, tiled otherwise.
 
 Across processes (torch.distributed initialised, world size W > 1, equal shards of n pairs): every rank
 normalises its 2n local anchors [z1_r; z2_r] and all-gathers them *with gradients* into (2nW, D) columns
@@ -291,13 +291,23 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_impl(impl: str, device: torch.device | str) -> str:
-    """The implementation that `impl` selects on `device` (for the start-up panel)."""
+def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """The implementation that `impl` selects for embeddings of `dtype` on `device`.
+
+    "auto" follows the measurements (H100, N = 16,384, forward + backward; scripts/gpu_check.sh measures
+    them again on any GPU): 16-bit inputs on CUDA go to the Triton kernels (bf16: 3.6 ms, where the tiled
+    path and the reference compute in fp32: 25.7 and 34.1 ms); fp32 inputs go to the tiled path, since
+    the fp32 Triton kernels need three TF32 products per product to keep 1e-5 and took 37.4 ms, slower
+    than the tiled path (25.7 ms) and even the full-matrix reference (34.1 ms, 12 GB). On the CPU, tiled
+    (Triton runs only under the interpreter there). Under accelerate's mixed precision the embeddings
+    reach the loss in fp32 (accelerate converts the forward's outputs), so training takes the fp32 choice.
+    """
     if impl not in IMPLS:
         raise ValueError(f"unknown NT-Xent implementation {impl!r}; choose one of {IMPLS}")
     if impl != "auto":
         return impl
-    return "triton" if torch.device(device).type == "cuda" and _triton_installed() else "tiled"
+    sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+    return "triton" if torch.device(device).type == "cuda" and sixteen_bit and _triton_installed() else "tiled"
 
 
 def _block(impl: str, block: int | tuple[int, int] | None, device: torch.device, m: int):
@@ -345,7 +355,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, *
         raise ValueError("NT-Xent needs at least one pair of views, got an empty batch")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    impl = resolve_impl(impl, z1.device)
+    impl = resolve_impl(impl, z1.device, z1.dtype)
     if impl == "triton" and not _triton_installed():
         raise ValueError("impl='triton' needs the triton package, which is not installed; use impl='tiled'")
     n = z1.shape[0]
