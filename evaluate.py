@@ -64,16 +64,18 @@ def load_backbone(run_cfg: dict, weights: Path | None):
     return model
 
 
-def frozen_scores(train_x, train_y, test_x, test_y, cfg: EvalConfig) -> dict:
-    return {"knn_top1": knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature),
+def frozen_scores(train_x, train_y, test_x, test_y, cfg: EvalConfig, device=None) -> dict:
+    """kNN and linear probe on features (kept on the CPU), computed on `device`."""
+    return {"knn_top1": knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature, device=device),
             "linear_top1": linear_probe_top1(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs,
+                                             device=device,
                                              lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay,
                                              seed=cfg.seed)}
 
 
 def evaluate_backbone(model, train_loader, test_loader, cfg: EvalConfig, device) -> dict:
     """kNN and linear probe on the frozen features of `model`."""
-    return frozen_scores(*extract(model, train_loader, device), *extract(model, test_loader, device), cfg)
+    return frozen_scores(*extract(model, train_loader, device), *extract(model, test_loader, device), cfg, device)
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -239,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.seed)
         model = load_backbone(run_cfg, weights)
         feats[name] = (*extract(model, train_loader, device), *extract(model, test_loader, device))
-        results[name] = frozen_scores(*feats[name], cfg)
+        results[name] = frozen_scores(*feats[name], cfg, device)
     results = {**results.pop("simclr"), **results}
-    results.update(n_train=len(train_src), n_test=len(test_src), data=data, test_data=test_data)
+    results.update(n_train=len(train_src), n_test=len(test_src), data=data, test_data=test_data, device=str(device))
     if screen.bad:
         results["skipped_files"] = [p for p, _ in screen.bad]
     if cfg.finetune:

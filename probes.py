@@ -31,35 +31,45 @@ def extract(model, loader, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def knn_top1(train_x, train_y, test_x, test_y, k: int = 200, temperature: float = 0.1,
-             chunk: int = 1024) -> float:
-    """Weighted kNN (cosine similarity, votes weighted by exp(sim / T)), top-1 accuracy."""
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+             chunk: int = 1024, device: torch.device | str | None = None) -> float:
+    """Weighted kNN (cosine similarity, votes weighted by exp(sim / T)), top-1 accuracy, computed on
+    `device` (default: where the features are)."""
+    device = torch.device(device or train_x.device)
+    train_x, test_x = F.normalize(train_x.to(device), dim=1), F.normalize(test_x.to(device), dim=1)
+    train_y, test_y = train_y.to(device), test_y.to(device)
     k = min(k, len(train_x))
     classes = int(max(train_y.max(), test_y.max())) + 1
     correct = 0
     for start in range(0, len(test_x), chunk):
         sim = test_x[start:start + chunk] @ train_x.T  # (c, N_train)
         top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(sim), classes).scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
+        votes = torch.zeros(len(sim), classes, device=device).scatter_add_(1, train_y[top_idx],
+                                                                           (top_sim / temperature).exp())
         correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
     return correct / len(test_x)
 
 
 def linear_probe_top1(train_x, train_y, test_x, test_y, *, epochs: int = 100, lr: float = 1e-3,
-                      weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0) -> float:
-    """A linear layer trained on standardised frozen features (the backbone never sees a gradient)."""
+                      weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0,
+                      device: torch.device | str | None = None) -> float:
+    """A linear layer trained on standardised frozen features (the backbone never sees a gradient), on
+    `device` (default: where the features are). The initial weights and batch order come from `seed`
+    alone, drawn on the CPU, whatever the device."""
+    device = torch.device(device or train_x.device)
     gen = torch.Generator().manual_seed(seed)
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_x, test_x = ((train_x - mean) / std).to(device), ((test_x - mean) / std).to(device)
+    train_y, test_y = train_y.to(device), test_y.to(device)
     classes = int(max(train_y.max(), test_y.max())) + 1
     layer = torch.nn.Linear(train_x.shape[1], classes)
     torch.nn.init.normal_(layer.weight, std=0.01, generator=gen)
     torch.nn.init.zeros_(layer.bias)
+    layer.to(device)
     opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * -(-len(train_x) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(epochs):
-        for idx in torch.randperm(len(train_x), generator=gen).split(batch_size):
+        for idx in torch.randperm(len(train_x), generator=gen).to(device).split(batch_size):
             loss = F.cross_entropy(layer(train_x[idx]), train_y[idx])
             opt.zero_grad()
             loss.backward()
@@ -212,4 +222,4 @@ class KnnMonitor:
             backbone.train(was_training)
         x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         n = len(self.train)
-        return knn_top1(x[:n], y[:n], x[n:], y[n:], k=self.k)
+        return knn_top1(x[:n], y[:n], x[n:], y[n:], k=self.k, device=device)
