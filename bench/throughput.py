@@ -16,20 +16,29 @@ from bench.common import ROOT, console, print_table, run_isolated
 
 
 # -- data ---------------------------------------------------------------------------------------
-def generated_jpegs(folder: Path, n: int, image_size: int, seed: int = 0) -> str:
-    """`n` JPEGs of a realistic size for the run: 500x375 for large views, 32x32 for 32 px ones.
-    Smooth random content with noise, so that they compress like photographs (about 40 KB at 500x375)."""
+def _write_jpeg(job: tuple[str, int, int, int, int]) -> None:
     from PIL import Image
 
+    path, w, h, seed, i = job
+    rng = np.random.default_rng([seed, i])
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
+    img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path, quality=90)
+
+
+def generated_jpegs(folder: Path, n: int, image_size: int, seed: int = 0) -> str:
+    """`n` JPEGs of a realistic size for the run: 500x375 for large views, 32x32 for 32 px ones, in 10
+    class folders. Smooth random content with noise, so that they compress like photographs (about 40 KB
+    at 500x375). Written by one process per core; image i depends only on (seed, i)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     w, h = (500, 375) if image_size > 64 else (32, 32)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
-        img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
-        path = folder / f"c{i % 10}" / f"{i:06d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(path, quality=90)
+    for c in range(min(n, 10)):
+        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(folder / f"c{i % 10}" / f"{i:06d}.jpg"), w, h, seed, i) for i in range(n)]
+    with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, n // 64 or 1))) as pool:
+        list(pool.map(_write_jpeg, jobs, chunksize=64))
     return str(folder)
 
 
@@ -44,21 +53,30 @@ def _load(spec: str):
 
 
 # -- pipeline: DALI against torchvision ---------------------------------------------------------
-def _rate(batches, batch_size: int, warmup: int = 1) -> float:
-    """Images per second over the batches after `warmup` (queues fill and threads start there)."""
+def _rate(batches, batch_size: int, warmup: int = 1, device: str = "cpu") -> float:
+    """Images per second over the batches after `warmup` (queues fill and threads start there), each
+    batch on `device` (a CPU loader's batches are copied there, as training would)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     it = iter(batches)
     for _ in range(warmup):
         next(it)
+    sync()
     t, n = time.perf_counter(), 0
     for batch in it:
+        for view in batch[:2]:
+            view.to(device, non_blocking=True)
         n += batch_size
+    sync()
     return n / (time.perf_counter() - t)
 
 
 def pipeline_measure(data: str, image_size: int, batch_size: int, workers: int, repeats: int,
                      gpu: bool = False) -> dict:
     """Two-view batches per second: our DALI pipeline (on the GPU when `gpu`) and torchvision on the
-    same images, with as many DataLoader workers as DALI has threads. Median over `repeats` epochs."""
+    same images, with as many DataLoader workers as DALI has threads, its batches copied to the GPU from
+    pinned memory. Median over `repeats` epochs."""
     import torch
 
     from pipelines.augment import Augment
@@ -66,14 +84,15 @@ def pipeline_measure(data: str, image_size: int, batch_size: int, workers: int, 
     from pipelines.loader import Shard, train_loader
 
     torch.set_num_threads(1)  # the main process only consumes batches; the work is in threads/workers
-    source, aug = _load(data), Augment()
+    source, aug, device = _load(data), Augment(), "cuda" if gpu else "cpu"
     dali = [_rate(train_loader(source, batch_size=batch_size, size=image_size, aug=aug, shard=Shard(), seed=0,
-                               epoch=r, workers=workers, device_id=0 if gpu else None), batch_size)
+                               epoch=r, workers=workers, device_id=0 if gpu else None), batch_size, device=device)
             for r in range(repeats)]
-    tv_loader = torchvision_loader(source, batch_size=batch_size, size=image_size, aug=aug, workers=workers)
-    tv = [_rate(tv_loader, batch_size) for _ in range(repeats)]
+    tv_loader = torchvision_loader(source, batch_size=batch_size, size=image_size, aug=aug, workers=workers,
+                                   pin_memory=gpu)
+    tv = [_rate(tv_loader, batch_size, device=device) for _ in range(repeats)]
     d, t = statistics.median(dali), statistics.median(tv)
-    return {"dali_images_per_s": d, "torchvision_images_per_s": t, "speedup": d / t,
+    return {"dali_images_per_s": d, "torchvision_images_per_s": t, "speedup": d / t, "dali_device": device,
             "dali_runs": dali, "torchvision_runs": tv, "n_images": len(source)}
 
 
@@ -97,71 +116,84 @@ def pipeline_section(args) -> list[dict]:
 
 # -- model: the ceiling the data path must feed ---------------------------------------------------
 def model_measure(backbone: str, small_stem: bool, image_size: int, batch_size: int, repeats: int,
-                  budget_s: float) -> dict:
-    """Forward + NT-Xent + backward + optimiser step on synthetic views already on the device."""
+                  budget_s: float, mixed_precision: str = "no") -> dict:
+    """Forward + NT-Xent + backward + optimiser step on synthetic views already on the device, prepared
+    by accelerate exactly as train.py prepares it (so under bf16 the same autocast and fp32 outputs)."""
     import torch
 
     from bench.common import time_fn
     from models.ntxent import nt_xent_loss
-    from train import build_model, build_optimizer, parse_args
+    from train import build_model, build_optimizer, make_accelerator, parse_args
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ["ACCELERATE_MIXED_PRECISION"] = mixed_precision  # what `accelerate launch` sets for train.py
+    accelerator = make_accelerator()
     cfg = parse_args(["--backbone", backbone, "--image-size", str(image_size), "--batch-size", str(batch_size)]
                      + (["--small-stem"] if small_stem else []))
-    model = build_model(cfg).to(device).train()
+    model = build_model(cfg).train()
     optimizer, _ = build_optimizer(cfg, model, cfg.lr, steps_per_epoch=100)
-    views = torch.randn(2 * batch_size, 3, image_size, image_size, device=device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    views = torch.randn(2 * batch_size, 3, image_size, image_size, device=accelerator.device)
 
     def step():
         z = model(views)
-        nt_xent_loss(*z.chunk(2), cfg.temperature, impl=cfg.loss_impl).backward()
+        accelerator.backward(nt_xent_loss(*z.chunk(2), cfg.temperature, impl=cfg.loss_impl))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    cuda = accelerator.device.type == "cuda"
     timing = time_fn(step, warmup=2, repeats=repeats, budget_s=budget_s,
-                     sync=torch.cuda.synchronize if device == "cuda" else None)
-    return {"model_images_per_s": batch_size / timing["median_s"], **timing, "device": device}
+                     sync=torch.cuda.synchronize if cuda else None)
+    return {"model_images_per_s": batch_size / timing["median_s"], **timing, "device": str(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision}
 
 
 def model_section(args) -> list[dict]:
-    console.print(f"model: {args.backbone} forward+backward+step, {args.image_size} px, batch {args.batch_size} ...")
+    console.print(f"model: {args.backbone} forward+backward+step, {args.image_size} px, batch {args.batch_size}, "
+                  f"mixed precision {args.mixed_precision} ...")
     row = run_isolated("bench.throughput:model_measure", backbone=args.backbone, small_stem=args.small_stem,
                        image_size=args.image_size, batch_size=args.batch_size, repeats=args.repeats,
-                       budget_s=args.budget)
+                       budget_s=args.budget, mixed_precision=args.mixed_precision)
     row.update(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size)
     print_table(f"{args.backbone} + head + NT-Xent + step on synthetic views (images/s)",
-                ["images/s", "median s/step", "device"],
-                [[row.get("model_images_per_s"), row.get("median_s"), row.get("device", row.get("reason"))]])
+                ["images/s", "median s/step", "device", "precision"],
+                [[row.get("model_images_per_s"), row.get("median_s"), row.get("device", row.get("reason")),
+                  row.get("mixed_precision")]])
     return [row]
 
 
 # -- train: end to end through train.py, against the model alone ---------------------------------
 def train_measure(data: str, backbone: str, small_stem: bool, image_size: int, batch_size: int,
-                  workers: int, epochs: int) -> dict:
+                  workers: int, epochs: int, mixed_precision: str = "no") -> dict:
     """train.py itself on `data`; images/s of the epochs after the first (start-up and warm-up)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(ROOT / "train.py"), "--data", data, "--test-data", data, "--out", out,
                "--backbone", backbone, "--image-size", str(image_size), "--batch-size", str(batch_size),
                "--workers", str(workers), "--epochs", str(epochs), "--warmup-epochs", "1",
                "--log-every", "1000000"] + (["--small-stem"] if small_stem else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        env = {**os.environ, "ACCELERATE_MIXED_PRECISION": mixed_precision}  # as `accelerate launch` sets it
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if proc.returncode != 0:
             return {"status": "failed", "reason": (proc.stderr.strip().splitlines() or ["?"])[-1]}
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        config = json.loads((Path(out) / "config.json").read_text())
     rates = [r["images_per_s"] for r in records if r["kind"] == "epoch"]
     rates = rates[1:] or rates  # the first epoch holds start-up, unless it is the only one
-    return {"train_images_per_s": statistics.median(rates), "train_epochs": rates}
+    return {"train_images_per_s": statistics.median(rates), "train_epochs": rates, "device": config["device"],
+            "mixed_precision": config["mixed_precision"], "dali_placement": config["dali_placement"]}
 
 
 def train_section(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         data = bench_data(args, args.batch_size * args.steps, Path(tmp))
-        console.print(f"train: train.py end to end, {args.epochs} epochs of {args.steps} steps ...")
+        console.print(f"train: train.py end to end, {args.epochs} epochs, mixed precision {args.mixed_precision} ...")
         row = run_isolated("bench.throughput:train_measure", data=data, backbone=args.backbone,
                            small_stem=args.small_stem, image_size=args.image_size, batch_size=args.batch_size,
-                           workers=args.workers, epochs=args.epochs)
+                           workers=args.workers, epochs=args.epochs, mixed_precision=args.mixed_precision)
     model = model_section(args)[0]
     if "train_images_per_s" in row and "model_images_per_s" in model:
+        if (row["device"], row["mixed_precision"]) != (model["device"], model["mixed_precision"]):
+            row.update(status="failed", reason=f"train.py ran on {row['device']} in {row['mixed_precision']}, "
+                       f"the model alone on {model['device']} in {model['mixed_precision']}")
         row.update(model_images_per_s=model["model_images_per_s"],
                    efficiency=row["train_images_per_s"] / model["model_images_per_s"])
     row.update(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size)
@@ -183,3 +215,5 @@ def add_throughput_args(p) -> None:
     p.add_argument("--batches", type=int, default=8, help="pipeline: timed batches per repeat")
     p.add_argument("--steps", type=int, default=8, help="train: steps per epoch (generated data)")
     p.add_argument("--epochs", type=int, default=3, help="train: epochs (the first is not counted)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="model and train: accelerate's mixed precision, the same on both sides")

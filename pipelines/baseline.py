@@ -51,8 +51,10 @@ class TwoViews(Dataset):
 
 
 def torchvision_loader(source: Source, *, batch_size: int, size: int, aug: Augment, workers: int,
-                       seed: int = 0) -> DataLoader:
+                       seed: int = 0, pin_memory: bool = False) -> DataLoader:
+    """pin_memory: batches in page-locked memory, for fast copies to a GPU (as GPU training sets it)."""
     return DataLoader(TwoViews(source, size, aug), batch_size=batch_size, shuffle=True, drop_last=True,
                       num_workers=workers, persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
+                      pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(seed),
                       worker_init_fn=lambda w: np.random.seed(seed + w))
