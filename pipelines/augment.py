@@ -100,24 +100,25 @@ def gaussian_blur(images, size: int, aug: Augment):
     return images
 
 
-def normalize(images, mirror=0):
-    """uint8 HWC -> float32 CHW with ImageNet statistics, optionally mirrored (fused)."""
-    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+def normalize(images, mirror=0, layout: str = "CHW"):
+    """uint8 HWC -> float32 CHW (or HWC, for channels-last models) with ImageNet statistics, optionally
+    mirrored (fused)."""
+    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout=layout,
                                     mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
 
 
-def simclr_view(images, size: int, aug: Augment):
-    """One independently augmented view (N, 3, size, size) of decoded images."""
+def simclr_view(images, size: int, aug: Augment, layout: str = "CHW"):
+    """One independently augmented view (N, 3, size, size), or (N, size, size, 3) for layout HWC."""
     views = fn.random_resized_crop(images, size=[size, size],
                                    random_area=[aug.crop_min_area, aug.crop_max_area],
                                    random_aspect_ratio=[aug.crop_min_ratio, aug.crop_max_ratio])
     views = color_jitter_and_gray(views, aug)
     views = gaussian_blur(views, size, aug)
-    return normalize(views, mirror=fn.random.coin_flip(probability=aug.flip_p))
+    return normalize(views, mirror=fn.random.coin_flip(probability=aug.flip_p), layout=layout)
 
 
-def center_view(images, size: int):
+def center_view(images, size: int, layout: str = "CHW"):
     """The evaluation view: resize the shorter side to `size`, centre crop, normalise."""
     images = fn.resize(images, resize_shorter=size)
-    return fn.crop_mirror_normalize(images, crop=[size, size], dtype=types.FLOAT, output_layout="CHW",
+    return fn.crop_mirror_normalize(images, crop=[size, size], dtype=types.FLOAT, output_layout=layout,
                                     mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))

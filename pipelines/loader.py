@@ -1,6 +1,7 @@
 """The DALI pipelines and their iterators: two augmented views for training, one plain view for
-evaluation. Sharding, shuffling and epoch length are ours (see `Feeder`), so every process runs the
-same number of steps and a run can be resumed at any step.
+evaluation. Sharding, shuffling and epoch length are ours (`shard_order`), so every process runs the
+same number of steps and a run can be resumed at any step. Files are read by DALI's own reader threads
+(`FileReader`), never by the Python thread that runs the training loop.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import nvidia.dali.fn as fn
+import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -32,46 +34,59 @@ def epoch_steps(n: int, shards: int, batch_size: int, drop_last: bool = True) ->
     return per_shard // batch_size if drop_last else -(-per_shard // batch_size)
 
 
-class Feeder:
-    """Batches of (image, label) for `external_source`, from this process's shard of a source.
+def shard_order(n: int, shard: Shard, *, shuffle: bool, drop_last: bool, seed: int, epoch: int) -> np.ndarray:
+    """Indices this process reads in an epoch, in order. An epoch draws one permutation of the whole
+    data set (the same on every process, from the seed and the epoch) and cuts it into `count` equal
+    shards, so the shards are disjoint and every process runs the same number of steps."""
+    per_shard = n // shard.count if drop_last else -(-n // shard.count)
+    perm = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    return perm[shard.index * per_shard:][:per_shard]
 
-    An epoch draws one permutation of the whole data set (the same on every process, from the
-    seed and the epoch), cuts it into `count` equal shards and gives this process its own, so the
-    shards are disjoint and every process runs the same number of steps. Encoded sources yield the
-    file bytes (decoded by DALI); array sources yield decoded HWC images.
-    """
+
+class _Input:
+    """What a pipeline reads for this process in one epoch: `read()` gives the (data, labels) nodes,
+    `steps` the batches of the epoch, `order` the source indices in the order they come out."""
+    reader_name: str | None = None  # set where DALI must tell the iterator where the epoch ends
 
     def __init__(self, source: Source, batch_size: int, shard: Shard, *, shuffle: bool,
                  drop_last: bool, seed: int = 0, epoch: int = 0):
         self.source, self.batch_size, self.shard = source, batch_size, shard
-        self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
-        self.per_shard = len(source) // shard.count if drop_last else -(-len(source) // shard.count)
+        self.drop_last, self.epoch = drop_last, epoch
         self.steps = epoch_steps(len(source), shard.count, batch_size, drop_last)
-        self.order = self.shard_order()
+        self.order = shard_order(len(source), shard, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch)
+        if drop_last:
+            self.order = self.order[:self.steps * batch_size]  # whole batches only
 
-    def shard_order(self) -> np.ndarray:
-        """Indices this process reads in this epoch, in order."""
-        n = len(self.source)
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-        start = self.shard.index * self.per_shard
-        return perm[start:start + self.per_shard]
 
-    def sample(self, i: int) -> np.ndarray:
-        if self.source.encoded:
-            return np.fromfile(self.source.files[i], dtype=np.uint8)
-        return self.source.images[i]
+class FileReader(_Input):
+    """Encoded files through DALI's file reader, given this epoch's shard as its file list in order:
+    DALI's threads read them ahead (the training thread never touches a file), and its checkpoint
+    holds the position for a mid-epoch resume. The bytes are decoded by DALI (`read`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reader_name = None if self.drop_last else "Reader"  # evaluation: the last batch is partial
+
+    def read(self):
+        files, labels = fn.readers.file(files=[self.source.files[i] for i in self.order],
+                                        labels=[int(y) for y in self.source.labels[self.order]],
+                                        random_shuffle=False, pad_last_batch=not self.drop_last, name="Reader")
+        return files, fn.cast(fn.squeeze(labels, axes=[0]), dtype=types.INT64)  # (1,) int32 -> int64 scalar
+
+
+class ArrayFeeder(_Input):
+    """Decoded images held in memory (digits, CIFAR), fed through `external_source` by batch index:
+    slicing an array is all the Python thread does, and DALI's checkpoint resumes at the next batch."""
 
     def __call__(self, info):
         if info.iteration >= self.steps:
             raise StopIteration
         index = self.order[info.iteration * self.batch_size:][:self.batch_size]
-        return ([self.sample(i) for i in index],
-                [np.array(self.source.labels[i], dtype=np.int64) for i in index])
+        return [self.source.images[i] for i in index], [np.array(self.source.labels[i], np.int64) for i in index]
 
     def read(self):
-        """(data, labels) nodes: encoded bytes or HWC images, and int64 labels."""
-        return fn.external_source(source=self, num_outputs=2, batch=True, batch_info=True,
-                                  layout=["B" if self.source.encoded else "HWC", ""])
+        """(data, labels) nodes: HWC images and int64 labels."""
+        return fn.external_source(source=self, num_outputs=2, batch=True, batch_info=True, layout=["HWC", ""])
 
 
 class ShardReader:
@@ -84,6 +99,7 @@ class ShardReader:
         self.source, self.batch_size, self.shard = source, batch_size, shard
         self.shuffle, self.drop_last, self.epoch = shuffle, drop_last, epoch
         self.steps = epoch_steps(len(source), shard.count, batch_size, drop_last)
+        self.reader_name = None if drop_last else "Reader"  # evaluation: every sample once
 
     def read(self):
         encoded, cls = fn.readers.webdataset(
@@ -95,7 +111,7 @@ class ShardReader:
 
 
 def make_input(source: Source, batch_size: int, shard: Shard, **kwargs):
-    kind = ShardReader if source.shards is not None else Feeder
+    kind = ShardReader if source.shards is not None else FileReader if source.encoded else ArrayFeeder
     return kind(source, batch_size, shard, **kwargs)
 
 
@@ -110,27 +126,33 @@ def read(data, gpu: bool):
 
 
 @pipeline_def(enable_conditionals=True)
-def two_view_pipeline(feeder, size: int, aug: Augment, gpu: bool):
+def two_view_pipeline(feeder, size: int, aug: Augment, gpu: bool, layout: str = "CHW"):
     """Decode once, augment twice: (view1, view2, label)."""
     images, labels = read(feeder, gpu)
-    return simclr_view(images, size, aug), simclr_view(images, size, aug), labels
+    return simclr_view(images, size, aug, layout), simclr_view(images, size, aug, layout), labels
 
 
 @pipeline_def
-def eval_pipeline(feeder, size: int, gpu: bool):
+def eval_pipeline(feeder, size: int, gpu: bool, layout: str = "CHW"):
     """No augmentation: (view, label)."""
     images, labels = read(feeder, gpu)
-    return center_view(images, size), labels
+    return center_view(images, size, layout), labels
+
+
+def layout_for(channels_last: bool) -> str:
+    """What the pipeline emits: HWC for a channels-last model (Loader turns it into an NCHW view with
+    channels-last strides, no copy), CHW otherwise."""
+    return "HWC" if channels_last else "CHW"
 
 
 class Loader:
     """Iterates one epoch of torch batches from a DALI pipeline; `len()` is the steps in it (those
-    still to come when `done` steps of the epoch were taken before a restored checkpoint)."""
+    still to come when `done` steps of the epoch were taken before a restored checkpoint). Views are
+    (N, 3, S, S) whatever the pipeline's layout: HWC batches come out as channels-last views."""
 
-    def __init__(self, pipe, feeder, names: list[str], done: int = 0):
-        self.feeder, self.done = feeder, done
-        reader = isinstance(feeder, ShardReader) and not feeder.drop_last  # every sample once
-        self.iterator = DALIGenericIterator(pipe, names, reader_name="Reader" if reader else None,
+    def __init__(self, pipe, feeder, names: list[str], done: int = 0, layout: str = "CHW"):
+        self.feeder, self.done, self.layout = feeder, done, layout
+        self.iterator = DALIGenericIterator(pipe, names, reader_name=feeder.reader_name,
                                             last_batch_policy=LastBatchPolicy.PARTIAL)
 
     def __len__(self) -> int:
@@ -147,6 +169,8 @@ class Loader:
             outputs = [batch[0][name] for name in self.iterator.output_map]
             if outputs[-1].dim() == 2:  # WebDataset labels arrive as padded ASCII
                 outputs[-1] = torch.from_numpy(parse_labels(outputs[-1].numpy()))
+            if self.layout == "HWC":  # (N, S, S, 3) -> (N, 3, S, S), channels-last strides, no copy
+                outputs[:-1] = [view.permute(0, 3, 1, 2) for view in outputs[:-1]]
             yield tuple(outputs)
 
 
@@ -155,7 +179,7 @@ def placement(device_id: int | None) -> str:
 
 
 def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, shard: Shard,
-                 seed: int, epoch: int, workers: int, device_id: int | None,
+                 seed: int, epoch: int, workers: int, device_id: int | None, channels_last: bool = False,
                  prefetch: int = 2, state: bytes | None = None, done: int = 0) -> Loader:
     """One epoch of two-view batches (view1, view2, label) for this process's shard, tail dropped.
 
@@ -165,23 +189,20 @@ def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, sh
     """
     feeder = make_input(source, batch_size, shard, shuffle=True, drop_last=True, seed=seed, epoch=epoch)
     pipe_seed = int(np.random.default_rng([seed, epoch, shard.index]).integers(2**31))
-    pipe = two_view_pipeline(feeder, size, aug, device_id is not None, batch_size=batch_size,
+    layout = layout_for(channels_last)
+    pipe = two_view_pipeline(feeder, size, aug, device_id is not None, layout, batch_size=batch_size,
                              num_threads=workers, device_id=device_id, seed=pipe_seed,
-                             prefetch_queue_depth=prefetch, py_num_workers=1,
-                             enable_checkpointing=True, checkpoint=state)
+                             prefetch_queue_depth=prefetch, enable_checkpointing=True, checkpoint=state)
     pipe.build()
-    return Loader(pipe, feeder, ["view1", "view2", "label"], done=done if state is not None else 0)
+    return Loader(pipe, feeder, ["view1", "view2", "label"], done=done if state is not None else 0, layout=layout)
 
 
 def eval_loader(source: Source, *, batch_size: int, size: int, workers: int,
-                device_id: int | None) -> Loader:
+                device_id: int | None, channels_last: bool = False) -> Loader:
     """Every image once, in order, as (view, label)."""
     feeder = make_input(source, batch_size, Shard(), shuffle=False, drop_last=False)
-    pipe = eval_pipeline(feeder, size, device_id is not None, batch_size=batch_size,
+    layout = layout_for(channels_last)
+    pipe = eval_pipeline(feeder, size, device_id is not None, layout, batch_size=batch_size,
                          num_threads=workers, device_id=device_id, seed=0)
     pipe.build()
-    return Loader(pipe, feeder, ["view", "label"])
-
-
-def to_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(t.to(device, non_blocking=True) for t in tensors)
+    return Loader(pipe, feeder, ["view", "label"], layout=layout)

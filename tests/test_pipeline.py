@@ -6,7 +6,7 @@ import torch
 from conftest import dali_device_id, make_folder
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
-from pipelines.loader import Shard, eval_loader, train_loader
+from pipelines.loader import Shard, eval_loader, shard_order, train_loader
 from pipelines.sources import Source, load_source
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -21,10 +21,11 @@ def arrays(n=40, size=32, seed=0) -> Source:
     return Source("arrays", np.arange(n, dtype=np.int64), images=images)
 
 
-def first_epoch(source, aug=Augment(), batch_size=8, seed=0, epoch=0, shard=Shard(), size=32, device="cpu"):
+def first_epoch(source, aug=Augment(), batch_size=8, seed=0, epoch=0, shard=Shard(), size=32, device="cpu",
+                channels_last=False):
     """Every batch of one epoch, copied to the CPU (DALI reuses its output buffers)."""
     loader = train_loader(source, batch_size=batch_size, size=size, aug=aug, shard=shard, seed=seed,
-                          epoch=epoch, workers=1, device_id=dali_device_id(device))
+                          epoch=epoch, workers=1, device_id=dali_device_id(device), channels_last=channels_last)
     return [tuple(t.cpu().clone() for t in batch) for batch in loader]
 
 
@@ -113,6 +114,35 @@ def test_shards_are_disjoint_and_equal():
         assert len(labels) == 21  # 43 // 2 = 21 per shard, 3 full batches of 7
         seen.append(set(labels.tolist()))
     assert not seen[0] & seen[1]
+
+
+def test_file_reader_reads_this_epochs_shard_in_order(tmp_path):
+    folder = make_folder(tmp_path / "images", per_class=10)  # 30 files
+    src = Source("files", np.arange(30, dtype=np.int64), files=sorted(str(p) for p in folder.rglob("*.*")))
+    seen = []
+    for index in range(2):
+        shard = Shard(index, 2)
+        labels = torch.cat([y.view(-1) for _, _, y in first_epoch(src, batch_size=4, epoch=3, shard=shard)])
+        order = shard_order(30, shard, shuffle=True, drop_last=True, seed=0, epoch=3)
+        assert labels.tolist() == order[:12].tolist()  # 15 per shard: 3 whole batches of 4, in order
+        seen += labels.tolist()
+    assert len(set(seen)) == 24 and seen != sorted(seen)
+
+
+@pytest.mark.parametrize("kind", ["arrays", "jpegs"])
+def test_channels_last_views_equal_the_chw_ones(kind, device, image_folder):
+    src = arrays() if kind == "arrays" else load_source(str(image_folder), "train", str(image_folder))
+    chw = first_epoch(src, seed=1, device=device)
+    loader = train_loader(src, batch_size=8, size=32, aug=Augment(), shard=Shard(), seed=1, epoch=0, workers=1,
+                          device_id=dali_device_id(device), channels_last=True)
+    for (a1, a2, ay), (b1, b2, by) in zip(chw, loader):
+        for a, b in ((a1, b1), (a2, b2)):
+            assert b.shape == a.shape and b.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(b.cpu(), a, atol=0, rtol=0)
+        assert torch.equal(ay, by.cpu())
+    view, _ = next(iter(eval_loader(src, batch_size=5, size=24, workers=1, device_id=dali_device_id(device),
+                                    channels_last=True)))
+    assert view.shape == (5, 3, 24, 24) and view.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_eval_loader_reads_every_image_once_in_order(image_folder, device):
