@@ -15,15 +15,26 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
+def read_back(parts: list[torch.Tensor]) -> list[list[float]]:
+    """Every device value a sync point needs, in one transfer: the training loop's only host reads."""
+    flat = torch.cat([p.detach().reshape(-1).double() for p in parts]).tolist()
+    out, start = [], 0
+    for p in parts:
+        out.append(flat[start:start + p.numel()])
+        start += p.numel()
+    return out
+
+
 class Report:
     tracker = None  # accelerator.log, set by train.py when --log-with names a tracker
     knn_text = ""  # the last online kNN top-1, shown on the progress line
 
-    def __init__(self, main: bool, out: Path, reduce):
-        self.main, self.out, self.reduce = main, out, reduce  # reduce: accelerator.reduce
+    def __init__(self, main: bool, out: Path, reduce, device: torch.device | str = "cpu"):
+        self.main, self.out, self.reduce, self.device = main, out, reduce, device  # reduce: accelerator.reduce
         self.console = Console(stderr=False) if main else None
         self.progress: Progress | None = None
         self.t_run = time.perf_counter()
+        self.t_end = None  # when the last epoch ended: the next epoch's time includes the boundary
         self.images_seen = 0
         self.last_loss = float("nan")
         self.epoch_rates: list[float] = []
@@ -78,40 +89,74 @@ class Report:
 
     # -- per step and per epoch ---------------------------------------------------------------
     def epoch_start(self, epoch: int, steps: int, done: int = 0) -> None:
-        """`done`: steps of this epoch taken before a mid-epoch resume."""
-        self.epoch, self.loss_sum, self.n_steps = epoch, None, 0
-        self.t_epoch = self.t_log = time.perf_counter()
+        """`done`: steps of this epoch taken before a mid-epoch resume. An epoch's images/s count the
+        boundary before it (the last epoch's checkpoint, the pipeline build, the first batch)."""
+        self.epoch, self.boundary_s = epoch, None
+        self.window = self.epoch_sums = None  # (loss sum, applied steps) on the device
+        self.t_epoch = self.t_log = self.t_end or time.perf_counter()
         self.images_epoch = self.images_log = 0
         if self.progress:
             self.task = self.progress.add_task("", total=steps, completed=done, epoch=epoch + 1,
                                                loss=float("nan"), lr=0.0, rate=0.0, knn=self.knn_text)
 
-    def step(self, step: int, loss: torch.Tensor, lr: float, global_batch: int, *, log: bool) -> None:
-        """A step that was applied (safeguards.step_if_finite kept non-finite ones out). Accumulates on
-        the device; synchronises only on logging steps."""
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        self.n_steps += 1
+    def first_batch(self) -> None:
+        """The epoch's first batch is in: the boundary (from the last epoch's end) is over."""
+        if self.t_end is not None:
+            self.boundary_s = time.perf_counter() - self.t_end
+
+    def step(self, loss: torch.Tensor, ok: torch.Tensor, lr: float, global_batch: int) -> None:
+        """Accumulates the loss of an applied step (`ok`: safeguards.FiniteGuard's decision) on the
+        device; nothing is read back here (see pending / logged)."""
+        sums = torch.stack([torch.where(ok, loss.detach().float(), 0.0), ok.float()])
+        self.window = sums if self.window is None else self.window + sums
+        self.epoch_sums = sums if self.epoch_sums is None else self.epoch_sums + sums
         self.images_epoch += global_batch
         self.images_log += global_batch
         self.lr = lr
-        if log:
-            value = self.reduce(loss.float(), "mean").item()
-            now = time.perf_counter()
-            rate = self.images_log / (now - self.t_log)
-            self.t_log, self.images_log = now, 0
-            self.write({"kind": "step", "epoch": self.epoch + 1, "step": step, "loss": value, "lr": lr,
-                        "images_per_s": rate})
-            if self.progress:
-                self.progress.update(self.task, loss=value, lr=lr, rate=rate)
         if self.progress:
             self.progress.advance(self.task)
 
-    def nonfinite(self, step: int, problem: str, lr: float) -> None:
-        """A step skipped by --max-nonfinite: logged, not averaged into the epoch's loss."""
-        self.lr = lr
-        self.write({"kind": "nonfinite", "epoch": self.epoch + 1, "step": step, "problem": problem})
+    def pending(self) -> torch.Tensor:
+        """(loss sum, applied steps) since the last log line, then over the epoch: the mean over the
+        processes of their sums (an all-reduce, no host read), for the next sync point."""
+        sums = [torch.zeros(2, device=self.device) if x is None else x for x in (self.window, self.epoch_sums)]
+        return self.reduce(torch.cat(sums), "mean")
+
+    def logged(self, step: int, values: list[float], *, log: bool, epoch_end: bool) -> None:
+        """Writes the log line (`log`) and the epoch's line (`epoch_end`) from pending()'s values, read
+        at a sync point. A log line holds the mean loss of the applied steps since the last one (none
+        applied: no line)."""
+        now = time.perf_counter()
+        total, applied = values[:2]
+        if log:
+            rate = self.images_log / (now - self.t_log)
+            self.t_log, self.images_log, self.window = now, 0, None
+            if applied:
+                self.write({"kind": "step", "epoch": self.epoch + 1, "step": step, "loss": total / applied,
+                            "lr": self.lr, "images_per_s": rate})
+                if self.progress:
+                    self.progress.update(self.task, loss=total / applied, lr=self.lr, rate=rate)
+        if not epoch_end:
+            return
+        total, applied = values[2:]
+        mean = total / applied if applied else float("nan")  # every step skipped as non-finite
+        rate = self.images_epoch / (now - self.t_epoch)
+        self.t_end = now
+        self.last_loss, self.images_seen = mean, self.images_seen + self.images_epoch
+        self.epoch_rates.append(rate)
+        record = {"kind": "epoch", "epoch": self.epoch + 1, "step": step, "loss": mean, "lr": self.lr,
+                  "images_per_s": rate}
+        if self.boundary_s is not None:  # seconds from the last epoch's last step to this one's first batch
+            record["boundary_s"] = self.boundary_s
+        self.write(record)
         if self.progress:
-            self.progress.advance(self.task)
+            self.progress.update(self.task, loss=mean, rate=rate)
+            if not self.console.is_terminal:  # a log file gets one line per epoch instead of a bar
+                self.console.print(f"epoch {self.epoch + 1}: loss {mean:.4f}, lr {self.lr:.3g}, {rate:.0f} images/s")
+
+    def nonfinite(self, step: int, count: int, problem: str) -> None:
+        """Steps skipped by --max-nonfinite since the last sync point, the last of them at `step`."""
+        self.write({"kind": "nonfinite", "epoch": self.epoch + 1, "step": step, "skipped": count, "problem": problem})
 
     def rewind(self, step: int) -> None:
         """On resume, forget metrics.jsonl lines written after the checkpoint (a killed run's)."""
@@ -132,21 +177,6 @@ class Report:
         if self.main:
             self.progress.stop()
             self.console.print(text, highlight=False, soft_wrap=True)
-
-    def epoch_end(self, epoch: int, step: int) -> None:
-        if self.loss_sum is None:  # every step was skipped as non-finite (the same on every process)
-            mean = float("nan")
-        else:
-            mean = self.reduce(self.loss_sum.float(), "mean").item() / self.n_steps
-        rate = self.images_epoch / (time.perf_counter() - self.t_epoch)
-        self.last_loss, self.images_seen = mean, self.images_seen + self.images_epoch
-        self.epoch_rates.append(rate)
-        self.write({"kind": "epoch", "epoch": epoch + 1, "step": step, "loss": mean, "lr": self.lr,
-                    "images_per_s": rate})
-        if self.progress:
-            self.progress.update(self.task, loss=mean, rate=rate)
-            if not self.console.is_terminal:  # a log file gets one line per epoch instead of a bar
-                self.console.print(f"epoch {epoch + 1}: loss {mean:.4f}, lr {self.lr:.3g}, {rate:.0f} images/s")
 
     def knn(self, epoch: int, step: int, top1: float) -> None:
         """The online kNN top-1 (train.py's --knn-every; main process only)."""

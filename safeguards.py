@@ -3,6 +3,7 @@ non-finite steps, room on the output disk, and checkpoint files that load withou
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -11,9 +12,12 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
+from timm.optim import Lars
+from torch.optim.sgd import sgd
 
 from cli import UserError
 
@@ -24,8 +28,9 @@ class StopSignal:
 
     A second signal of either kind stops at once (KeyboardInterrupt); the checkpoint on disk is
     always whole anyway, since saving swaps folders with renames. With several processes every one
-    must stop at the same step (they meet in collectives), so they agree through a tiny all-reduce,
-    only on steps that `due` names (one process alone needs no agreement and checks every step).
+    must stop (and save) at the same step, since they meet in collectives: they agree at the loop's
+    sync points, where `pending` all-reduces the flags with the values read there anyway. One process
+    alone needs no agreement and sees its signal at every step (`signalled`).
     """
 
     def __init__(self, accelerator):
@@ -38,15 +43,21 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def agreed(self, due: bool = True) -> bool:
-        """True on every process once any of them was signalled (checked where `due`)."""
-        if self.accelerator.num_processes == 1:
-            return bool(self.signum)
-        if not due:
-            return False
-        flag = torch.tensor([float(self.signum)], device=self.accelerator.device)
-        self.signum = int(self.accelerator.reduce(flag, "max").item()) or self.signum
-        return bool(self.signum)
+    @property
+    def now(self) -> bool:
+        """One process alone, signalled: stop at this step. (Several processes see it at a sync point.)"""
+        return self.accelerator.num_processes == 1 and bool(self.signum)
+
+    def pending(self, save_due: bool) -> torch.Tensor:
+        """[signal, save due] on the device, the maximum over the processes (an all-reduce, no host
+        read): any process's signal, and the main process's clock, decide for all."""
+        flags = torch.tensor([float(self.signum), float(save_due)], device=self.accelerator.device)
+        return self.accelerator.reduce(flags, "max") if self.accelerator.num_processes > 1 else flags
+
+    def settle(self, values: list[float]) -> tuple[bool, bool]:
+        """(stop, save) from pending()'s values, read at a sync point."""
+        self.signum = int(values[0]) or self.signum
+        return bool(self.signum), bool(values[1])
 
     @property
     def name(self) -> str:
@@ -70,41 +81,147 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-# -- non-finite steps ---------------------------------------------------------------------------
-def step_if_finite(accelerator, model, optimizer, loss: torch.Tensor) -> str:
-    """Applies the optimiser step when the loss and the gradients are finite; zeroes the gradients
-    either way. Returns "" when the step was applied, else what was not finite.
+class SaveClock:
+    """--save-every-minutes: a checkpoint is due once that long has passed since the last one (0: at
+    every epoch end, as short runs want)."""
 
-    One host sync per step (the `.item()`): whether to update must be known before the next step's
-    forward reads the weights, and an optimiser step cannot be undone on the device without a copy
-    of every weight and state tensor. accelerate's GradScaler makes the same choice under fp16. The
-    check itself runs on the device: one fused norm over the gradients.
+    def __init__(self, minutes: float):
+        self.seconds, self.last = minutes * 60, time.monotonic()
+
+    def due(self, epoch_end: bool) -> bool:
+        return (self.seconds == 0 and epoch_end) or (self.seconds > 0 and time.monotonic() - self.last >= self.seconds)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+# -- non-finite steps, decided on the device ------------------------------------------------------
+class GuardedLars(Lars):
+    """timm's LARS (same settings, same state, so checkpoints load either way) whose step honours the
+    `found_inf` / `grad_scale` protocol of torch's fused optimisers, as GradScaler and FiniteGuard set
+    it: where found_inf is 1 no weight and no momentum changes, and nothing is read back to the host.
+
+    The update is timm's: g' = trust * (g + wd * w) with trust = coeff |w| / (|g| + wd |w| + eps) (1
+    where either norm is 0; only for groups with weight decay, so biases and norm weights are exempt),
+    then SGD with momentum on g': buf = m * buf + (1 - dampening) g', w -= lr * buf (or Nesterov). The
+    SGD part is torch's fused kernel, which takes found_inf on the device and skips the whole update.
     """
-    ok = torch.isfinite(loss.detach()).all()
-    if accelerator.scaler is None:  # under fp16 the scaler skips steps with inf gradients itself
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        ok = ok & torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
-    bad = (~ok).float().reshape(1)
-    if accelerator.num_processes > 1:  # every process takes the same decision
-        bad = accelerator.reduce(bad, "max")
-    if bad.item() == 0:
-        optimizer.step()
-        problem = ""
-    else:
-        value = accelerator.reduce(loss.detach().float().reshape(1), "mean").item()
-        problem = "the gradients became non-finite" if torch.isfinite(torch.tensor(value)) else \
-            f"the loss became {value}"
-    optimizer.zero_grad(set_to_none=True)
-    return problem
+    _step_supports_amp_scaling = True  # GradScaler hands over found_inf instead of reading it on the host
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        skip, scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._group_step(group, params, skip, scale)
+        return loss
+
+    def _group_step(self, group: dict, params: list, skip, scale) -> None:
+        grads = [p.grad for p in params]
+        if scale is not None:  # fp16: the trust ratio needs the true gradient
+            grads = torch._foreach_div(grads, scale)
+        wd = group["weight_decay"]
+        if wd != 0 or group["always_adapt"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            trust = group["trust_coeff"] * w_norm / (g_norm + w_norm * wd + group["eps"])
+            trust = torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)
+            if group["trust_clip"]:
+                trust = torch.clamp(trust / group["lr"], max=1.0)
+            grads = torch._foreach_add(grads, params, alpha=wd)
+            torch._foreach_mul_(grads, list(trust.unbind()))
+        bufs = []
+        if group["momentum"] != 0:
+            for p in params:  # zeros, not torch's first-step copy: a first step that is skipped must
+                # leave them defined, and m * 0 + g = g is that copy bit for bit
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(self.state[p]["momentum_buffer"])
+        sgd(params, grads, bufs, fused=True, found_inf=skip, weight_decay=0.0,
+            momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+            maximize=False)
 
 
-def nonfinite_error(problem: str, step: int, skipped: int, limit: int, out: Path, saved: int | None) -> UserError:
+def zero_momentum(optimizer) -> None:
+    """Momentum buffers of torch's SGD set to zero before the first step: its fused kernel leaves them
+    uninitialised when that step is skipped (it allocates them empty, then skips)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) != 0:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
+class FiniteGuard:
+    """Skips the optimiser steps whose loss or gradients are not finite, without a host sync.
+
+    Each step decides on the device (loss finite, total gradient norm finite; with several processes an
+    all-reduce, so that every process takes the same decision) and hands the decision to the optimiser
+    through the found_inf protocol of torch's fused optimisers (GuardedLars for LARS): a skipped step
+    changes no weight and no optimiser state. Under fp16 accelerate's GradScaler does the same for the
+    gradients, and only the loss is checked here. The count and the first and last skipped steps stay on
+    the device; `pending()` hands them to the loop's next sync point, and `check` stops the run there
+    once more than `limit` steps were skipped: at most --log-every - 1 steps after the one that
+    exceeded the budget, and always before a checkpoint is written.
+    """
+
+    def __init__(self, accelerator, model, optimizer, limit: int):
+        self.accelerator, self.model, self.optimizer, self.limit = accelerator, model, optimizer, limit
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+        device = accelerator.device
+        # skipped steps, first and last skipped step, the last skipped step's loss
+        self.state = torch.tensor([0.0, -1.0, -1.0, 0.0], dtype=torch.float64, device=device)
+        self.seen = 0  # skipped steps already reported
+
+    def step(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """The optimiser step if finite, skipped on the device if not; zeroes the gradients. Returns the
+        decision, a boolean on the device."""
+        loss = loss.detach().float()
+        ok = torch.isfinite(loss)
+        if self.accelerator.scaler is None:  # under fp16 the scaler finds non-finite gradients itself
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            ok = ok & torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
+        if self.accelerator.num_processes > 1:  # every process takes the same decision
+            ok = self.accelerator.reduce(ok.float(), "sum") == self.accelerator.num_processes
+        bad = ~ok
+        if self.accelerator.scaler is None:
+            self.inner.found_inf, self.inner.grad_scale = bad.float(), None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        count, first, last, value = self.state.unbind()
+        self.state = torch.stack([count + bad, torch.where(bad & (first < 0), step, first),
+                                  torch.where(bad, step, last), torch.where(bad, loss.double(), value)])
+        return ok
+
+    def pending(self) -> torch.Tensor:
+        return self.state
+
+    def check(self, values: list[float], out: Path, saved: int | None) -> tuple[int, int, str] | None:
+        """At a sync point, with pending()'s values: the new skipped steps as (last step, count, problem),
+        or None; raises the run's one-sentence error once more than `limit` steps were skipped."""
+        count, first, last, value = int(values[0]), int(values[1]), int(values[2]), values[3]
+        if count == self.seen:
+            return None
+        new, self.seen = count - self.seen, count
+        problem = f"the loss became {value}" if not math.isfinite(value) else "the gradients became non-finite"
+        if count > self.limit:
+            raise nonfinite_error(problem, first, last, count, self.limit, out, saved)
+        return last, new, problem
+
+
+def nonfinite_error(problem: str, first: int, last: int, count: int, limit: int, out: Path,
+                    saved: int | None) -> UserError:
     where = (f"the last checkpoint, {out / 'checkpoint'} (step {saved}), is from before it"
              if saved is not None else "no checkpoint was written yet")
-    budget = (f"it is non-finite step {skipped}, more than --max-nonfinite {limit}" if limit
+    steps = f"at step {last}" if first == last else f"at step {last} ({count} non-finite steps since step {first})"
+    budget = (f"{count} non-finite steps, more than --max-nonfinite {limit}" if limit
               else "pass --max-nonfinite K to skip up to K such steps")
-    return UserError(f"{problem} at step {step}: lower --lr, raise --temperature, or train in bf16 rather "
-                     f"than fp16 ({budget}); nothing was saved after it, and {where}")
+    return UserError(f"{problem} {steps}: lower --lr, raise --temperature, or train in bf16 rather than fp16 "
+                     f"({budget}); nothing was saved after it, and {where}")
 
 
 def fsync(*paths: Path) -> None:

@@ -43,17 +43,20 @@ class Config:
     lr: float = 0.3  # base learning rate per 256 images, scaled by the global batch
     lr_scaling: str = "linear"  # linear: lr * B/256; sqrt: lr * sqrt(B/256)
     optimizer: str = "lars"  # lars (timm), sgd or adamw
-    momentum: float = 0.9  # momentum for lars and sgd
+    momentum: float = 0.9  # momentum for lars and sgd (sgd: Nesterov momentum when above 0)
     weight_decay: float = 1e-6  # weight decay (biases and norm weights are exempt)
     warmup_epochs: float = 10.0  # linear warmup length, then cosine decay to zero
     temperature: float = 0.1  # NT-Xent tau
     loss_impl: str = "auto"  # NT-Xent implementation: auto, triton, tiled or reference
+    channels_last: str = "auto"  # channels-last model and views: on, off, auto (on for CUDA, off on the CPU)
+    compile: bool = False  # torch.compile the model (backbone and head)
     seed: int = 0  # seeds weights, data order and augmentations
     resume: bool = False  # continue from OUT/checkpoint
     stop_after: int = 0  # end this invocation after this many epochs, checkpointed (0 = never)
     workers: int = 0  # DALI CPU threads per process (0 = cores / processes)
-    log_every: int = 10  # steps between lines in metrics.jsonl
-    save_every_steps: int = 0  # also checkpoint every this many steps inside an epoch (0 = at epoch ends)
+    log_every: int = 10  # steps between lines in metrics.jsonl: the only steps (with epoch ends) that read the device
+    save_every_minutes: float = 10.0  # checkpoint at the first log step or epoch end this long after the last (0 = every epoch end)
+    save_every_steps: int = 0  # also checkpoint every this many steps (0 = off)
     on_bad_image: str = "skip"  # images DALI cannot decode: skip (listed in OUT/skipped.txt) or error
     max_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip before stopping the run
     knn_every: int = 0  # epochs between online kNN top-1 checks on held-out labelled data (0 = off)
@@ -87,6 +90,9 @@ def validate(cfg: Config) -> None:
         (cfg.stop_after >= 0, f"--stop-after must not be negative, got {cfg.stop_after}"),
         (cfg.warmup_epochs >= 0, f"--warmup-epochs must not be negative, got {cfg.warmup_epochs}"),
         (cfg.save_every_steps >= 0, f"--save-every-steps must not be negative, got {cfg.save_every_steps}"),
+        (cfg.save_every_minutes >= 0, f"--save-every-minutes must not be negative, got {cfg.save_every_minutes}"),
+        (cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}"),
+        (cfg.channels_last in ("auto", "on", "off"), f"--channels-last must be auto, on or off, got {cfg.channels_last!r}"),
         (cfg.on_bad_image in ("skip", "error"), f"--on-bad-image must be skip or error, got {cfg.on_bad_image!r}"),
         (cfg.max_nonfinite >= 0, f"--max-nonfinite must not be negative, got {cfg.max_nonfinite}"),
         (cfg.knn_every >= 0, f"--knn-every must not be negative, got {cfg.knn_every}"),
@@ -98,6 +104,18 @@ def validate(cfg: Config) -> None:
     for ok, sentence in checks:
         if not ok:
             raise UserError(sentence)
+
+
+def memory_format_and_compile(model, cfg: Config, device: torch.device):
+    """(model, channels_last): channels-last where --channels-last says so (auto: on CUDA, what bf16
+    convolutions on tensor cores want; not on the CPU, where it measured slower: README, Measured
+    throughput), then compiled in place with --compile (the state dict keeps its names, no _orig_mod.)."""
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    if channels_last:  # the views come channels-last from DALI (HWC), without a copy
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile()
+    return model, channels_last
 
 
 def scaled_lr(cfg: Config, global_batch: int) -> float:
@@ -153,13 +171,21 @@ def build_model(cfg: Config):
 
 def build_optimizer(cfg: Config, model, lr: float, steps_per_epoch: int):
     """timm's optimiser (biases and norm weights exempt from decay and LARS adaptation) and its
-    warmup + cosine schedule, stepped per iteration."""
-    from timm.optim import create_optimizer_v2
+    warmup + cosine schedule, stepped per iteration. Each can skip a step on the device (the found_inf
+    protocol, safeguards.FiniteGuard): torch's fused SGD and AdamW, and timm's LARS as GuardedLars."""
+    from timm.optim import Lars, create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
-    kwargs = {"momentum": cfg.momentum} if cfg.optimizer in ("lars", "sgd") else {}
+    from safeguards import GuardedLars, zero_momentum
+
+    kwargs = {"momentum": cfg.momentum} if cfg.optimizer in ("lars", "sgd") else {"fused": True}
+    if cfg.optimizer == "sgd":  # timm's sgd is Nesterov's, which needs momentum
+        kwargs.update(fused=True, nesterov=cfg.momentum > 0)
     optimizer = create_optimizer_v2(model, cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
                                     filter_bias_and_bn=True, **kwargs)
+    if isinstance(optimizer, Lars):  # the same parameter groups and settings, skippable on the device
+        optimizer = GuardedLars(optimizer.param_groups, **optimizer.defaults)
+    zero_momentum(optimizer)
     total = cfg.epochs * steps_per_epoch
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=0.0,
@@ -179,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     from models.ntxent import nt_xent_loss, resolve_impl
     from pipelines.loader import Shard, epoch_steps, placement, train_loader
     from pipelines.verify import Screening
-    from report import Report
-    from safeguards import StopSignal, check_free_space, checkpoint_bytes, nonfinite_error, step_if_finite
+    from report import Report, read_back
+    from safeguards import FiniteGuard, SaveClock, StopSignal, check_free_space, checkpoint_bytes
 
     accelerator = make_accelerator(cfg.log_with, cfg.out)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -207,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.device.type != "cuda":
             raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model, channels_last = memory_format_and_compile(model, cfg, accelerator.device)
     global_batch = cfg.batch_size * world
     lr = scaled_lr(cfg, global_batch)
     optimizer, scheduler = build_optimizer(cfg, model, lr, steps_per_epoch)
@@ -219,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
                 "scaled_lr": lr, "steps_per_epoch": steps_per_epoch, "n_train": len(source),
                 "dali_placement": placement(device_id), "loss_impl_resolved": loss_impl,
                 "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
-                "scan": screen.summary() if screen.checked else None}
+                "channels_last_resolved": channels_last, "scan": screen.summary() if screen.checked else None}
     start_step, loader_state = resume(cfg, out, accelerator, steps_per_epoch) if cfg.resume else (0, None)
     start_epoch = start_step // steps_per_epoch
-    report = Report(accelerator.is_main_process, out, accelerator.reduce)
+    report = Report(accelerator.is_main_process, out, accelerator.reduce, accelerator.device)
     report.start(resolved, model=accelerator.unwrap_model(model), source=source, start_epoch=start_epoch,
                  start_step=start_step)
     report.rewind(start_step)  # a killed run may have logged steps after its last checkpoint
@@ -235,49 +262,65 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.init_trackers("tensorboard", config=flat)
         report.tracker = accelerator.log
 
-    step, skipped, saved = start_step, 0, (start_step if cfg.resume else None)
+    step, saved = start_step, (start_step if cfg.resume else None)
     last = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
+    guard = FiniteGuard(accelerator, model, optimizer, cfg.max_nonfinite)  # skips non-finite steps on the device
+    clock = SaveClock(cfg.save_every_minutes)
     stop = StopSignal(accelerator)  # SIGINT / SIGTERM: checkpoint at the next step boundary, then exit
+
+    def sync(epoch_end: bool) -> tuple[bool, bool]:
+        """The loop's host sync, at log steps, saves and epoch ends only: one read of the logged loss
+        sums, the guard's counters and the flags every process must agree on. Returns (stop, save)."""
+        logged, guarded, flags = read_back([report.pending(), guard.pending(), stop.pending(clock.due(epoch_end))])
+        skipped = guard.check(guarded, out, saved)  # raises past --max-nonfinite: nothing is saved after
+        if skipped:
+            report.nonfinite(*skipped)
+        report.logged(step, logged, log=step % cfg.log_every == 0, epoch_end=epoch_end)
+        return stop.settle(flags)
+
+    def save(progress: dict, loader_state: bytes | None = None) -> None:
+        nonlocal saved
+        save_checkpoint(accelerator, out, progress, resolved, loader_state)
+        saved = step
+        clock.saved()
+
     try:
         for epoch in range(start_epoch, last):
             done = step - epoch * steps_per_epoch  # steps of this epoch taken before a mid-epoch resume
             loader = train_loader(source, batch_size=cfg.batch_size, size=cfg.image_size, aug=cfg.aug,
-                                  shard=shard, seed=cfg.seed, epoch=epoch, workers=workers,
-                                  device_id=device_id, state=loader_state if done else None, done=done)
+                                  shard=shard, seed=cfg.seed, epoch=epoch, workers=workers, device_id=device_id,
+                                  channels_last=channels_last, state=loader_state if done else None, done=done)
             model.train()
             report.epoch_start(epoch, steps_per_epoch, done)
+            stopping = False
             for view1, view2, _ in loader:
+                if step == epoch * steps_per_epoch:
+                    report.first_batch()
                 scheduler.step_update(step)
-                view1, view2 = view1.to(accelerator.device), view2.to(accelerator.device)
-                z = model(torch.cat([view1, view2]))  # (2B, proj_dim): one pass, BN sees both views
+                views = torch.cat([view1, view2]).to(accelerator.device, non_blocking=True)
+                z = model(views)  # (2B, proj_dim): one pass, BN sees both views
                 loss = nt_xent_loss(*z.chunk(2), cfg.temperature, impl=cfg.loss_impl)
                 accelerator.backward(loss)
-                problem = step_if_finite(accelerator, model, optimizer, loss)  # zeroes the gradients
                 step += 1
-                if not problem:
-                    report.step(step, loss.detach(), optimizer.param_groups[0]["lr"], global_batch,
-                                log=step % cfg.log_every == 0)
-                elif (skipped := skipped + 1) > cfg.max_nonfinite:  # nothing is saved after it
-                    raise nonfinite_error(problem, step, skipped, cfg.max_nonfinite, out, saved)
-                else:
-                    report.nonfinite(step, problem, optimizer.param_groups[0]["lr"])
+                report.step(loss, guard.step(loss, step), optimizer.param_groups[0]["lr"], global_batch)
+                if step % steps_per_epoch == 0:
+                    break  # the epoch's end synchronises below
                 periodic = cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0
-                stopping = stop.agreed(due=periodic or step % cfg.log_every == 0)
-                if (periodic or stopping) and step % steps_per_epoch:  # an epoch's end is saved below
-                    save_checkpoint(accelerator, out, {"epoch": epoch - 1, "step": step}, resolved,
-                                    loader.state())
-                    saved = step
-                if stopping:
-                    break
+                if step % cfg.log_every == 0 or periodic or stop.now:
+                    stopping, due = sync(epoch_end=False)
+                    if stopping or due or periodic:
+                        save({"epoch": epoch - 1, "step": step}, loader.state())
+                    if stopping:
+                        break
             del loader  # free the pipeline's threads before the next one starts
             if step % steps_per_epoch == 0:  # the epoch is whole
-                report.epoch_end(epoch, step)
+                stopping, due = sync(epoch_end=True)
                 if monitor is not None and (epoch + 1) % cfg.knn_every == 0 and accelerator.is_main_process:
                     # main process only, no collectives inside: the others go on to the checkpoint's barrier
                     report.knn(epoch, step, monitor(accelerator.unwrap_model(model).backbone, accelerator.device))
-                save_checkpoint(accelerator, out, {"epoch": epoch, "step": step}, resolved)
-                saved = step
-            if stop.agreed():
+                if stopping or due or epoch + 1 == last:
+                    save({"epoch": epoch, "step": step})
+            if stopping:
                 report.interrupted(stop.message(step, out, argv, world))
                 accelerator.end_training()
                 return 128 + stop.signum

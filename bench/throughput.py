@@ -115,24 +115,33 @@ def pipeline_section(args) -> list[dict]:
 
 
 # -- model: the ceiling the data path must feed ---------------------------------------------------
-def model_measure(backbone: str, small_stem: bool, image_size: int, batch_size: int, repeats: int,
-                  budget_s: float, mixed_precision: str = "no") -> dict:
-    """Forward + NT-Xent + backward + optimiser step on synthetic views already on the device, prepared
-    by accelerate exactly as train.py prepares it (so under bf16 the same autocast and fp32 outputs)."""
+def model_flags(args) -> list[str]:
+    """The train.py flags that shape the model's step, the same on both sides of the comparison."""
+    return (["--backbone", args.backbone, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+             "--channels-last", args.channels_last] + (["--small-stem"] if args.small_stem else [])
+            + (["--compile"] if args.compile else []))
+
+
+def model_measure(flags: list[str], repeats: int, budget_s: float, mixed_precision: str = "no") -> dict:
+    """Forward + NT-Xent + backward + optimiser step on synthetic views already on the device, the model
+    prepared as train.py prepares it (memory format, compilation, accelerate: under bf16 the same autocast
+    and fp32 outputs). The optimiser steps without train.py's non-finite guard, whose cost therefore
+    counts against train.py's efficiency."""
     import torch
 
     from bench.common import time_fn
     from models.ntxent import nt_xent_loss
-    from train import build_model, build_optimizer, make_accelerator, parse_args
+    from train import build_model, build_optimizer, make_accelerator, memory_format_and_compile, parse_args
 
     os.environ["ACCELERATE_MIXED_PRECISION"] = mixed_precision  # what `accelerate launch` sets for train.py
     accelerator = make_accelerator()
-    cfg = parse_args(["--backbone", backbone, "--image-size", str(image_size), "--batch-size", str(batch_size)]
-                     + (["--small-stem"] if small_stem else []))
-    model = build_model(cfg).train()
+    cfg = parse_args(flags)
+    model, channels_last = memory_format_and_compile(build_model(cfg).train(), cfg, accelerator.device)
     optimizer, _ = build_optimizer(cfg, model, cfg.lr, steps_per_epoch=100)
     model, optimizer = accelerator.prepare(model, optimizer)
-    views = torch.randn(2 * batch_size, 3, image_size, image_size, device=accelerator.device)
+    views = torch.randn(2 * cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=accelerator.device)
+    if channels_last:
+        views = views.contiguous(memory_format=torch.channels_last)
 
     def step():
         z = model(views)
@@ -143,15 +152,14 @@ def model_measure(backbone: str, small_stem: bool, image_size: int, batch_size: 
     cuda = accelerator.device.type == "cuda"
     timing = time_fn(step, warmup=2, repeats=repeats, budget_s=budget_s,
                      sync=torch.cuda.synchronize if cuda else None)
-    return {"model_images_per_s": batch_size / timing["median_s"], **timing, "device": str(accelerator.device),
-            "mixed_precision": accelerator.mixed_precision}
+    return {"model_images_per_s": cfg.batch_size / timing["median_s"], **timing, "device": str(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision, "channels_last": channels_last, "compile": cfg.compile}
 
 
 def model_section(args) -> list[dict]:
     console.print(f"model: {args.backbone} forward+backward+step, {args.image_size} px, batch {args.batch_size}, "
                   f"mixed precision {args.mixed_precision} ...")
-    row = run_isolated("bench.throughput:model_measure", backbone=args.backbone, small_stem=args.small_stem,
-                       image_size=args.image_size, batch_size=args.batch_size, repeats=args.repeats,
+    row = run_isolated("bench.throughput:model_measure", flags=model_flags(args), repeats=args.repeats,
                        budget_s=args.budget, mixed_precision=args.mixed_precision)
     row.update(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size)
     print_table(f"{args.backbone} + head + NT-Xent + step on synthetic views (images/s)",
@@ -162,14 +170,11 @@ def model_section(args) -> list[dict]:
 
 
 # -- train: end to end through train.py, against the model alone ---------------------------------
-def train_measure(data: str, backbone: str, small_stem: bool, image_size: int, batch_size: int,
-                  workers: int, epochs: int, mixed_precision: str = "no") -> dict:
+def train_measure(data: str, flags: list[str], workers: int, epochs: int, mixed_precision: str = "no") -> dict:
     """train.py itself on `data`; images/s of the epochs after the first (start-up and warm-up)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(ROOT / "train.py"), "--data", data, "--test-data", data, "--out", out,
-               "--backbone", backbone, "--image-size", str(image_size), "--batch-size", str(batch_size),
-               "--workers", str(workers), "--epochs", str(epochs), "--warmup-epochs", "1",
-               "--log-every", "1000000"] + (["--small-stem"] if small_stem else [])
+        cmd = [sys.executable, str(ROOT / "train.py"), "--data", data, "--test-data", data, "--out", out, *flags,
+               "--workers", str(workers), "--epochs", str(epochs), "--warmup-epochs", "1", "--log-every", "1000000"]
         env = {**os.environ, "ACCELERATE_MIXED_PRECISION": mixed_precision}  # as `accelerate launch` sets it
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if proc.returncode != 0:
@@ -179,21 +184,22 @@ def train_measure(data: str, backbone: str, small_stem: bool, image_size: int, b
     rates = [r["images_per_s"] for r in records if r["kind"] == "epoch"]
     rates = rates[1:] or rates  # the first epoch holds start-up, unless it is the only one
     return {"train_images_per_s": statistics.median(rates), "train_epochs": rates, "device": config["device"],
-            "mixed_precision": config["mixed_precision"], "dali_placement": config["dali_placement"]}
+            "mixed_precision": config["mixed_precision"], "dali_placement": config["dali_placement"],
+            "channels_last": config["channels_last_resolved"], "compile": config["compile"]}
 
 
 def train_section(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         data = bench_data(args, args.batch_size * args.steps, Path(tmp))
         console.print(f"train: train.py end to end, {args.epochs} epochs, mixed precision {args.mixed_precision} ...")
-        row = run_isolated("bench.throughput:train_measure", data=data, backbone=args.backbone,
-                           small_stem=args.small_stem, image_size=args.image_size, batch_size=args.batch_size,
-                           workers=args.workers, epochs=args.epochs, mixed_precision=args.mixed_precision)
+        row = run_isolated("bench.throughput:train_measure", data=data, flags=model_flags(args), workers=args.workers,
+                           epochs=args.epochs, mixed_precision=args.mixed_precision)
     model = model_section(args)[0]
     if "train_images_per_s" in row and "model_images_per_s" in model:
-        if (row["device"], row["mixed_precision"]) != (model["device"], model["mixed_precision"]):
-            row.update(status="failed", reason=f"train.py ran on {row['device']} in {row['mixed_precision']}, "
-                       f"the model alone on {model['device']} in {model['mixed_precision']}")
+        same = ("device", "mixed_precision", "channels_last", "compile")
+        if [row[k] for k in same] != [model[k] for k in same]:
+            row.update(status="failed", reason=f"train.py ran with {[row[k] for k in same]}, the model alone with "
+                       f"{[model[k] for k in same]} ({', '.join(same)})")
         row.update(model_images_per_s=model["model_images_per_s"],
                    efficiency=row["train_images_per_s"] / model["model_images_per_s"])
     row.update(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size)
@@ -217,3 +223,6 @@ def add_throughput_args(p) -> None:
     p.add_argument("--epochs", type=int, default=3, help="train: epochs (the first is not counted)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
                    help="model and train: accelerate's mixed precision, the same on both sides")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="model and train: train.py's --channels-last, the same on both sides")
+    p.add_argument("--compile", action="store_true", help="model and train: train.py's --compile on both sides")

@@ -120,3 +120,41 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# -- train.py in this process ----------------------------------------------------------------------
+# A tiny timm model, one BLAS thread: each run trains in about a second on a busy 2-core machine.
+TINY = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",
+        "--log-every", "1", "--workers", "1"]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def train_here(*args: str) -> int:
+    """train.main in this process (no start-up cost) with TINY after `args`; a UserError becomes
+    SystemExit(2)."""
+    import train
+
+    return train.main([*args, *TINY])
+
+
+class StepHooks(dict):
+    """{step: action(loss) -> loss}: runs while that 1-based step of a run computes its loss."""
+    count = 0
+
+
+def nan(loss):  # the loss, and so every gradient, becomes NaN
+    return loss * float("nan")
+
+
+@pytest.fixture
+def hooks(monkeypatch) -> StepHooks:
+    import models.ntxent
+
+    real, hooks = models.ntxent.nt_xent_loss, StepHooks()
+
+    def loss(*args, **kwargs):
+        hooks.count += 1
+        return hooks.get(hooks.count, lambda value: value)(real(*args, **kwargs))
+
+    monkeypatch.setattr(models.ntxent, "nt_xent_loss", loss)
+    return hooks

@@ -9,7 +9,7 @@ import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 import pytest
-from conftest import make_folder, run_cli, write_image
+from conftest import ENV, TINY, make_folder, run_cli, train_here, write_image
 from nvidia.dali import pipeline_def
 from PIL import Image
 
@@ -17,10 +17,6 @@ from cli import UserError
 from pipelines.sources import load_source
 from pipelines.verify import Screening, check_image
 
-# A tiny timm model, one BLAS thread: each run trains in about a second on a busy 2-core machine.
-TINY = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",
-        "--log-every", "1", "--workers", "1"]
-ENV = {"OMP_NUM_THREADS": "1"}
 BAD = {  # relative path -> start of the reason pipelines.verify gives
     "cat/empty.jpg": "empty file",
     "dog/half.jpg": "JPEG that cannot be decoded",
@@ -130,13 +126,6 @@ def test_training_skips_bad_images_and_names_them(bad_folder, tmp_path):
     good = 36 + len(ODD_BUT_GOOD)
     assert cfg["n_train"] == good - round(0.1 * good) and cfg["scan"]["skipped"] == len(BAD)
     assert cfg["scan"]["checked"] == good + len(BAD)
-
-
-def train_here(*args: str) -> int:
-    """train.main in this process (no start-up cost); a UserError becomes SystemExit(2)."""
-    import train
-
-    return train.main([*args, *TINY])
 
 
 def test_on_bad_image_error_names_the_first_bad_file(bad_folder, tmp_path, capsys):

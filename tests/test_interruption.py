@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_folder, run_cli
+from conftest import ENV, ROOT, TINY, make_folder, nan, run_cli, train_here
 from safetensors.torch import load_file
-from test_bad_images import ENV, TINY, bad_folder, train_here  # noqa: F401  (bad_folder: a fixture)
+from test_bad_images import bad_folder  # noqa: F401  (a fixture)
 
 
 # -- interruption ---------------------------------------------------------------------------------
@@ -147,35 +147,12 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_whole_checkpoint(tmp_path, monk
 
 
 # -- in one process: non-finite steps, unsafe checkpoint files, the output folder -----------------
-class StepHooks(dict):
-    """{step: action(loss) -> loss}: runs while that 1-based step of a run computes its loss."""
-    count = 0
-
-
-def nan(loss):  # the loss, and so every gradient, becomes NaN
-    return loss * float("nan")
-
-
 def sigint(times: int):  # Ctrl-C pressed `times` times during the step
     def action(loss):
         for _ in range(times):
             os.kill(os.getpid(), signal.SIGINT)
         return loss
     return action
-
-
-@pytest.fixture
-def hooks(monkeypatch) -> StepHooks:
-    import models.ntxent
-
-    real, hooks = models.ntxent.nt_xent_loss, StepHooks()
-
-    def loss(*args, **kwargs):
-        hooks.count += 1
-        return hooks.get(hooks.count, lambda value: value)(real(*args, **kwargs))
-
-    monkeypatch.setattr(models.ntxent, "nt_xent_loss", loss)
-    return hooks
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +163,8 @@ def small_folder(tmp_path_factory) -> Path:
 def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(small_folder, tmp_path, hooks, capsys):
     out = tmp_path / "run"
     hooks[4] = nan
-    with pytest.raises(SystemExit) as stop:
-        train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3")
+    with pytest.raises(SystemExit) as stop:  # a checkpoint at every epoch end (2 steps each)
+        train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3", "--save-every-minutes", "0")
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the loss became nan at step 4: lower --lr, raise --temperature, "
@@ -222,7 +199,8 @@ def test_max_nonfinite_is_a_budget(small_folder, tmp_path, hooks, capsys):
     with pytest.raises(SystemExit):
         train_here("--data", str(small_folder), "--out", str(out), "--epochs", "2", "--max-nonfinite", "1")
     err = capsys.readouterr().err
-    assert "the loss became nan at step 3: " in err and "(it is non-finite step 2, more than --max-nonfinite 1)" in err
+    assert "the loss became nan at step 3 (2 non-finite steps since step 2): " in err
+    assert "(2 non-finite steps, more than --max-nonfinite 1)" in err
     kinds = [(r["kind"], r["step"]) for r in records(out)]
     assert kinds == [("step", 1), ("nonfinite", 2), ("epoch", 2)]
 
@@ -281,13 +259,14 @@ def test_sigint_stops_at_the_step_boundary_and_a_second_one_at_once(small_folder
     before = signal.getsignal(signal.SIGINT)
     hooks[3] = sigint(1)
     out = tmp_path / "run"
-    assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3") == 130
+    every_epoch = ["--save-every-minutes", "0"]
+    assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3", *every_epoch) == 130
     assert json.loads((out / "checkpoint" / "progress.json").read_text()) == {"epoch": 0, "step": 3}
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
         f"SIGINT at step 3: the checkpoint is in {out / 'checkpoint'}; continue with  python train.py --data")
     hooks.clear()
     hooks.count, hooks[2] = 0, sigint(2)  # during step 5, after step 4 ended epoch 2 with a checkpoint
-    assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3", "--resume") == 130
+    assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3", "--resume", *every_epoch) == 130
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"stopped at once at step 4 by a second signal; the checkpoint of step 4 in {out / 'checkpoint'} is whole")
     assert json.loads((out / "checkpoint" / "progress.json").read_text()) == {"epoch": 1, "step": 4}
