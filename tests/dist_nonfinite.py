@@ -1,6 +1,6 @@
 """Run by tests/test_steps.py under `accelerate launch --multi_gpu --num_processes 2` on the CPU:
-train.main with rank 1's loss NaN at its second step (rank 0's stays finite). Each rank prints one JSON
-line with a digest of its final weights."""
+train.main with rank 1's loss NaN at its second step (rank 0's stays finite). Each rank writes
+$DIGESTS/rank{R}.json with a digest of its final weights."""
 import hashlib
 import json
 import os
@@ -32,6 +32,7 @@ def build_model(cfg):
 models.ntxent.nt_xent_loss, train.build_model = loss, build_model
 code = train.main(sys.argv[1:])
 weights = torch.cat([p.detach().reshape(-1) for p in models_built[0].parameters()])
-print(json.dumps({"rank": RANK, "code": code, "finite": bool(torch.isfinite(weights).all()),
-                  "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}), flush=True)
+digest = {"rank": RANK, "code": code, "finite": bool(torch.isfinite(weights).all()),
+          "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}
+(Path(os.environ["DIGESTS"]) / f"rank{RANK}.json").write_text(json.dumps(digest))
 sys.exit(code)
