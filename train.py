@@ -108,7 +108,7 @@ def validate(cfg: Config) -> None:
 
 def memory_format_and_compile(model, cfg: Config, device: torch.device):
     """(model, channels_last): channels-last where --channels-last says so (auto: on CUDA, what bf16
-    convolutions on tensor cores want; not on the CPU, where it measured slower: README, Measured
+    convolutions on tensor cores want; not on the CPU, where it measured no faster: README, Measured
     throughput), then compiled in place with --compile (the state dict keeps its names, no _orig_mod.)."""
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
     if channels_last:  # the views come channels-last from DALI (HWC), without a copy

@@ -20,6 +20,7 @@ def test_all_sections_write_their_json_keys(tmp_path):
             assert isinstance(row[key], float) and row[key] > 0, (key, row)
     assert pipeline["speedup"] == pipeline["dali_images_per_s"] / pipeline["torchvision_images_per_s"]
     assert train["efficiency"] == train["train_images_per_s"] / train["model_images_per_s"]
+    assert len(train["model_runs"]) == 2 and train["model_images_per_s"] == sum(train["model_runs"]) / 2  # before, after
     assert {row["impl"] for row in payload["results"] if row["section"] == "loss"} == {"reference", "tiled"}
     hw = payload["hardware"]
     assert hw["cpu_cores"] >= 1 and hw["versions"]["torch"] and hw["versions"]["nvidia-dali-cuda130"]
