@@ -85,30 +85,56 @@ def prepare_out(cfg, out: Path, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def resume(cfg, out: Path, accelerator, steps_per_epoch: int) -> tuple[int, bytes | None]:
-    """Load the last checkpoint; returns the step it was saved at and, mid-epoch, DALI's state."""
+def saved_config(out: Path) -> tuple[Path, dict]:
+    """The last whole checkpoint and the settings it was written with."""
     path = find_checkpoint(out)
     if path is None:
         raise UserError(f"--resume: there is no checkpoint in {out / 'checkpoint'}")
-    saved = json.loads((path / "config.json").read_text())
-    for key in ("backbone", "small_stem", "proj_hidden", "proj_dim", "batch_size", "data"):
+    return path, json.loads((path / "config.json").read_text())
+
+
+def resumed_batch(out: Path, world: int, given: int | None) -> int:
+    """The per-process batch of a resumed run: its global batch, which the schedule and the learning
+    rate were built for, over this invocation's processes. `given`: --batch-size, if named."""
+    path, saved = saved_config(out)
+    total = saved["global_batch"]
+    if total % world:
+        sizes = ", ".join(str(w) for w in range(1, total + 1) if total % w == 0)
+        raise UserError(f"--resume: the run's global batch of {total} images does not split over {world} "
+                        f"processes; resume it on {sizes} process(es)")
+    if given is not None and given != total // world:
+        raise UserError(f"--resume: the run's global batch is {total} images, so --batch-size on {world} "
+                        f"process(es) is {total // world}, not {given} (or leave --batch-size out)")
+    return total // world
+
+
+def resume(cfg, out: Path, accelerator, steps_per_epoch: int, wds: bool) -> tuple[int, bytes | None, list]:
+    """Load the last checkpoint; returns the step it was saved at, DALI's state when it stops inside an
+    epoch and was written by as many processes (else the epoch goes on from its next global batch,
+    pipelines.loader.shard_order), and the run's world sizes so far as [[processes, from step], ...]."""
+    path, saved = saved_config(out)
+    for key in ("backbone", "small_stem", "proj_hidden", "proj_dim", "data"):
         if saved.get(key) != getattr(cfg, key):
             raise UserError(f"--resume: the checkpoint in {path} was trained with --{key.replace('_', '-')} "
                             f"{saved.get(key)}, not {getattr(cfg, key)}")
-    if saved.get("world_size") != accelerator.num_processes:
-        raise UserError(f"--resume: the checkpoint in {path} was written by {saved.get('world_size')} "
-                        f"process(es); resume it with the same number, not {accelerator.num_processes}")
     if saved.get("steps_per_epoch") != steps_per_epoch:
         raise UserError(f"--resume: {cfg.data} now gives {steps_per_epoch} steps per epoch, not the "
                         f"{saved.get('steps_per_epoch')} the checkpoint in {path} was written with: "
                         f"the data changed")
+    step = json.loads((path / "progress.json").read_text())["step"]
+    before, world = saved["world_size"], accelerator.num_processes
+    history = saved.get("world_sizes") or [[before, 0]]
+    if world != before:
+        history = history + [[world, step]]
+        if step % steps_per_epoch and wds:
+            raise UserError(f"--resume: the checkpoint in {path} stops inside an epoch of tar shards, which DALI "
+                            f"splits by process: finish that epoch on {before} process(es), then resume on {world}")
     from safeguards import load_state_safely
 
     load_state_safely(accelerator, path)  # refuses pickles that would run code
-    step = json.loads((path / "progress.json").read_text())["step"]
-    if step % steps_per_epoch == 0:
-        return step, None
+    if step % steps_per_epoch == 0 or world != before:
+        return step, None, history
     state = path / f"dali_{accelerator.process_index}.state"
     if not state.is_file():
         raise UserError(f"--resume: {path} stops inside an epoch but lacks {state.name}")
-    return step, state.read_bytes()
+    return step, state.read_bytes(), history

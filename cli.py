@@ -62,3 +62,16 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
 def dataclass_from_args(cls, args: argparse.Namespace, **extra):
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+
+
+def given_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The settings named on the command line (not left at their defaults): parsed once more with
+    every default suppressed, so that only what was given lands in the namespace."""
+    defaults = {action: action.default for action in parser._actions}
+    for action in defaults:
+        action.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults.items():
+            action.default = default

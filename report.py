@@ -25,6 +25,12 @@ def read_back(parts: list[torch.Tensor]) -> list[list[float]]:
     return out
 
 
+def world_sizes(cfg: dict) -> str:
+    """This invocation's number of processes, and those the run had before (an elastic resume)."""
+    earlier = [f"{w} from step {start}" for w, start in cfg.get("world_sizes", [])[:-1]]
+    return str(cfg["world_size"]) + (f" (earlier: {', '.join(earlier)})" if earlier else "")
+
+
 class Report:
     tracker = None  # accelerator.log, set by train.py when --log-with names a tracker
     knn_text = ""  # the last online kNN top-1, shown on the progress line
@@ -57,7 +63,7 @@ class Report:
             ("data", f"{cfg['data']}: {cfg['n_train']} training images"),
             ("backbone", f"{cfg['backbone']}{' + small stem' if cfg['small_stem'] else ''}, "
                          f"{count_parameters(model.backbone) / 1e6:.2f} M parameters"),
-            ("world size", str(cfg["world_size"])),
+            ("world size", world_sizes(cfg)),
             ("global batch", f"{cfg['global_batch']} images ({cfg['batch_size']} per process), "
                              f"{cfg['steps_per_epoch']} steps per epoch"),
             ("optimiser", f"{cfg['optimizer']}, lr {cfg['scaled_lr']:.4g} ({cfg['lr_scaling']} scaling), "

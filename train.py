@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import export_backbone, prepare_out, resume, save_checkpoint, write_json
-from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error
+from checkpoint import export_backbone, prepare_out, resume, resumed_batch, save_checkpoint, write_json
+from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error, given_dests
 from pipelines.augment import Augment
 
 
@@ -66,14 +66,19 @@ class Config:
     aug: Augment = field(default_factory=Augment)  # augmentation settings (flags of their own)
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
+def parse_command(argv: list[str] | None = None) -> tuple[Config, set[str]]:
+    """The settings, and the names of those given on the command line."""
     parser = argparse.ArgumentParser(description="SimCLR pretraining with DALI, timm and accelerate.")
     add_dataclass_flags(parser, Config, skip=("aug",))
     add_dataclass_flags(parser.add_argument_group("augmentations"), Augment)
     args = parser.parse_args(argv)
     cfg = dataclass_from_args(Config, args, aug=dataclass_from_args(Augment, args))
     validate(cfg)
-    return cfg
+    return cfg, given_dests(parser, argv)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    return parse_command(argv)[0]
 
 
 def validate(cfg: Config) -> None:
@@ -199,7 +204,7 @@ def build_optimizer(cfg: Config, model, lr: float, steps_per_epoch: int):
 # -----------------------------------------------------------------------------------------------
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg, given = parse_command(argv)
     from accelerate.utils import broadcast_object_list, set_seed
 
     from models.ntxent import nt_xent_loss, resolve_impl
@@ -213,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
     prepare_out(cfg, out, accelerator)
     set_seed(cfg.seed)
+    if cfg.resume:  # the run's global batch, over however many processes this invocation has
+        cfg.batch_size = resumed_batch(out, world, cfg.batch_size if "batch_size" in given else None)
 
     # data: each process reads its own shard; steps per epoch are equal on every process
     workers = cfg.workers or max(1, (os.cpu_count() or 1) // world)
@@ -247,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                 "dali_placement": placement(device_id), "loss_impl_resolved": loss_impl,
                 "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
                 "channels_last_resolved": channels_last, "scan": screen.summary() if screen.checked else None}
-    start_step, loader_state = resume(cfg, out, accelerator, steps_per_epoch) if cfg.resume else (0, None)
+    start_step, loader_state, history = (resume(cfg, out, accelerator, steps_per_epoch, source.shards is not None)
+                                         if cfg.resume else (0, None, [[world, 0]]))
+    resolved["world_sizes"] = history  # [[processes, from step], ...]: a resume may change them
     start_epoch = start_step // steps_per_epoch
     report = Report(accelerator.is_main_process, out, accelerator.reduce, accelerator.device)
     report.start(resolved, model=accelerator.unwrap_model(model), source=source, start_epoch=start_epoch,

@@ -34,13 +34,23 @@ def epoch_steps(n: int, shards: int, batch_size: int, drop_last: bool = True) ->
     return per_shard // batch_size if drop_last else -(-per_shard // batch_size)
 
 
-def shard_order(n: int, shard: Shard, *, shuffle: bool, drop_last: bool, seed: int, epoch: int) -> np.ndarray:
-    """Indices this process reads in an epoch, in order. An epoch draws one permutation of the whole
-    data set (the same on every process, from the seed and the epoch) and cuts it into `count` equal
-    shards, so the shards are disjoint and every process runs the same number of steps."""
-    per_shard = n // shard.count if drop_last else -(-n // shard.count)
+def shard_order(n: int, shard: Shard, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
+                epoch: int, skip: int = 0) -> np.ndarray:
+    """Indices this process reads in an epoch, in order.
+
+    Training (drop_last): an epoch draws one permutation of the whole data set (the same on every
+    process, from the seed and the epoch) and cuts it into global batches of count x batch_size
+    images, the tail dropped; process i takes the i-th slice of each. Which images make global batch
+    j does not depend on the number of processes, so a run resumed mid-epoch on another number of
+    processes reads the rest of the epoch (`skip` global batches done) once, none twice.
+    Evaluation: every image once, in order, in `count` contiguous parts."""
     perm = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    return perm[shard.index * per_shard:][:per_shard]
+    if not drop_last:
+        per_shard = -(-n // shard.count)
+        return perm[shard.index * per_shard:][:per_shard]
+    steps = epoch_steps(n, shard.count, batch_size)
+    batches = perm[:steps * shard.count * batch_size].reshape(steps, shard.count, batch_size)
+    return batches[skip:, shard.index].reshape(-1)
 
 
 class _Input:
@@ -49,13 +59,12 @@ class _Input:
     reader_name: str | None = None  # set where DALI must tell the iterator where the epoch ends
 
     def __init__(self, source: Source, batch_size: int, shard: Shard, *, shuffle: bool,
-                 drop_last: bool, seed: int = 0, epoch: int = 0):
+                 drop_last: bool, seed: int = 0, epoch: int = 0, skip: int = 0):
         self.source, self.batch_size, self.shard = source, batch_size, shard
         self.drop_last, self.epoch = drop_last, epoch
-        self.steps = epoch_steps(len(source), shard.count, batch_size, drop_last)
-        self.order = shard_order(len(source), shard, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch)
-        if drop_last:
-            self.order = self.order[:self.steps * batch_size]  # whole batches only
+        self.steps = epoch_steps(len(source), shard.count, batch_size, drop_last) - skip
+        self.order = shard_order(len(source), shard, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
+                                 epoch=epoch, skip=skip)
 
 
 class FileReader(_Input):
@@ -95,7 +104,9 @@ class ShardReader:
     steps, so every process runs `steps` batches however unequal the shards are."""
 
     def __init__(self, source: Source, batch_size: int, shard: Shard, *, shuffle: bool,
-                 drop_last: bool, seed: int = 0, epoch: int = 0):
+                 drop_last: bool, seed: int = 0, epoch: int = 0, skip: int = 0):
+        if skip:
+            raise ValueError("tar shards are split by DALI's reader: an epoch cannot resume on another world size")
         self.source, self.batch_size, self.shard = source, batch_size, shard
         self.shuffle, self.drop_last, self.epoch = shuffle, drop_last, epoch
         self.steps = epoch_steps(len(source), shard.count, batch_size, drop_last)
@@ -185,10 +196,13 @@ def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, sh
 
     Built afresh each epoch with a seed drawn from (seed, epoch, shard): an epoch's data order and
     augmentations depend on nothing else, so a run resumed at an epoch boundary sees the same data.
-    Mid-epoch, `state` (Loader.state() after `done` steps) continues the epoch where it stopped.
+    Mid-epoch, `state` (Loader.state() after `done` steps) continues the epoch where it stopped, bit for
+    bit; without it (a checkpoint written by another number of processes) the pipeline reads the
+    global batches after the first `done`, with augmentations drawn afresh.
     """
-    feeder = make_input(source, batch_size, shard, shuffle=True, drop_last=True, seed=seed, epoch=epoch)
-    pipe_seed = int(np.random.default_rng([seed, epoch, shard.index]).integers(2**31))
+    skip = done if state is None else 0
+    feeder = make_input(source, batch_size, shard, shuffle=True, drop_last=True, seed=seed, epoch=epoch, skip=skip)
+    pipe_seed = int(np.random.default_rng([seed, epoch, shard.index] + ([skip] if skip else [])).integers(2**31))
     layout = layout_for(channels_last)
     pipe = two_view_pipeline(feeder, size, aug, device_id is not None, layout, batch_size=batch_size,
                              num_threads=workers, device_id=device_id, seed=pipe_seed,

@@ -60,17 +60,3 @@ def test_sync_bn_on_cpu_is_a_clear_error(data, tmp_path):
     folder, _ = data
     r = run_cli(*LAUNCH, "train.py", "--data", str(folder), "--out", str(tmp_path / "x"), *TINY, "--sync-bn")
     assert r.returncode != 0 and "--sync-bn needs GPUs" in r.stderr
-
-
-def test_two_process_run_resumes_with_the_same_world_size(data, tmp_path):
-    folder, _ = data
-    out = tmp_path / "run"
-    first = run_cli(*LAUNCH, "train.py", "--data", str(folder), "--out", str(out), *TINY, "--stop-after", "1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    alone = run_cli("train.py", "--data", str(folder), "--out", str(out), *TINY, "--resume")
-    assert alone.returncode == 2 and "written by 2 process(es)" in alone.stderr
-    second = run_cli(*LAUNCH, "train.py", "--data", str(folder), "--out", str(out), *TINY, "--resume")
-    assert second.returncode == 0, second.stderr[-3000:]
-    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["kind"] == "epoch"]
-    assert epochs == [1, 2]

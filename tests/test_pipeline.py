@@ -106,6 +106,22 @@ def test_fixed_seed_reproduces_and_epochs_differ(device):
     assert not torch.equal(a[0][0], c[0][0])
 
 
+@pytest.mark.parametrize("n,batch", [(43, 2), (40, 4), (17, 1)])
+def test_an_epoch_is_the_same_global_batches_on_any_number_of_processes(n, batch):
+    """Global batch j holds the same images whether 1, 2 or 4 processes split it, so an epoch resumed
+    after `done` steps on another number of processes reads every remaining image once."""
+    def epoch(world: int, skip: int = 0) -> list[set]:
+        parts = [shard_order(n, Shard(i, world), batch * 4 // world, shuffle=True, drop_last=True, seed=1,
+                             epoch=2, skip=skip).reshape(-1, batch * 4 // world) for i in range(world)]
+        return [set(np.concatenate(row).tolist()) for row in zip(*parts)]
+
+    one = epoch(1)
+    assert len(one) == n // (4 * batch) and all(len(b) == 4 * batch for b in one)
+    assert epoch(2) == one == epoch(4)
+    for done in range(len(one)):
+        assert epoch(1, done) == epoch(2, done) == epoch(4, done) == one[done:]
+
+
 def test_shards_are_disjoint_and_equal():
     src = arrays(n=43)
     seen = []
@@ -123,8 +139,8 @@ def test_file_reader_reads_this_epochs_shard_in_order(tmp_path):
     for index in range(2):
         shard = Shard(index, 2)
         labels = torch.cat([y.view(-1) for _, _, y in first_epoch(src, batch_size=4, epoch=3, shard=shard)])
-        order = shard_order(30, shard, shuffle=True, drop_last=True, seed=0, epoch=3)
-        assert labels.tolist() == order[:12].tolist()  # 15 per shard: 3 whole batches of 4, in order
+        order = shard_order(30, shard, 4, shuffle=True, drop_last=True, seed=0, epoch=3)
+        assert labels.tolist() == order.tolist() and len(order) == 12  # 3 global batches of 2 x 4
         seen += labels.tolist()
     assert len(set(seen)) == 24 and seen != sorted(seen)
 
