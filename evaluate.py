@@ -88,12 +88,22 @@ def load_run(run: Path) -> dict:
 
 
 def labelled(source, what: str):
-    if (source.labels < 0).any():
-        raise UserError(f"evaluation needs labels, but the {what} split of {source.name} has images "
-                        f"outside class sub-folders")
+    """The source, if it has images and (folders, lists, arrays) labels; tar shards' labels arrive with
+    their samples, and `labels_read` checks them once read."""
     if len(source) == 0:
         raise UserError(f"evaluation needs test images, but the {what} split of {source.name} is empty")
+    if source.shards is None and (source.labels < 0).any():
+        raise UserError(f"evaluation needs labels, but the {what} split of {source.name} has images "
+                        f"outside class sub-folders")
     return source
+
+
+def labels_read(labels: torch.Tensor, source, what: str) -> None:
+    """Labels that came with tar-shard samples: each must have had a .cls component."""
+    missing = int((labels < 0).sum())
+    if missing:
+        raise UserError(f"evaluation needs labels, but {missing} of the {len(labels)} samples in the {what} "
+                        f"split of {source.name} have no .cls label")
 
 
 def parse_args(argv: list[str] | None) -> EvalConfig:
@@ -241,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.seed)
         model = load_backbone(run_cfg, weights)
         feats[name] = (*extract(model, train_loader, device), *extract(model, test_loader, device))
+        labels_read(feats[name][1], train_src, "train")
+        labels_read(feats[name][3], test_src, "test")
         results[name] = frozen_scores(*feats[name], cfg, device)
     results = {**results.pop("simclr"), **results}
     results.update(n_train=len(train_src), n_test=len(test_src), data=data, test_data=test_data, device=str(device))

@@ -2,10 +2,14 @@
 
     python -m pipelines.pack /data/images /data/shards --shard-size 10000
     python train.py --data 'wds:/data/shards/shard-*.tar' ...
+
+Every image is checked first as training checks a folder (pipelines.verify): files DALI cannot decode
+are left out and listed in OUT/skipped.txt, or, with --on-bad-image error, named in one sentence.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from rich.progress import Progress
 
 from cli import UserError, exit_on_user_error
 from pipelines.sources import load_folder
+from pipelines.verify import Screening
 from pipelines.webdataset import write_shards
 
 
@@ -23,15 +28,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="a folder of images (class sub-folders give labels)")
     parser.add_argument("out", help="folder for shard-NNNNNN.tar and .idx files")
     parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default: 10000)")
+    parser.add_argument("--on-bad-image", default="skip", choices=["skip", "error"],
+                        help="images DALI cannot decode: skip (listed in OUT/skipped.txt) or error")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads that check images")
     args = parser.parse_args(argv)
     if args.shard_size < 1:
         raise UserError(f"--shard-size must be positive, got {args.shard_size}")
-    source = load_folder(args.src, "all")
+    if args.workers < 1:
+        raise UserError(f"--workers must be positive, got {args.workers}")
+    screen = Screening(args.on_bad_image, args.workers)
+    source = load_folder(args.src, "all", screen)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    screen.write_skipped(out / "skipped.txt")
     with Progress(console=Console(stderr=True)) as progress:
         task = progress.add_task("packing", total=len(source))
-        shards = write_shards(source.files, source.labels, Path(args.out), args.shard_size,
+        shards = write_shards(source.files, source.labels, out, args.shard_size,
                               progress=lambda: progress.advance(task))
-    print(f"wrote {len(source)} samples in {len(shards)} shard(s) to {args.out}")
+    skipped = f"; {len(screen.bad)} that cannot be decoded left out (see {out / 'skipped.txt'})" if screen.bad else ""
+    print(f"wrote {len(source)} samples in {len(shards)} shard(s) to {args.out}{skipped}")
     return 0
 
 

@@ -79,12 +79,18 @@ def _load(spec: str, split: str, screen: Screen | None = None) -> Source:
 
 # -- WebDataset tar shards (see pipelines/webdataset.py) ------------------------------------------
 def load_webdataset(pattern: str, split: str) -> Source:
+    """Tar shards; the last tenth of them (at least one, where there are two or more) are the held-out
+    "test" split. Labels arrive with the samples (.cls), so they are unknown (-1) here."""
     from pipelines.webdataset import find_shards
 
-    if split == "test":
-        raise UserError(f"wds:{pattern} has no test split of its own: pass --test-data")
-    shards, indexes, n = find_shards(pattern)
-    return Source(f"wds:{pattern}", np.full(n, -1, dtype=np.int64), shards=shards, indexes=indexes)
+    shards, indexes, counts = find_shards(pattern)
+    if split != "all":
+        if len(shards) < 2 and split == "test":
+            raise UserError(f"wds:{pattern} is one shard, too few to keep one aside for testing: pass --test-data")
+        n_test = max(1, int(round(HOLDOUT_FRACTION * len(shards)))) if len(shards) >= 2 else 0
+        keep = slice(len(shards) - n_test, None) if split == "test" else slice(0, len(shards) - n_test)
+        shards, indexes, counts = shards[keep], indexes[keep], counts[keep]
+    return Source(f"wds:{pattern}", np.full(sum(counts), -1, dtype=np.int64), shards=shards, indexes=indexes)
 
 
 # -- built-in: scikit-learn's digits, upscaled to 32 px RGB ------------------------------------

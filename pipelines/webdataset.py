@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from cli import UserError
+from pipelines.sources import IMAGE_EXTENSIONS
 
-IMAGE_EXTS = "jpg;jpeg;png;bmp;webp;tif;tiff"
+IMAGE_EXTS = ";".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))  # DALI's ext: the folder source's list
 LABEL_BYTES = 12  # .cls contents are padded to this many bytes on their way through DALI
 
 
@@ -31,8 +32,8 @@ def count_samples(index_file: str) -> int:
     return int(header[1])
 
 
-def find_shards(pattern: str) -> tuple[list[str], list[str], int]:
-    """Shards matching `pattern` (a glob), their index files and the number of samples."""
+def find_shards(pattern: str) -> tuple[list[str], list[str], list[int]]:
+    """Shards matching `pattern` (a glob), their index files and the number of samples in each."""
     shards = sorted(glob.glob(pattern))
     if not shards:
         raise UserError(f"no tar shards match {pattern!r}")
@@ -41,7 +42,7 @@ def find_shards(pattern: str) -> tuple[list[str], list[str], int]:
         if not Path(index).is_file():
             raise UserError(f"shard {shard} has no index file {index}: write shards with "
                             f"'python -m pipelines.pack', or index them with DALI's wds2idx")
-    return shards, indexes, sum(count_samples(i) for i in indexes)
+    return shards, indexes, [count_samples(i) for i in indexes]
 
 
 def parse_labels(padded: np.ndarray) -> np.ndarray:

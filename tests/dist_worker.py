@@ -42,7 +42,7 @@ def main() -> None:
                     images=np.random.default_rng(0).integers(0, 256, (n, 20, 20, 3), dtype=np.uint8))
     sources = {"arrays": arrays}
     if len(sys.argv) > 1:
-        sources["wds"] = load_source(f"wds:{sys.argv[1]}", "train")
+        sources["wds"] = load_source(f"wds:{sys.argv[1]}", "train", f"wds:{sys.argv[1]}")  # every shard
     for name, source in sources.items():
         mine = labels_read(source, Shard(rank, world), batch=4)
         everyone = [None] * world

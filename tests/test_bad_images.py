@@ -134,3 +134,22 @@ def test_on_bad_image_error_names_the_first_bad_file(bad_folder, tmp_path, capsy
     assert stop.value.code == 2 and capsys.readouterr().err.strip() == (
         f"error: {bad_folder / 'cat/empty.jpg'} cannot be decoded: empty file (and {len(BAD) - 1} more); "
         f"remove it, or pass --on-bad-image skip to train without it")
+
+
+def test_pack_leaves_out_what_training_would_skip(bad_folder, tmp_path, capsys):
+    from pipelines import pack
+
+    out = tmp_path / "shards"
+    assert pack.main([str(bad_folder), str(out), "--shard-size", "10", "--workers", "1"]) == 0
+    lines = (out / "skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(bad_folder / n) for n in sorted(BAD)]
+    good = 36 + len(ODD_BUT_GOOD)
+    pattern = f"wds:{out / 'shard-*.tar'}"
+    assert len(load_source(pattern, "train", pattern)) == good and len(list(out.glob("*.tar"))) == 5
+    assert f"wrote {good} samples in 5 shard(s) to {out}; {len(BAD)} that cannot be decoded left out" in \
+        capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        pack.main([str(bad_folder), str(tmp_path / "refused"), "--on-bad-image", "error", "--workers", "1"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith(f"error: {bad_folder / 'cat/empty.jpg'} cannot be decoded: ")
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
