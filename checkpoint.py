@@ -29,6 +29,7 @@ def save_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_st
         if accelerator.is_main_process:
             write_json(tmp / "config.json", config)
             write_json(tmp / "progress.json", state)  # written last: its presence marks a whole save
+            as_umask_allows(*tmp.iterdir())
             fsync(*tmp.iterdir(), tmp)  # on the disk before the swap, also across a power cut
             if final.exists():
                 if old.exists():  # left by a crash during the last clean-up; `final` is whole
@@ -63,7 +64,17 @@ def export_backbone(model, path: Path) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    as_umask_allows(tmp)
     os.replace(tmp, path)
+
+
+def as_umask_allows(*paths: Path) -> None:
+    """Files readable by the group and others as far as the umask allows, like any file the user
+    writes: safetensors writes its files 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def prepare_out(cfg, out: Path, accelerator) -> None:

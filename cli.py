@@ -5,8 +5,10 @@ import argparse
 import dataclasses
 import functools
 import inspect
+import json
 import re
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -67,11 +69,67 @@ def dataclass_from_args(cls, args: argparse.Namespace, **extra):
 def given_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
     """The settings named on the command line (not left at their defaults): parsed once more with
     every default suppressed, so that only what was given lands in the namespace."""
-    defaults = {action: action.default for action in parser._actions}
+    defaults, parser_defaults = {action: action.default for action in parser._actions}, parser._defaults
     for action in defaults:
         action.default = argparse.SUPPRESS
+    parser._defaults = {}  # set_defaults (a recorded run's settings) lands here
     try:
         return set(vars(parser.parse_args(argv)))
     finally:
+        parser._defaults = parser_defaults
         for action, default in defaults.items():
             action.default = default
+
+
+def recorded_settings(path: str, cls, derived: frozenset[str] = frozenset(), skip: frozenset[str] = frozenset()) -> dict:
+    """The settings a run recorded (its config.json), as parser defaults for `cls`'s flags: a nested
+    dataclass field (train.py's aug) spreads into its own fields. `derived` keys (what the run worked
+    out, such as its world size) and `skip` keys (actions, such as --resume) are not settings and are
+    left out; any other key this version does not know, or a value of the wrong type, is one sentence."""
+    file = Path(path)
+    try:
+        recorded = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"--config {path} is not a JSON file of settings ({type(err).__name__}): pass a "
+                        f"config.json that a run wrote") from None
+    if not isinstance(recorded, dict):
+        raise UserError(f"--config {path} holds no settings: pass a config.json that a run wrote")
+    settings = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name not in recorded or f.name in skip:
+            continue
+        value = recorded[f.name]
+        if dataclasses.is_dataclass(default):
+            settings.update(recorded_settings_of(value, type(default), path, f.name))
+        else:
+            settings[f.name] = _typed(value, default, path, f.name)
+    known = {f.name for f in dataclasses.fields(cls)} | derived | skip
+    unknown = sorted(set(recorded) - known)
+    if unknown:
+        raise UserError(f"--config {path} holds {', '.join(map(repr, unknown))}, which this version of the "
+                        f"command does not know (written by another version?): remove them from the file")
+    return settings
+
+
+def recorded_settings_of(values, cls, path: str, name: str) -> dict:
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: {name!r} should hold settings, not {values!r}")
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"--config {path} holds {', '.join(repr(f'{name}.{k}') for k in unknown)}, which this "
+                        f"version of the command does not know (written by another version?): remove them")
+    return {k: _typed(v, fields[k], path, f"{name}.{k}") for k, v in values.items()}
+
+
+def _typed(value, default, path: str, name: str):
+    """`value` as the type of `default` (an int may stand for a float), else one sentence."""
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise UserError(f"--config {path}: {name} is {value!r}, but it should be a {kind.__name__}")
+    return value

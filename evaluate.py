@@ -13,6 +13,7 @@ pictures in plots.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -21,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error
+from checkpoint import write_json
+from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error, recorded_settings
 from probes import extract, knn_top1, linear_probe_top1  # noqa: F401  (public API, used by tests)
 
 
 @dataclass
 class EvalConfig:
+    config: str = ""  # start from the settings an evaluation recorded (RUN/eval_config.json); flags given here override
     run: str = ""  # the training run's output folder (holds config.json and backbone.safetensors)
     data: str = ""  # training split to fit kNN and the probe on (default: the run's --data)
     test_data: str = ""  # test split (default: the run's --test-data, or the data's own test split)
@@ -110,6 +113,11 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
     parser = argparse.ArgumentParser(description="kNN, linear-probe and fine-tuning evaluation of a SimCLR "
                                                  "run, plots, and frozen embeddings of a folder.")
     add_dataclass_flags(parser, EvalConfig)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default="")
+    recorded = first.parse_known_args(argv)[0].config
+    if recorded:
+        parser.set_defaults(**recorded_settings(recorded, EvalConfig, skip=frozenset({"config"})))
     cfg = dataclass_from_args(EvalConfig, parser.parse_args(argv))
     if not cfg.run:
         raise UserError("--run is required: the output folder of a training run")
@@ -262,17 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         n_classes = max(len(train_src.classes), int(max(train_src.labels.max(), test_src.labels.max())) + 1)
         results["finetune"] = run_finetune(cfg, run_cfg, run, train_src, test_loader, n_classes, device_id, device)
     print_table(results, run_cfg, data, cfg)
-    write_results(run, results)
+    write_json(run / "eval.json", results)
+    write_json(run / "eval_config.json", dataclasses.asdict(cfg))  # `evaluate.py --config` runs it again
     if cfg.plots:  # after the numbers are safe on disk
         results["plots"] = make_plots(run, cfg, feats, train_src, test_src, results)
-        write_results(run, results)
+        write_json(run / "eval.json", results)
     return 0
-
-
-def write_results(run: Path, results: dict) -> None:
-    tmp = run / "eval.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(run / "eval.json")
 
 
 if __name__ == "__main__":

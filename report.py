@@ -67,7 +67,7 @@ class Report:
             ("global batch", f"{cfg['global_batch']} images ({cfg['batch_size']} per process), "
                              f"{cfg['steps_per_epoch']} steps per epoch"),
             ("optimiser", f"{cfg['optimizer']}, lr {cfg['scaled_lr']:.4g} ({cfg['lr_scaling']} scaling), "
-                          f"{cfg['warmup_epochs']} warmup epochs, cosine"),
+                          f"{cfg['warmup_epochs_resolved']:g} warmup epochs, cosine"),
             ("loss", f"NT-Xent, tau {cfg['temperature']}, {cfg['loss_impl_resolved']} implementation"),
             ("epochs", f"{cfg['epochs']}{resumed}"),
             ("output", str(self.out)),

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import export_backbone, prepare_out, resume, resumed_batch, save_checkpoint, write_json
-from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error, given_dests
+from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error, given_dests, recorded_settings
 from pipelines.augment import Augment
 
 
@@ -29,6 +29,7 @@ from pipelines.augment import Augment
 # -----------------------------------------------------------------------------------------------
 @dataclass
 class Config:
+    config: str = ""  # start from the settings a run recorded (its config.json); flags given here override them
     data: str = "digits"  # 'digits', a folder of images, a list from pipelines.verify, 'cifar10:PATH', 'cifar100:PATH'
     test_data: str = ""  # a separate folder for evaluation (else a folder keeps 10% aside)
     out: str = "runs/simclr"  # output folder: config, metrics, checkpoint, backbone weights
@@ -45,7 +46,7 @@ class Config:
     optimizer: str = "lars"  # lars (timm), sgd or adamw
     momentum: float = 0.9  # momentum for lars and sgd (sgd: Nesterov momentum when above 0)
     weight_decay: float = 1e-6  # weight decay (biases and norm weights are exempt)
-    warmup_epochs: float = 10.0  # linear warmup length, then cosine decay to zero
+    warmup_epochs: float = -1.0  # linear warmup in epochs, then cosine decay to zero (-1: the paper's 10, at most a tenth of the run)
     temperature: float = 0.1  # NT-Xent tau
     loss_impl: str = "auto"  # NT-Xent implementation: auto, triton, tiled or reference
     channels_last: str = "auto"  # channels-last model and views: on, off, auto (on for CUDA, off on the CPU)
@@ -66,11 +67,23 @@ class Config:
     aug: Augment = field(default_factory=Augment)  # augmentation settings (flags of their own)
 
 
+# config.json keys that a run works out rather than takes as settings (--config leaves them out)
+DERIVED = frozenset({"world_size", "world_sizes", "global_batch", "scaled_lr", "steps_per_epoch", "n_train",
+                     "dali_placement", "loss_impl_resolved", "device", "mixed_precision", "channels_last_resolved",
+                     "warmup_epochs_resolved", "scan"})
+
+
 def parse_command(argv: list[str] | None = None) -> tuple[Config, set[str]]:
-    """The settings, and the names of those given on the command line."""
+    """The settings (a recorded run's, with --config, under the flags given) and the names of those
+    given on the command line."""
     parser = argparse.ArgumentParser(description="SimCLR pretraining with DALI, timm and accelerate.")
     add_dataclass_flags(parser, Config, skip=("aug",))
     add_dataclass_flags(parser.add_argument_group("augmentations"), Augment)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default="")
+    recorded = first.parse_known_args(argv)[0].config
+    if recorded:  # a new run: --resume is an action of the recorded run, not one of its settings
+        parser.set_defaults(**recorded_settings(recorded, Config, DERIVED, skip=frozenset({"resume", "config"})))
     args = parser.parse_args(argv)
     cfg = dataclass_from_args(Config, args, aug=dataclass_from_args(Augment, args))
     validate(cfg)
@@ -93,7 +106,8 @@ def validate(cfg: Config) -> None:
         (cfg.loss_impl in ("auto", "triton", "tiled", "reference"),
          f"--loss-impl must be auto, triton, tiled or reference, got {cfg.loss_impl!r}"),
         (cfg.stop_after >= 0, f"--stop-after must not be negative, got {cfg.stop_after}"),
-        (cfg.warmup_epochs >= 0, f"--warmup-epochs must not be negative, got {cfg.warmup_epochs}"),
+        (cfg.warmup_epochs >= 0 or cfg.warmup_epochs == -1,
+         f"--warmup-epochs must not be negative (or -1, the default), got {cfg.warmup_epochs}"),
         (cfg.save_every_steps >= 0, f"--save-every-steps must not be negative, got {cfg.save_every_steps}"),
         (cfg.save_every_minutes >= 0, f"--save-every-minutes must not be negative, got {cfg.save_every_minutes}"),
         (cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}"),
@@ -121,6 +135,12 @@ def memory_format_and_compile(model, cfg: Config, device: torch.device):
     if cfg.compile:
         model.compile()
     return model, channels_last
+
+
+def warmup_epochs(cfg: Config) -> float:
+    """--warmup-epochs, or by default the paper's 10 capped at a tenth of the run (a 10-epoch run warms
+    up for 1: a long warmup in a short run leaves little time at the full learning rate)."""
+    return cfg.warmup_epochs if cfg.warmup_epochs >= 0 else min(10.0, cfg.epochs / 10)
 
 
 def scaled_lr(cfg: Config, global_batch: int) -> float:
@@ -192,7 +212,7 @@ def build_optimizer(cfg: Config, model, lr: float, steps_per_epoch: int):
         optimizer = GuardedLars(optimizer.param_groups, **optimizer.defaults)
     zero_momentum(optimizer)
     total = cfg.epochs * steps_per_epoch
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    warmup = min(int(round(warmup_epochs(cfg) * steps_per_epoch)), total - 1)
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=0.0,
                                   warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr,
                                   warmup_prefix=True, t_in_epochs=False)
@@ -253,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 "scaled_lr": lr, "steps_per_epoch": steps_per_epoch, "n_train": len(source),
                 "dali_placement": placement(device_id), "loss_impl_resolved": loss_impl,
                 "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
-                "channels_last_resolved": channels_last, "scan": screen.summary() if screen.checked else None}
+                "channels_last_resolved": channels_last, "warmup_epochs_resolved": warmup_epochs(cfg),
+                "scan": screen.summary() if screen.checked else None}
     start_step, loader_state, history = (resume(cfg, out, accelerator, steps_per_epoch, source.shards is not None)
                                          if cfg.resume else (0, None, [[world, 0]]))
     resolved["world_sizes"] = history  # [[processes, from step], ...]: a resume may change them
