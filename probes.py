@@ -43,7 +43,7 @@ def knn_top1(train_x, train_y, test_x, test_y, k: int = 200, temperature: float 
     for start in range(0, len(test_x), chunk):
         sim = test_x[start:start + chunk] @ train_x.T  # (c, N_train)
         top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(sim), classes, device=device).scatter_add_(1, train_y[top_idx],
+        votes = torch.zeros(len(sim), classes, dtype=sim.dtype, device=device).scatter_add_(1, train_y[top_idx],
                                                                            (top_sim / temperature).exp())
         correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
     return correct / len(test_x)
