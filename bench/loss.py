@@ -1,4 +1,11 @@
-"""Section `loss`: NT-Xent forward+backward time and peak memory, reference vs tiled vs Triton."""
+"""Section `loss`: NT-Xent forward+backward time and peak memory, reference vs tiled vs Triton, each
+against this machine's own matrix-product rate measured in the same run.
+
+Every implementation is credited with the products the algorithm needs, 4 M^2 D FLOP for M = 2N
+embeddings of size D (550 GFLOP at N = 16,384, D = 128): the similarity tiles once in the forward
+(M^2 D: each symmetric pair of tiles once), once more in the backward (M^2 D), and the gradient
+product (2 M^2 D). The reference computes more (the whole matrix, 6 M^2 D) and is credited the same.
+"""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +38,29 @@ def loss_measure(impl: str, n: int, dim: int, device: str, dtype: str, temperatu
             "load_average_1min": os.getloadavg()[0]}  # other processes on the machine skew CPU timings
 
 
+def loss_flop(n: int, dim: int) -> float:
+    """The products NT-Xent needs for N pairs of D-dimensional embeddings (module docstring)."""
+    return 4.0 * (2 * n) ** 2 * dim
+
+
+def compute_dtype(impl: str, dtype: str, device: str) -> str:
+    """The matrix-product precision an implementation works in: 16-bit operands for Triton on 16-bit
+    CUDA inputs, fp32 otherwise (the tiled path and the reference upcast; fp32 Triton keeps fp32
+    accuracy with three TF32 products)."""
+    return dtype if impl == "triton" and device == "cuda" and dtype != "float32" else "float32"
+
+
+def matmul_measure(dtype: str, device: str, size: int, repeats: int, budget_s: float) -> dict:
+    """GFLOP/s of one large square matrix product in `dtype` on `device` (fp32 stays IEEE fp32 on CUDA:
+    TF32 off, as in the kernels' products); runs inside a fresh process."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = (torch.randn(size, size, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    timing = time_fn(lambda: a @ b, warmup=2, repeats=repeats, budget_s=budget_s,
+                     sync=torch.cuda.synchronize if device.startswith("cuda") else None)
+    return {"status": "ok", "gflops": 2.0 * size ** 3 / timing["min_s"] / 1e9, "size": size, **timing}
+
+
 def _reference_bytes(n: int, dtype: str) -> int:
     # (2n)^2 fp32 logits; forward keeps logits and log-softmax, backward adds about two more (measured)
     return 4 * (2 * n) ** 2 * 4  # 3.1 copies measured at n=4096 on the CPU; 4 leaves a margin
@@ -43,7 +73,12 @@ def loss_section(args: argparse.Namespace) -> list[dict]:
     # the reference last: right after it frees its gigabytes, the kernel is still reclaiming pages,
     # which slowed the next measurement by a quarter on a 2-core machine
     impls = sorted(impls, key=lambda impl: impl == "reference")
-    results = []
+    peaks = {}  # the machine's own matmul rate per compute dtype: the ceiling for the loss rows
+    for dtype in sorted({compute_dtype(i, d, device) for i in impls for d in args.dtypes}):
+        console.print(f"loss: {dtype} matrix products on {device} ...")
+        peaks[dtype] = run_isolated("bench.loss:matmul_measure", dtype=dtype, device=device,
+                                    size=4096 if device == "cpu" else 8192, repeats=args.repeats, budget_s=args.budget)
+    results = [{"impl": "matmul", "dtype": d, "device": device, **peak} for d, peak in peaks.items()]
     for n in args.sizes:
         for dtype in args.dtypes:
             for impl in impls:
@@ -61,16 +96,25 @@ def loss_section(args: argparse.Namespace) -> list[dict]:
                                             dtype=dtype, temperature=args.temperature,
                                             repeats=args.repeats, budget_s=args.budget))
                 results.append(row)
-    base = {(r["n"], r["dtype"]): r["median_s"] for r in results
-            if r["impl"] == "reference" and r["status"] == "ok"}
-    for r in results:
-        if r["status"] == "ok" and (r["n"], r["dtype"]) in base:
+    rows = [r for r in results if r["impl"] != "matmul"]
+    base = {(r["n"], r["dtype"]): r["median_s"] for r in rows if r["impl"] == "reference" and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        if (r["n"], r["dtype"]) in base:
             r["speedup_vs_reference"] = base[r["n"], r["dtype"]] / r["median_s"]
+        peak = peaks[compute_dtype(r["impl"], r["dtype"], device)]
+        r["gflops"] = loss_flop(r["n"], args.dim) / r["median_s"] / 1e9  # median repeat
+        r["gflops_best"] = loss_flop(r["n"], args.dim) / r["min_s"] / 1e9  # fastest repeat
+        if peak.get("status") == "ok":  # against the matmul's fastest repeat: its peak
+            r["fraction_of_matmul"] = r["gflops"] / peak["gflops"]
+            r["fraction_of_matmul_best"] = r["gflops_best"] / peak["gflops"]
     print_table(f"NT-Xent forward+backward, D={args.dim}, tau={args.temperature}",
-                ["impl", "N", "dtype", "device", "median s", "min s", "repeats", "peak extra MB",
-                 "vs reference", "status"],
-                [[r["impl"], r["n"], r["dtype"], r["device"], r.get("median_s"), r.get("min_s"),
-                  r.get("repeats"), r.get("peak_extra_mb"), r.get("speedup_vs_reference"),
+                ["impl", "N", "dtype", "device", "median s", "min s", "repeats", "peak extra MB", "GFLOP/s",
+                 "of matmul", "vs reference", "status"],
+                [[r["impl"], r.get("n"), r["dtype"], r["device"], r.get("median_s"), r.get("min_s"),
+                  r.get("repeats"), r.get("peak_extra_mb"), r.get("gflops"), r.get("fraction_of_matmul"),
+                  r.get("speedup_vs_reference"),
                   r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"]
                  for r in results])
     return results

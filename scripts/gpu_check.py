@@ -355,7 +355,7 @@ def step_auto(check: Check) -> dict:
 
     loss = next((s for s in check.steps if s.name == "loss" and s.status == "passed"), None)
     expect(loss is not None, "there are no loss timings to judge by (the loss step failed)")
-    rows = [r for r in loss.figures["rows"] if r["status"] == "ok"]
+    rows = [r for r in loss.figures["rows"] if r["status"] == "ok" and r["impl"] != "matmul"]
     choices = []
     for dtype in check.plan.loss_dtypes:
         for n in check.plan.loss_sizes:

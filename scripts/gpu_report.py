@@ -69,7 +69,7 @@ def _summary(step: dict) -> str:
     if name.startswith("model+train"):
         return f"train.py {_fmt(f['train_images_per_s'])} images/s, model alone {_fmt(f['model_images_per_s'])}"
     if name == "loss":
-        return f"{len(f['rows'])} measurements"
+        return f"{sum(r['impl'] != 'matmul' for r in f['rows'])} measurements and the matmul rate"
     if name == "auto":
         return "; ".join(f"{c['dtype']} N={c['n']}: {c['auto']} (fastest {c['fastest']})" for c in f["choices"])
     return ""
@@ -124,9 +124,14 @@ def write_markdown(report: dict, path: Path) -> None:
                          f"model alone: {_fmt(f['model_images_per_s'])}", f"efficiency {f['efficiency']:.3f}"])
     if "loss" in ok:
         for r in ok["loss"]["rows"]:
-            if r["status"] == "ok":
+            if r["status"] == "ok" and r["impl"] == "matmul":
+                rows.append([f"matrix product {r['size']}^3, {r['dtype']} (the loss rows' ceiling)",
+                             f"`{steps['loss']['commands'][-1]}`", f"{_fmt(r['gflops'])} GFLOP/s", "", ""])
+            elif r["status"] == "ok":
+                share = r.get("fraction_of_matmul")
                 rows.append([f"NT-Xent fwd+bwd, {r['impl']}, N = {r['n']:,}, D = {r['dim']}, {r['dtype']}",
-                             f"`{steps['loss']['commands'][-1]}`", f"{r['median_s'] * 1e3:.3g} ms",
+                             f"`{steps['loss']['commands'][-1]}`", f"{r['median_s'] * 1e3:.3g} ms, "
+                             f"{_fmt(r['gflops'])} GFLOP/s" + (f" ({share:.0%} of matmul)" if share else ""),
                              f"{r['peak_extra_mb']:.0f} MB extra", _fmt(r.get("speedup_vs_reference"))])
     if rows:
         lines += ["", "## Throughput", ""] + _table(["what", "command", "ours", "baseline", "ratio"], rows)

@@ -23,7 +23,10 @@ def test_loss_section_writes_json(tmp_path):
     assert "triton" in hw["versions"] and "gpus" in hw
     assert report["settings"]["sizes"] == [64]
 
-    rows = {r["impl"]: r for r in report["results"]}
+    [matmul] = [r for r in report["results"] if r["impl"] == "matmul"]
+    assert (matmul["status"], matmul["dtype"], matmul["size"]) == ("ok", "float32", 4096) and matmul["gflops"] > 0
+    assert matmul["gflops"] == 2 * 4096 ** 3 / matmul["min_s"] / 1e9
+    rows = {r["impl"]: r for r in report["results"] if r["impl"] != "matmul"}
     assert set(rows) == {"reference", "tiled"}
     for r in rows.values():
         assert r["status"] == "ok", r
@@ -32,4 +35,7 @@ def test_loss_section_writes_json(tmp_path):
         for key in ("median_s", "min_s", "peak_extra_mb"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["min_s"] <= r["median_s"]
+        flop = 4 * 128 ** 2 * 32  # the similarity tiles twice (half each, by symmetry) and the gradient product
+        assert r["gflops"] == flop / r["median_s"] / 1e9 and r["fraction_of_matmul"] == r["gflops"] / matmul["gflops"]
+        assert r["fraction_of_matmul_best"] >= r["fraction_of_matmul"]
     assert rows["reference"]["speedup_vs_reference"] == 1.0
