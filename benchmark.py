@@ -24,7 +24,8 @@ from bench.loss import _loss_args, loss_section  # noqa: E402
 from bench.throughput import add_throughput_args, model_section, pipeline_section, train_section  # noqa: E402
 
 KEY_FIGURES = ("dali_images_per_s", "torchvision_images_per_s", "speedup", "model_images_per_s",
-               "train_images_per_s", "efficiency", "median_s", "peak_extra_mb", "speedup_vs_reference")
+               "train_images_per_s", "efficiency", "median_s", "peak_extra_mb", "speedup_vs_reference", "gflops",
+               "fraction_of_matmul")
 
 
 def all_sections(args: argparse.Namespace) -> list[dict]:
@@ -35,7 +36,9 @@ def all_sections(args: argparse.Namespace) -> list[dict]:
         results += [{"section": name, **row} for row in section(args)]
     rows = []
     for r in results:
-        label = r["section"] + (f" {r['impl']} N={r['n']}" if r["section"] == "loss" else "")
+        label = r["section"]
+        if r["section"] == "loss":
+            label += f" {r['impl']} N={r['n']}" if "n" in r else f" {r['impl']} {r['dtype']}"
         rows += [[label, key, r[key]] for key in KEY_FIGURES if isinstance(r.get(key), (int, float))]
     print_table("All sections", ["section", "figure", "value"], rows)
     return results
