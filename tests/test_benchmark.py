@@ -21,6 +21,8 @@ def test_all_sections_write_their_json_keys(tmp_path):
     assert pipeline["speedup"] == pipeline["dali_images_per_s"] / pipeline["torchvision_images_per_s"]
     assert train["efficiency"] == train["train_images_per_s"] / train["model_images_per_s"]
     assert len(train["model_runs"]) == 2 and train["model_images_per_s"] == sum(train["model_runs"]) / 2  # before, after
-    assert {row["impl"] for row in payload["results"] if row["section"] == "loss"} == {"reference", "tiled"}
+    loss = [row for row in payload["results"] if row["section"] == "loss"]
+    assert {row["impl"] for row in loss} == {"reference", "tiled", "matmul"}  # matmul: the loss rows' ceiling
+    assert all(row["fraction_of_matmul"] > 0 for row in loss if row["impl"] != "matmul")
     hw = payload["hardware"]
     assert hw["cpu_cores"] >= 1 and hw["versions"]["torch"] and hw["versions"]["nvidia-dali-cuda130"]
