@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench.common import print_table, run_here, write_json  # noqa: E402
+from cli import Check, Parser, check_args, checked, exit_on_user_error  # noqa: E402
 from bench.loss import _loss_args, loss_section  # noqa: E402
 from bench.throughput import add_throughput_args, model_section, pipeline_section, train_section  # noqa: E402
 
@@ -59,20 +60,30 @@ SECTIONS: dict[str, tuple] = {
 }
 
 
+def build_parser() -> Parser:
+    """The command line; `parser.sections` maps each section to its sub-parser."""
+    parser = Parser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="section", required=True)
+    parser.sections = {}
+    for name, (_, add_args, help_text) in SECTIONS.items():
+        p = parser.sections[name] = sub.add_parser(name, help=help_text)
+        add_args(p)
+        checked(p, "--repeats", type=int, default=5, check=Check(low=1), help="timed repeats after one warm-up (median)")
+        checked(p, "--budget", type=float, default=60.0, check=Check(low=0, above=True),
+                help="seconds of timed repeats per measurement")
+        p.add_argument("--json", help="also write the results, hardware and versions to this file")
+    return parser
+
+
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_isolated"]:  # child of run_isolated: one measurement, JSON on the last line
         print(json.dumps(run_here(argv[1], json.loads(argv[2]))))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="section", required=True)
-    for name, (_, add_args, help_text) in SECTIONS.items():
-        p = sub.add_parser(name, help=help_text)
-        add_args(p)
-        p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (median)")
-        p.add_argument("--budget", type=float, default=60.0, help="seconds of timed repeats per measurement")
-        p.add_argument("--json", help="also write the results, hardware and versions to this file")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser.sections[args.section], args)
     section = SECTIONS[args.section][0]
     results = section(args)
     if args.json:

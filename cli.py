@@ -30,6 +30,91 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
     return wrapper
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose own errors (an unknown flag, a value of the wrong type) are one sentence on stderr
+    and exit 2, like every UserError, without the usage block."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """The values a setting accepts, declared once beside it (`setting`, `checked`) and enforced by
+    `check_args` before any work starts."""
+    low: float | None = None  # the smallest value (excluded with above=True)
+    high: float | None = None  # the largest value (excluded with below=True)
+    above: bool = False
+    below: bool = False
+    choices: tuple = ()
+    off: object = None  # one more value allowed outside the range, meaning `off_means`
+    off_means: str = ""
+
+    def ok(self, value) -> bool:
+        if self.off is not None and value == self.off:
+            return True
+        if self.choices:
+            return value in self.choices
+        if self.low is not None and (value <= self.low if self.above else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.below else value <= self.high)
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.choices)
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.above else '['}{self.low:g}, {self.high:g}{')' if self.below else ']'}"
+        elif self.low is not None:
+            text = f"{'more than' if self.above else 'at least'} {self.low:g}"
+        else:
+            text = f"{'less than' if self.below else 'at most'} {self.high:g}"
+        return text + (f" (or {self.off}: {self.off_means})" if self.off is not None else "")
+
+    def bad_values(self, kind=float) -> list:
+        """Values the check refuses (for the tests that try every flag)."""
+        if self.choices:
+            return ["bogus"]
+        step = 1 if kind is int else 0.5
+        out = []
+        if self.low is not None:
+            out.append(self.low if self.above else self.low - step)
+        if self.high is not None:
+            out.append(self.high if self.below else self.high + step)
+        return [kind(v) for v in out if v != self.off]
+
+
+def setting(default, **check):
+    """A dataclass field with the values it accepts: `epochs: int = setting(100, low=1)  # comment`."""
+    return dataclasses.field(default=default, metadata={"check": Check(**check)})
+
+
+def checked(parser, *flags: str, check: Check, **kwargs) -> argparse.Action:
+    """parser.add_argument, with the values the flag accepts (for `check_args`)."""
+    action = parser.add_argument(*flags, **kwargs)
+    action.check = check
+    return action
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+               ordered: tuple[tuple[str, str], ...] = ()) -> None:
+    """Every checked flag's value (each of a list's), then each (low, high) pair of dests in order:
+    one sentence naming the flag, the value and what is allowed."""
+    for action in parser._actions:
+        check = getattr(action, "check", None)
+        if check is None or not hasattr(args, action.dest):
+            continue
+        values = getattr(args, action.dest)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not check.ok(value):
+                raise UserError(f"{action.option_strings[0] if action.option_strings else action.dest} must be "
+                                f"{check.allowed()}, got {value}")
+    for low, high in ordered:
+        if getattr(args, low) > getattr(args, high):
+            raise UserError(f"--{low.replace('_', '-')} {getattr(args, low)} is above --{high.replace('_', '-')} "
+                            f"{getattr(args, high)}: the smallest value must not exceed the largest")
+
+
 def field_comments(cls) -> dict[str, str]:
     """The trailing `# comment` of each field of a dataclass, used as its --help text."""
     comments = {}
@@ -55,10 +140,18 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default,
-                                help=f"{text} (default: {default})")
+            check = f.metadata.get("check")
+            allowed = f"; {check.allowed()}" if check else ""
+            action = parser.add_argument(flag, type=type(default), default=default,
+                                         help=f"{text} (default: {default!r}{allowed})")
+        action.check = f.metadata.get("check")
+
+
+def ordered_fields(*classes) -> tuple[tuple[str, str], ...]:
+    """The (smallest, largest) pairs that dataclasses declare in their ORDERED attribute."""
+    return tuple(pair for cls in classes for pair in getattr(cls, "ORDERED", ()))
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **extra):

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from checkpoint import write_json
-from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error, recorded_settings
+from cli import (Parser, UserError, add_dataclass_flags, check_args, dataclass_from_args, exit_on_user_error,
+                 recorded_settings, setting)
 from probes import extract, knn_top1, linear_probe_top1  # noqa: F401  (public API, used by tests)
 
 
@@ -33,23 +34,23 @@ class EvalConfig:
     run: str = ""  # the training run's output folder (holds config.json and backbone.safetensors)
     data: str = ""  # training split to fit kNN and the probe on (default: the run's --data)
     test_data: str = ""  # test split (default: the run's --test-data, or the data's own test split)
-    batch_size: int = 256  # images per feature-extraction batch
-    workers: int = 2  # DALI CPU threads
-    knn_k: int = 200  # neighbours for the weighted kNN vote (capped at the train size)
-    knn_temperature: float = 0.1  # kNN vote weight exp(cosine / T)
-    probe_epochs: int = 100  # linear probe epochs over the cached features
-    probe_lr: float = 1e-3  # linear probe AdamW learning rate
-    probe_weight_decay: float = 1e-4  # linear probe weight decay
-    seed: int = 0  # seeds the random-init backbone, the probe, the labelled subset and fine-tuning
+    batch_size: int = setting(256, low=1)  # images per feature-extraction batch
+    workers: int = setting(2, low=1)  # DALI CPU threads
+    knn_k: int = setting(200, low=1)  # neighbours for the weighted kNN vote (capped at the train size)
+    knn_temperature: float = setting(0.1, low=0, above=True)  # kNN vote weight exp(cosine / T)
+    probe_epochs: int = setting(100, low=1)  # linear probe epochs over the cached features
+    probe_lr: float = setting(1e-3, low=0, above=True)  # linear probe AdamW learning rate
+    probe_weight_decay: float = setting(1e-4, low=0)  # linear probe weight decay
+    seed: int = setting(0, low=0)  # seeds the random-init backbone, the probe, the labelled subset and fine-tuning
     finetune: bool = False  # also fine-tune backbone + linear head on a fraction of the labels
-    label_fraction: float = 0.1  # fine-tuning: class-balanced fraction of the training labels (0.01, 0.1, 1.0)
-    finetune_epochs: int = 0  # fine-tuning epochs (0 = the paper's: 60 at label fractions <= 0.01, 30 above)
-    finetune_min_steps: int = 100  # fine-tuning: at least this many steps, however few the labels
-    finetune_batch_size: int = 256  # fine-tuning: images per step (capped at the labelled subset)
-    finetune_lr: float = 0.05  # fine-tuning: SGD Nesterov learning rate, cosine to zero
+    label_fraction: float = setting(0.1, low=0, high=1, above=True)  # fine-tuning: class-balanced fraction of the training labels (0.01, 0.1, 1.0)
+    finetune_epochs: int = setting(0, low=0)  # fine-tuning epochs (0 = the paper's: 60 at label fractions <= 0.01, 30 above)
+    finetune_min_steps: int = setting(100, low=0)  # fine-tuning: at least this many steps, however few the labels
+    finetune_batch_size: int = setting(256, low=1)  # fine-tuning: images per step (capped at the labelled subset)
+    finetune_lr: float = setting(0.05, low=0, above=True)  # fine-tuning: SGD Nesterov learning rate, cosine to zero
     finetune_augment: bool = True  # fine-tuning: the pretraining's crop and flip (colour, gray, blur off)
     plots: bool = True  # write PNGs beside the run: training curves, t-SNE map, retrieval grid
-    plot_points: int = 2000  # most test images drawn in the t-SNE map
+    plot_points: int = setting(2000, low=1)  # most test images drawn in the t-SNE map
     embed: str = ""  # a folder of images to embed with the frozen backbone instead of evaluating
     to: str = ""  # with --embed: the .npy file for the (N, F) embeddings (paths go to FILE.paths.txt)
 
@@ -109,20 +110,25 @@ def labels_read(labels: torch.Tensor, source, what: str) -> None:
                         f"split of {source.name} have no .cls label")
 
 
-def parse_args(argv: list[str] | None) -> EvalConfig:
-    parser = argparse.ArgumentParser(description="kNN, linear-probe and fine-tuning evaluation of a SimCLR "
-                                                 "run, plots, and frozen embeddings of a folder.")
+def build_parser() -> Parser:
+    parser = Parser(description="kNN, linear-probe and fine-tuning evaluation of a SimCLR run, plots, and "
+                                "frozen embeddings of a folder.")
     add_dataclass_flags(parser, EvalConfig)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> EvalConfig:
+    parser = build_parser()
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config", default="")
     recorded = first.parse_known_args(argv)[0].config
     if recorded:
         parser.set_defaults(**recorded_settings(recorded, EvalConfig, skip=frozenset({"config"})))
-    cfg = dataclass_from_args(EvalConfig, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    cfg = dataclass_from_args(EvalConfig, args)
     if not cfg.run:
         raise UserError("--run is required: the output folder of a training run")
-    if cfg.finetune and not 0 < cfg.label_fraction <= 1:
-        raise UserError(f"--label-fraction must be in (0, 1], got {cfg.label_fraction}")
     if cfg.embed and not cfg.to:
         raise UserError("--embed needs --to FILE.npy: where to write the embeddings")
     if cfg.embed and not cfg.to.endswith(".npy"):

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import export_backbone, prepare_out, resume, resumed_batch, save_checkpoint, write_json
-from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error, given_dests, recorded_settings
+from cli import (Parser, UserError, add_dataclass_flags, check_args, dataclass_from_args, exit_on_user_error,
+                 given_dests, ordered_fields, recorded_settings, setting)
 from pipelines.augment import Augment
 
 
@@ -36,34 +37,34 @@ class Config:
     backbone: str = "resnet18"  # any timm model name
     small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32-pixel images
     sync_bn: bool = False  # BatchNorm statistics over the global batch (the paper's global BN; GPUs)
-    proj_hidden: int = 0  # projection head hidden width (0 = the backbone's feature width)
-    proj_dim: int = 128  # projection head output size
-    image_size: int = 32  # side of the augmented views, in pixels
-    epochs: int = 100  # training epochs
-    batch_size: int = 256  # images per process per step (each gives two views)
-    lr: float = 0.3  # base learning rate per 256 images, scaled by the global batch
-    lr_scaling: str = "linear"  # linear: lr * B/256; sqrt: lr * sqrt(B/256)
-    optimizer: str = "lars"  # lars (timm), sgd or adamw
-    momentum: float = 0.9  # momentum for lars and sgd (sgd: Nesterov momentum when above 0)
-    weight_decay: float = 1e-6  # weight decay (biases and norm weights are exempt)
-    warmup_epochs: float = -1.0  # linear warmup in epochs, then cosine decay to zero (-1: the paper's 10, at most a tenth of the run)
-    temperature: float = 0.1  # NT-Xent tau
-    loss_impl: str = "auto"  # NT-Xent implementation: auto, triton, tiled or reference
-    channels_last: str = "auto"  # channels-last model and views: on, off, auto (on for CUDA, off on the CPU)
+    proj_hidden: int = setting(0, low=0)  # projection head hidden width (0 = the backbone's feature width)
+    proj_dim: int = setting(128, low=1)  # projection head output size
+    image_size: int = setting(32, low=8)  # side of the augmented views, in pixels
+    epochs: int = setting(100, low=1)  # training epochs
+    batch_size: int = setting(256, low=1)  # images per process per step (each gives two views)
+    lr: float = setting(0.3, low=0, above=True)  # base learning rate per 256 images, scaled by the global batch
+    lr_scaling: str = setting("linear", choices=("linear", "sqrt"))  # linear: lr * B/256; sqrt: lr * sqrt(B/256)
+    optimizer: str = setting("lars", choices=("lars", "sgd", "adamw"))  # lars (timm), sgd or adamw
+    momentum: float = setting(0.9, low=0, high=1, below=True)  # momentum for lars and sgd (sgd: Nesterov momentum when above 0)
+    weight_decay: float = setting(1e-6, low=0)  # weight decay (biases and norm weights are exempt)
+    warmup_epochs: float = setting(-1.0, low=0, off=-1.0, off_means="the default")  # linear warmup in epochs, then cosine decay to zero (-1: the paper's 10, at most a tenth of the run)
+    temperature: float = setting(0.1, low=0, above=True)  # NT-Xent tau
+    loss_impl: str = setting("auto", choices=("auto", "triton", "tiled", "reference"))  # NT-Xent implementation: auto, triton, tiled or reference
+    channels_last: str = setting("auto", choices=("auto", "on", "off"))  # channels-last model and views: on, off, auto (on for CUDA, off on the CPU)
     compile: bool = False  # torch.compile the model (backbone and head)
-    seed: int = 0  # seeds weights, data order and augmentations
+    seed: int = setting(0, low=0)  # seeds weights, data order and augmentations
     resume: bool = False  # continue from OUT/checkpoint
-    stop_after: int = 0  # end this invocation after this many epochs, checkpointed (0 = never)
-    workers: int = 0  # DALI CPU threads per process (0 = cores / processes)
-    log_every: int = 10  # steps between lines in metrics.jsonl: the only steps (with epoch ends) that read the device
-    save_every_minutes: float = 10.0  # checkpoint at the first log step or epoch end this long after the last (0 = every epoch end)
-    save_every_steps: int = 0  # also checkpoint every this many steps (0 = off)
-    on_bad_image: str = "skip"  # images DALI cannot decode: skip (listed in OUT/skipped.txt) or error
-    max_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip before stopping the run
-    knn_every: int = 0  # epochs between online kNN top-1 checks on held-out labelled data (0 = off)
-    knn_train: int = 1000  # online kNN: labelled training images that vote
-    knn_test: int = 500  # online kNN: held-out test images it scores
-    log_with: str = ""  # also log metrics through accelerate's trackers: tensorboard (to OUT/tensorboard)
+    stop_after: int = setting(0, low=0)  # end this invocation after this many epochs, checkpointed (0 = never)
+    workers: int = setting(0, low=0)  # DALI CPU threads per process (0 = cores / processes)
+    log_every: int = setting(10, low=1)  # steps between lines in metrics.jsonl: the only steps (with epoch ends) that read the device
+    save_every_minutes: float = setting(10.0, low=0)  # checkpoint at the first log step or epoch end this long after the last (0 = every epoch end)
+    save_every_steps: int = setting(0, low=0)  # also checkpoint every this many steps (0 = off)
+    on_bad_image: str = setting("skip", choices=("skip", "error"))  # images DALI cannot decode: skip (listed in OUT/skipped.txt) or error
+    max_nonfinite: int = setting(0, low=0)  # steps with a non-finite loss or gradient to skip before stopping the run
+    knn_every: int = setting(0, low=0)  # epochs between online kNN top-1 checks on held-out labelled data (0 = off)
+    knn_train: int = setting(1000, low=1)  # online kNN: labelled training images that vote
+    knn_test: int = setting(500, low=1)  # online kNN: held-out test images it scores
+    log_with: str = setting("", choices=("", "tensorboard"))  # also log metrics through accelerate's trackers: tensorboard (to OUT/tensorboard)
     aug: Augment = field(default_factory=Augment)  # augmentation settings (flags of their own)
 
 
@@ -73,18 +74,24 @@ DERIVED = frozenset({"world_size", "world_sizes", "global_batch", "scaled_lr", "
                      "warmup_epochs_resolved", "scan"})
 
 
+def build_parser() -> Parser:
+    parser = Parser(description="SimCLR pretraining with DALI, timm and accelerate.")
+    add_dataclass_flags(parser, Config, skip=("aug",))
+    add_dataclass_flags(parser.add_argument_group("augmentations"), Augment)
+    return parser
+
+
 def parse_command(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     """The settings (a recorded run's, with --config, under the flags given) and the names of those
     given on the command line."""
-    parser = argparse.ArgumentParser(description="SimCLR pretraining with DALI, timm and accelerate.")
-    add_dataclass_flags(parser, Config, skip=("aug",))
-    add_dataclass_flags(parser.add_argument_group("augmentations"), Augment)
+    parser = build_parser()
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config", default="")
     recorded = first.parse_known_args(argv)[0].config
     if recorded:  # a new run: --resume is an action of the recorded run, not one of its settings
         parser.set_defaults(**recorded_settings(recorded, Config, DERIVED, skip=frozenset({"resume", "config"})))
     args = parser.parse_args(argv)
+    check_args(parser, args, ordered_fields(Augment))
     cfg = dataclass_from_args(Config, args, aug=dataclass_from_args(Augment, args))
     validate(cfg)
     return cfg, given_dests(parser, argv)
@@ -95,34 +102,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    checks = [
-        (cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}"),
-        (cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
-        (cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}"),
-        (cfg.image_size >= 8, f"--image-size must be at least 8 pixels, got {cfg.image_size}"),
-        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
-        (cfg.lr_scaling in ("linear", "sqrt"), f"--lr-scaling must be linear or sqrt, got {cfg.lr_scaling!r}"),
-        (cfg.optimizer in ("lars", "sgd", "adamw"), f"--optimizer must be lars, sgd or adamw, got {cfg.optimizer!r}"),
-        (cfg.loss_impl in ("auto", "triton", "tiled", "reference"),
-         f"--loss-impl must be auto, triton, tiled or reference, got {cfg.loss_impl!r}"),
-        (cfg.stop_after >= 0, f"--stop-after must not be negative, got {cfg.stop_after}"),
-        (cfg.warmup_epochs >= 0 or cfg.warmup_epochs == -1,
-         f"--warmup-epochs must not be negative (or -1, the default), got {cfg.warmup_epochs}"),
-        (cfg.save_every_steps >= 0, f"--save-every-steps must not be negative, got {cfg.save_every_steps}"),
-        (cfg.save_every_minutes >= 0, f"--save-every-minutes must not be negative, got {cfg.save_every_minutes}"),
-        (cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}"),
-        (cfg.channels_last in ("auto", "on", "off"), f"--channels-last must be auto, on or off, got {cfg.channels_last!r}"),
-        (cfg.on_bad_image in ("skip", "error"), f"--on-bad-image must be skip or error, got {cfg.on_bad_image!r}"),
-        (cfg.max_nonfinite >= 0, f"--max-nonfinite must not be negative, got {cfg.max_nonfinite}"),
-        (cfg.knn_every >= 0, f"--knn-every must not be negative, got {cfg.knn_every}"),
-        (cfg.knn_train > 0 and cfg.knn_test > 0, "--knn-train and --knn-test must be positive"),
-        (cfg.log_with in ("", "tensorboard"), f"--log-with must be tensorboard (or empty), got {cfg.log_with!r}"),
-        (cfg.log_with != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
-         "--log-with tensorboard needs the tensorboard package: pip install tensorboard"),
-    ]
-    for ok, sentence in checks:
-        if not ok:
-            raise UserError(sentence)
+    """What the flags' own checks (`setting`) cannot see."""
+    if cfg.log_with == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--log-with tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 def memory_format_and_compile(model, cfg: Config, device: torch.device):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from cli import Check, checked
+
 from bench.common import PeakMemory, available_memory_bytes, console, print_table, run_isolated, time_fn
 
 
@@ -121,11 +123,12 @@ def loss_section(args: argparse.Namespace) -> list[dict]:
 
 
 def _loss_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384], help="images N (2N embeddings)")
-    p.add_argument("--dim", type=int, default=128, help="embedding size D")
-    p.add_argument("--impls", nargs="+", choices=["reference", "tiled", "triton"],
-                   help="implementations (default: reference, tiled, and triton on CUDA)")
-    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
-                   help="input dtype(s) of the embeddings")
-    p.add_argument("--temperature", type=float, default=0.1, help="NT-Xent tau")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    checked(p, "--sizes", type=int, nargs="+", default=[1024, 4096, 16384], check=Check(low=1),
+            help="images N (2N embeddings)")
+    checked(p, "--dim", type=int, default=128, check=Check(low=1), help="embedding size D")
+    checked(p, "--impls", nargs="+", check=Check(choices=("reference", "tiled", "triton")),
+            help="implementations (default: reference, tiled, and triton on CUDA)")
+    checked(p, "--dtypes", nargs="+", default=["float32"], check=Check(choices=("float32", "bfloat16", "float16")),
+            help="input dtype(s) of the embeddings")
+    checked(p, "--temperature", type=float, default=0.1, check=Check(low=0, above=True), help="NT-Xent tau")
+    checked(p, "--device", check=Check(choices=("cpu", "cuda")), help="cpu or cuda (default: cuda when available)")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import ROOT, console, print_table, run_isolated
+from cli import Check, checked
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -218,17 +219,17 @@ def train_section(args) -> list[dict]:
 def add_throughput_args(p) -> None:
     p.add_argument("--data", default="", help="a source as train.py takes it (default: generated JPEGs of a "
                    "realistic size: 500x375 for views over 64 px, else 32x32)")
-    p.add_argument("--image-size", type=int, default=32, help="side of the augmented views")
-    p.add_argument("--batch-size", type=int, default=256, help="images per batch")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="DALI threads, and torchvision DataLoader workers")
+    checked(p, "--image-size", type=int, default=32, check=Check(low=8), help="side of the augmented views")
+    checked(p, "--batch-size", type=int, default=256, check=Check(low=1), help="images per batch")
+    checked(p, "--workers", type=int, default=os.cpu_count() or 1, check=Check(low=1),
+            help="DALI threads, and torchvision DataLoader workers")
     p.add_argument("--backbone", default="resnet18", help="timm model name")
     p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool")
-    p.add_argument("--batches", type=int, default=8, help="pipeline: timed batches per repeat")
-    p.add_argument("--steps", type=int, default=8, help="train: steps per epoch (generated data)")
-    p.add_argument("--epochs", type=int, default=3, help="train: epochs (the first is not counted)")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
-                   help="model and train: accelerate's mixed precision, the same on both sides")
-    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
-                   help="model and train: train.py's --channels-last, the same on both sides")
+    checked(p, "--batches", type=int, default=8, check=Check(low=1), help="pipeline: timed batches per repeat")
+    checked(p, "--steps", type=int, default=8, check=Check(low=1), help="train: steps per epoch (generated data)")
+    checked(p, "--epochs", type=int, default=3, check=Check(low=1), help="train: epochs (the first is not counted)")
+    checked(p, "--mixed-precision", default="no", check=Check(choices=("no", "bf16", "fp16")),
+            help="model and train: accelerate's mixed precision, the same on both sides")
+    checked(p, "--channels-last", default="auto", check=Check(choices=("auto", "on", "off")),
+            help="model and train: train.py's --channels-last, the same on both sides")
     p.add_argument("--compile", action="store_true", help="model and train: train.py's --compile on both sides")

@@ -15,24 +15,29 @@ import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 
+from cli import setting
+
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 @dataclass
 class Augment:
-    crop_min_area: float = 0.08  # random resized crop: smallest fraction of the image area kept
-    crop_max_area: float = 1.0  # random resized crop: largest fraction of the image area kept
-    crop_min_ratio: float = 3 / 4  # random resized crop: smallest aspect ratio
-    crop_max_ratio: float = 4 / 3  # random resized crop: largest aspect ratio
-    flip_p: float = 0.5  # probability of a horizontal flip
-    jitter_strength: float = 1.0  # colour jitter s: brightness, contrast, saturation 0.8s; hue 0.2s
-    jitter_p: float = 0.8  # probability that colour jitter is applied
-    gray_p: float = 0.2  # probability of converting a view to grayscale
-    blur_p: float = 0.5  # probability of Gaussian blur (0 switches blur off, as for CIFAR)
-    blur_sigma_min: float = 0.1  # Gaussian blur: smallest sigma, in pixels
-    blur_sigma_max: float = 2.0  # Gaussian blur: largest sigma, in pixels
-    blur_kernel_frac: float = 0.1  # Gaussian blur: kernel side as a fraction of the output side
+    crop_min_area: float = setting(0.08, low=0, high=1, above=True)  # random resized crop: smallest fraction of the image area kept
+    crop_max_area: float = setting(1.0, low=0, high=1, above=True)  # random resized crop: largest fraction of the image area kept
+    crop_min_ratio: float = setting(3 / 4, low=0, above=True)  # random resized crop: smallest aspect ratio
+    crop_max_ratio: float = setting(4 / 3, low=0, above=True)  # random resized crop: largest aspect ratio
+    flip_p: float = setting(0.5, low=0, high=1)  # probability of a horizontal flip
+    jitter_strength: float = setting(1.0, low=0)  # colour jitter s: brightness, contrast, saturation 0.8s; hue 0.2s
+    jitter_p: float = setting(0.8, low=0, high=1)  # probability that colour jitter is applied
+    gray_p: float = setting(0.2, low=0, high=1)  # probability of converting a view to grayscale
+    blur_p: float = setting(0.5, low=0, high=1)  # probability of Gaussian blur (0 switches blur off, as for CIFAR)
+    blur_sigma_min: float = setting(0.1, low=0, above=True)  # Gaussian blur: smallest sigma, in pixels
+    blur_sigma_max: float = setting(2.0, low=0, above=True)  # Gaussian blur: largest sigma, in pixels
+    blur_kernel_frac: float = setting(0.1, low=0, high=1, above=True)  # Gaussian blur: kernel side as a fraction of the output side
+
+    ORDERED = (("crop_min_area", "crop_max_area"), ("crop_min_ratio", "crop_max_ratio"),
+               ("blur_sigma_min", "blur_sigma_max"))  # each (smallest, largest) pair in order (cli.check_args)
 
     def jitter_ranges(self) -> dict[str, tuple[float, float]]:
         """Ranges of the colour_twist factors. DALI takes hue in degrees: 0.2s of a turn = 72s deg."""

@@ -8,7 +8,6 @@ are left out and listed in OUT/skipped.txt, or, with --on-bad-image error, named
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -16,26 +15,30 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from cli import UserError, exit_on_user_error
+from cli import Check, Parser, check_args, checked, exit_on_user_error
 from pipelines.sources import load_folder
 from pipelines.verify import Screening
 from pipelines.webdataset import write_shards
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> Parser:
+    parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("src", help="a folder of images (class sub-folders give labels)")
     parser.add_argument("out", help="folder for shard-NNNNNN.tar and .idx files")
-    parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default: 10000)")
-    parser.add_argument("--on-bad-image", default="skip", choices=["skip", "error"],
-                        help="images DALI cannot decode: skip (listed in OUT/skipped.txt) or error")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads that check images")
+    checked(parser, "--shard-size", type=int, default=10000, check=Check(low=1),
+            help="samples per shard (default: 10000)")
+    checked(parser, "--on-bad-image", default="skip", check=Check(choices=("skip", "error")),
+            help="images DALI cannot decode: skip (listed in OUT/skipped.txt) or error")
+    checked(parser, "--workers", type=int, default=os.cpu_count() or 1, check=Check(low=1),
+            help="threads that check images")
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.shard_size < 1:
-        raise UserError(f"--shard-size must be positive, got {args.shard_size}")
-    if args.workers < 1:
-        raise UserError(f"--workers must be positive, got {args.workers}")
+    check_args(parser, args)
     screen = Screening(args.on_bad_image, args.workers)
     source = load_folder(args.src, "all", screen)
     out = Path(args.out)

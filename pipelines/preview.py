@@ -10,14 +10,14 @@ raw source image (the decoded file or the array), so crops show where they came 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cli import UserError, add_dataclass_flags, dataclass_from_args, exit_on_user_error
+from cli import (Check, Parser, UserError, add_dataclass_flags, check_args, checked, dataclass_from_args,
+                 exit_on_user_error, ordered_fields)
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
 
 CELL = 1.3  # inches per image
@@ -82,25 +82,27 @@ def draw(originals: list[np.ndarray], pairs: list, aug: Augment, size: int, out:
     return save(fig, out)
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Draw original images beside augmented training views.")
+def build_parser() -> Parser:
+    parser = Parser(description="Draw original images beside augmented training views.")
     parser.add_argument("--data", default="digits",
                         help="'digits', a folder of images, 'cifar10:PATH' or 'cifar100:PATH' (default: digits)")
     parser.add_argument("--out", default="views.png", help="PNG to write (default: views.png)")
-    parser.add_argument("--image-size", type=int, default=32, help="side of the augmented views, in pixels "
-                                                                   "(default: 32)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the images and seeds the augmentations "
-                                                            "(default: 0)")
-    parser.add_argument("--n", type=int, default=8, help="images to show (default: 8)")
-    parser.add_argument("--pairs", type=int, default=2, help="augmented pairs per image (default: 2)")
+    checked(parser, "--image-size", type=int, default=32, check=Check(low=8),
+            help="side of the augmented views, in pixels (default: 32)")
+    checked(parser, "--seed", type=int, default=0, check=Check(low=0),
+            help="picks the images and seeds the augmentations (default: 0)")
+    checked(parser, "--n", type=int, default=8, check=Check(low=1), help="images to show (default: 8)")
+    checked(parser, "--pairs", type=int, default=2, check=Check(low=1), help="augmented pairs per image (default: 2)")
     add_dataclass_flags(parser.add_argument_group("augmentations (as train.py)"), Augment)
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args, ordered_fields(Augment))
     aug = dataclass_from_args(Augment, args)
-    if args.n < 1 or args.pairs < 1:
-        raise UserError(f"--n and --pairs must be at least 1, got {args.n} and {args.pairs}")
-    if args.image_size < 8:
-        raise UserError(f"--image-size must be at least 8 pixels, got {args.image_size}")
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")

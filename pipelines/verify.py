@@ -18,7 +18,6 @@ data is still parsed, so truncation is still seen), in threads: Pillow decodes w
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import time
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from cli import UserError, exit_on_user_error
+from cli import Check, Parser, UserError, check_args, checked, exit_on_user_error
 
 # Signatures of the formats DALI decodes (at offset 0), with the name of Pillow's plugin for each.
 MAGIC = [(b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"),
@@ -158,18 +157,24 @@ class Screening:
             path.unlink(missing_ok=True)
 
 
+def build_parser() -> Parser:
+    parser = Parser(description="Check that DALI can decode every image of a folder; write the list of good "
+                                "ones for train.py --data.")
+    parser.add_argument("path", help="folder of images (class sub-folders give labels)")
+    parser.add_argument("--out", default="", help="the list to write (default: ./FOLDER.images.tsv)")
+    checked(parser, "--workers", type=int, default=os.cpu_count() or 1, check=Check(low=1), help="threads that decode")
+    return parser
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from pipelines.sources import load_folder, write_image_list
 
-    parser = argparse.ArgumentParser(description="Check that DALI can decode every image of a folder; "
-                                                 "write the list of good ones for train.py --data.")
-    parser.add_argument("path", help="folder of images (class sub-folders give labels)")
-    parser.add_argument("--out", default="", help="the list to write (default: ./FOLDER.images.tsv)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads that decode")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)
     root = Path(args.path)
     source = load_folder(str(root), "all")  # one sentence if it is missing, empty or holds no images
     out = Path(args.out or f"{root.resolve().name}.images.tsv")

@@ -83,7 +83,7 @@ def test_evaluate_writes_every_key(two_epochs, folder):
     (["--data", "EMPTY"], "is empty"),
     (["--data", "NOIMAGES"], "holds no images"),
     (["--data", "FOLDER", "--batch-size", "64"], "--batch-size 64 is larger than the 22 training images"),
-    (["--data", "FOLDER", "--batch-size", "8", "--temperature", "0"], "--temperature must be positive"),
+    (["--data", "FOLDER", "--batch-size", "8", "--temperature", "0"], "--temperature must be more than 0, got 0.0"),
     (["--data", "FOLDER", "--batch-size", "8", "--backbone", "resnet19x"], "unknown backbone 'resnet19x'"),
 ])
 def test_cli_errors_are_one_sentence(args, sentence, folder, tmp_path):
