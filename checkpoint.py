@@ -3,20 +3,24 @@ the old one and swapped in with renames, and a run resumes from the last whole o
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
 from cli import UserError
+from readback import (Unreadable, check_manifest, check_safetensors, check_torch_file, manifest, present, read_json,
+                      read_jsonl)
 
 
 def save_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_state: bytes | None = None) -> None:
     """Accelerate state + our progress (+ each process's DALI state mid-epoch), atomically: a crash,
-    even kill -9, at any moment leaves the previous checkpoint whole, and find_checkpoint finds it."""
+    even kill -9, at any moment leaves a whole checkpoint that find_checkpoint finds, and the one
+    before the newest stays beside it (checkpoint.prev), for when the newest is damaged later."""
     from safeguards import fsync
 
-    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
+    final, prev, tmp, drop = (out / name for name in (NEWEST, PREVIOUS, "checkpoint.tmp", "checkpoint.drop"))
     try:
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
@@ -28,28 +32,43 @@ def save_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_st
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json(tmp / "config.json", config)
-            write_json(tmp / "progress.json", state)  # written last: its presence marks a whole save
             as_umask_allows(*tmp.iterdir())
+            # written last, its presence marks a whole save; it lists every file's size and checksum
+            write_json(tmp / "progress.json", {**state, "files": manifest(tmp)})
+            as_umask_allows(tmp / "progress.json")
             fsync(*tmp.iterdir(), tmp)  # on the disk before the swap, also across a power cut
-            if final.exists():
-                if old.exists():  # left by a crash during the last clean-up; `final` is whole
-                    shutil.rmtree(old)
-                final.rename(old)
+            if drop.exists():  # left by a crash during the last clean-up
+                shutil.rmtree(drop)
+            if final.exists():  # renames only: at every moment one of final, prev, tmp is whole
+                if prev.exists():
+                    prev.rename(drop)
+                final.rename(prev)
             tmp.rename(final)
             fsync(out)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(drop, ignore_errors=True)
+            shutil.rmtree(out / LEGACY, ignore_errors=True)
     except OSError as err:
         raise UserError(f"cannot write a checkpoint to {tmp}: {err.strerror}; the previous one in {out} "
                         f"is whole") from None
     accelerator.wait_for_everyone()
 
 
+NEWEST, PREVIOUS = "checkpoint", "checkpoint.prev"
+LEGACY = "checkpoint.old"  # older versions' name for the previous checkpoint, left by a crash mid-swap
+SET_ASIDE = "checkpoint.set-aside"  # a newest checkpoint passed over by --resume-from
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The checkpoint folders in `out`, newest first. A folder only takes the name `checkpoint` whole
+    (renamed from checkpoint.tmp), so `checkpoint` is the newest; without it (a crash between two
+    renames) the previous one is."""
+    return [out / name for name in (NEWEST, PREVIOUS, LEGACY) if (out / name).is_dir()]
+
+
 def find_checkpoint(out: Path) -> Path | None:
-    """The last whole checkpoint (also after a crash between the two renames)."""
-    for path in (out / "checkpoint", out / "checkpoint.old"):
-        if (path / "progress.json").is_file():
-            return path
-    return None
+    """The newest checkpoint, whole unless damaged since (open_checkpoint checks)."""
+    found = checkpoints(out)
+    return found[0] if found else None
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -96,19 +115,81 @@ def prepare_out(cfg, out: Path, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def saved_config(out: Path) -> tuple[Path, dict]:
-    """The last whole checkpoint and the settings it was written with."""
-    path = find_checkpoint(out)
+@dataclasses.dataclass
+class Saved:
+    """A checkpoint read back whole: its folder, the settings it was written with and its progress."""
+    path: Path
+    config: dict
+    progress: dict
+
+    @property
+    def step(self) -> int:
+        return self.progress["step"]
+
+
+def check_checkpoint(path: Path) -> Saved:
+    """Every file of the checkpoint in `path`, read back as far as it can be without loading it:
+    Unreadable (without a remedy) names the first one missing, cut short or not what train.py writes."""
+    progress = read_json(path / "progress.json", "", need=("epoch", "step"))
+    if "files" in progress:  # each file's size and checksum, in checkpoints written since they are listed
+        check_manifest(path, progress["files"], "")
+    config = read_json(path / "config.json", "", need=("global_batch", "world_size", "steps_per_epoch"))
+    for file, key in ((path / "progress.json", "step"), (path / "config.json", "global_batch"),
+                      (path / "config.json", "world_size"), (path / "config.json", "steps_per_epoch")):
+        value = (progress if file.name == "progress.json" else config)[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "step" else 1):
+            raise Unreadable(file, f"holds {key} {value!r}, not a count: it was not written by train.py")
+    check_safetensors(path / "model.safetensors", "")
+    check_torch_file(path / "optimizer.bin", "")
+    for rank in range(config["world_size"]):
+        check_torch_file(path / f"random_states_{rank}.pkl", "")
+        if progress["step"] % config["steps_per_epoch"]:  # mid-epoch: each process's DALI state
+            present(path / f"dali_{rank}.state", "")
+    if (path / "scaler.pt").exists():  # --mixed-precision fp16
+        check_torch_file(path / "scaler.pt", "")
+    return Saved(path, config, progress)
+
+
+def open_checkpoint(out: Path, resume_from: str = "") -> Saved:
+    """The checkpoint that --resume (the newest in `out`) or --resume-from continues from, read back
+    whole; a damaged one is one sentence that offers another whole checkpoint of the run if there is one."""
+    flag = "--resume-from" if resume_from else "--resume"
+    path = Path(resume_from) if resume_from else find_checkpoint(out)
     if path is None:
-        raise UserError(f"--resume: there is no checkpoint in {out / 'checkpoint'}")
-    return path, json.loads((path / "config.json").read_text())
+        raise UserError(f"--resume: there is no checkpoint in {out / NEWEST}")
+    if not path.is_dir():
+        raise UserError(f"--resume-from {path}: no such checkpoint folder")
+    try:
+        return check_checkpoint(path)
+    except Unreadable as err:
+        raise err.fixed_by(other_checkpoint(out, path, flag), f"{flag}: ") from None
 
 
-def resumed_batch(out: Path, world: int, given: int | None) -> int:
+def other_checkpoint(out: Path, bad: Path, flag: str = "--resume") -> str:
+    """What to do when checkpoint `bad` cannot be used: resume from another whole one of the run, or
+    start again."""
+    for other in checkpoints(out):
+        if other.resolve() == bad.resolve():
+            continue
+        try:
+            saved = check_checkpoint(other)
+        except Unreadable:
+            continue
+        return f"the checkpoint {other} (step {saved.step}) is whole: continue from it with --resume-from {other} " \
+               f"in place of {flag}"
+    return f"{out} holds no other whole checkpoint: start the run again (with another --out)"
+
+
+def check_metrics(out: Path) -> None:
+    """metrics.jsonl, which a resumed run appends to, readable (a last line cut by a kill is fine)."""
+    if (out / "metrics.jsonl").is_file():
+        read_jsonl(out / "metrics.jsonl", "delete what is damaged (or the whole file) and resume again")
+
+
+def resumed_batch(saved: Saved, world: int, given: int | None) -> int:
     """The per-process batch of a resumed run: its global batch, which the schedule and the learning
     rate were built for, over this invocation's processes. `given`: --batch-size, if named."""
-    path, saved = saved_config(out)
-    total = saved["global_batch"]
+    total = saved.config["global_batch"]
     if total % world:
         sizes = ", ".join(str(w) for w in range(1, total + 1) if total % w == 0)
         raise UserError(f"--resume: the run's global batch of {total} images does not split over {world} "
@@ -119,22 +200,23 @@ def resumed_batch(out: Path, world: int, given: int | None) -> int:
     return total // world
 
 
-def resume(cfg, out: Path, accelerator, steps_per_epoch: int, wds: bool) -> tuple[int, bytes | None, list]:
-    """Load the last checkpoint; returns the step it was saved at, DALI's state when it stops inside an
-    epoch and was written by as many processes (else the epoch goes on from its next global batch,
-    pipelines.loader.shard_order), and the run's world sizes so far as [[processes, from step], ...]."""
-    path, saved = saved_config(out)
+def resume(cfg, saved: Saved, out: Path, accelerator, model, steps_per_epoch: int,
+           wds: bool) -> tuple[int, bytes | None, list]:
+    """Load checkpoint `saved` (open_checkpoint) into `model` and the optimiser; returns the step it was
+    saved at, DALI's state when it stops inside an epoch and was written by as many processes (else the
+    epoch goes on from its next global batch, pipelines.loader.shard_order), and the run's world sizes
+    so far as [[processes, from step], ...]. With --resume-from, a newer checkpoint is set aside first."""
+    path, config, step = saved.path, saved.config, saved.step
     for key in ("backbone", "small_stem", "proj_hidden", "proj_dim", "data"):
-        if saved.get(key) != getattr(cfg, key):
+        if config.get(key) != getattr(cfg, key):
             raise UserError(f"--resume: the checkpoint in {path} was trained with --{key.replace('_', '-')} "
-                            f"{saved.get(key)}, not {getattr(cfg, key)}")
-    if saved.get("steps_per_epoch") != steps_per_epoch:
+                            f"{config.get(key)}, not {getattr(cfg, key)}")
+    if config["steps_per_epoch"] != steps_per_epoch:
         raise UserError(f"--resume: {cfg.data} now gives {steps_per_epoch} steps per epoch, not the "
-                        f"{saved.get('steps_per_epoch')} the checkpoint in {path} was written with: "
+                        f"{config['steps_per_epoch']} the checkpoint in {path} was written with: "
                         f"the data changed")
-    step = json.loads((path / "progress.json").read_text())["step"]
-    before, world = saved["world_size"], accelerator.num_processes
-    history = saved.get("world_sizes") or [[before, 0]]
+    before, world = config["world_size"], accelerator.num_processes
+    history = config.get("world_sizes") or [[before, 0]]
     if world != before:
         history = history + [[world, step]]
         if step % steps_per_epoch and wds:
@@ -142,10 +224,25 @@ def resume(cfg, out: Path, accelerator, steps_per_epoch: int, wds: bool) -> tupl
                             f"splits by process: finish that epoch on {before} process(es), then resume on {world}")
     from safeguards import load_state_safely
 
-    load_state_safely(accelerator, path)  # refuses pickles that would run code
+    remedy = other_checkpoint(out, path, "--resume-from" if cfg.resume_from else "--resume")
+    shapes = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    try:
+        check_safetensors(path / "model.safetensors", "", expect=shapes, what=f"--backbone {cfg.backbone}")
+    except Unreadable as err:
+        raise err.fixed_by(remedy, "--resume: ") from None
+    load_state_safely(accelerator, path, remedy)  # refuses pickles that would run code
+    newest = out / NEWEST
+    if accelerator.is_main_process and newest.is_dir() and newest.resolve() != path.resolve():
+        shutil.rmtree(out / SET_ASIDE, ignore_errors=True)  # set aside by an earlier --resume-from
+        newest.rename(out / SET_ASIDE)  # so that the next save keeps `path` as the previous checkpoint
+    accelerator.wait_for_everyone()
     if step % steps_per_epoch == 0 or world != before:
         return step, None, history
-    state = path / f"dali_{accelerator.process_index}.state"
-    if not state.is_file():
-        raise UserError(f"--resume: {path} stops inside an epoch but lacks {state.name}")
-    return step, state.read_bytes(), history
+    return step, (path / f"dali_{accelerator.process_index}.state").read_bytes(), history
+
+
+def unrestorable(saved: Saved, out: Path, rank: int, err: Exception) -> UserError:
+    """DALI could not restore a mid-epoch pipeline state from checkpoint `saved`."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(".")
+    return UserError(f"--resume: {saved.path / f'dali_{rank}.state'} is not a DALI pipeline state this version "
+                     f"can restore ({reason}): {other_checkpoint(out, saved.path)}")

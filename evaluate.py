@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from checkpoint import write_json
+from readback import Unreadable, check_safetensors, read_json
 from cli import (Parser, UserError, add_dataclass_flags, check_args, dataclass_from_args, exit_on_user_error,
                  recorded_settings, setting)
 from probes import extract, knn_top1, linear_probe_top1  # noqa: F401  (public API, used by tests)
@@ -84,11 +84,39 @@ def evaluate_backbone(model, train_loader, test_loader, cfg: EvalConfig, device)
 
 # -- inputs -----------------------------------------------------------------------------------
 def load_run(run: Path) -> dict:
-    if not (run / "config.json").is_file():
+    """The run's settings (config.json) and its exported backbone, both read back before any work."""
+    from checkpoint import check_checkpoint, find_checkpoint
+    from models.backbone import create_backbone
+
+    copy = run / "checkpoint" / "config.json"
+    if not (run / "config.json").is_file() and not copy.is_file():
         raise UserError(f"{run} is not a training run: it has no config.json (pass train.py's --out)")
-    if not (run / "backbone.safetensors").is_file():
+    try:  # the newest checkpoint holds the same settings, and the weights to export the backbone again
+        whole = check_checkpoint(find_checkpoint(run) or run / "checkpoint")
+    except Unreadable:
+        whole = None
+    fix = f"the checkpoint keeps a copy: copy {whole.path / 'config.json'} to {run}" if whole else \
+        f"{run} holds no whole checkpoint to recover it from: train again"
+    run_cfg = read_json(run / "config.json", fix, need=("backbone", "image_size", "data"))
+    weights = run / "backbone.safetensors"
+    if not weights.is_file():
         raise UserError(f"{run} has no backbone.safetensors yet: training has not finished")
-    return json.loads((run / "config.json").read_text())
+    fix = f"export it again from the checkpoint with  python train.py --config {whole.path / 'config.json'} " \
+          f"--out {run} --resume" if whole else f"{run} holds no whole checkpoint to export it from: train again"
+    model = create_backbone(run_cfg["backbone"], run_cfg.get("small_stem", False))
+    check_safetensors(weights, fix, expect={k: tuple(v.shape) for k, v in model.state_dict().items()},
+                      what=f"the run's backbone ({run_cfg['backbone']})")
+    return run_cfg
+
+
+def training_records(run: Path, cfg: EvalConfig) -> dict | None:
+    """metrics.jsonl by kind, for the training curves (None: no plots, or nothing logged yet)."""
+    import plots
+
+    if not cfg.plots or not (run / "metrics.jsonl").is_file():
+        return None
+    kinds = plots.read_metrics(run / "metrics.jsonl", "delete what is damaged, or pass --no-plots")
+    return kinds if kinds.get("step") or kinds.get("epoch") else None
 
 
 def labelled(source, what: str):
@@ -219,12 +247,13 @@ def print_table(results: dict, run_cfg: dict, data: str, cfg: EvalConfig) -> Non
     Console().print(table)
 
 
-def make_plots(run: Path, cfg: EvalConfig, feats: dict, train_src, test_src, results: dict) -> dict:
+def make_plots(run: Path, cfg: EvalConfig, feats: dict, train_src, test_src, results: dict,
+               records: dict | None) -> dict:
     import plots
 
     written = {}
-    if (run / "metrics.jsonl").is_file():
-        written["curves"] = plots.training_curves(run / "metrics.jsonl", run / "training_curves.png")
+    if records is not None:
+        written["curves"] = plots.training_curves(run / "metrics.jsonl", run / "training_curves.png", records)
     _, _, test_x, test_y = feats["simclr"]
     maps = {"SimCLR": feats["simclr"][2], "random init": feats["random_init"][2]}
     scores = {"SimCLR": results["knn_top1"], "random init": results["random_init"]["knn_top1"]}
@@ -247,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = Path(cfg.run)
     run_cfg = load_run(run)
+    records = training_records(run, cfg)
     cuda = torch.cuda.is_available()
     device, device_id = torch.device("cuda" if cuda else "cpu"), (0 if cuda else None)
     if cfg.embed:
@@ -279,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(run / "eval.json", results)
     write_json(run / "eval_config.json", dataclasses.asdict(cfg))  # `evaluate.py --config` runs it again
     if cfg.plots:  # after the numbers are safe on disk
-        results["plots"] = make_plots(run, cfg, feats, train_src, test_src, results)
+        results["plots"] = make_plots(run, cfg, feats, train_src, test_src, results, records)
         write_json(run / "eval.json", results)
     return 0
 

@@ -8,7 +8,6 @@ Agg backend, at fixed figure sizes (FIGURE_SIZES), so a PNG's pixel size depends
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -41,17 +40,13 @@ def save(fig, path: Path) -> Path:
 
 
 # -- training curves --------------------------------------------------------------------------------
-def read_metrics(path: Path) -> dict[str, list[dict]]:
+def read_metrics(path: Path, fix: str = "delete what is damaged") -> dict[str, list[dict]]:
     """Records of metrics.jsonl by kind, in step order; a step logged twice (a resume after a crash
-    repeats the epoch it crashed in) keeps its last record."""
+    repeats the epoch it crashed in) keeps its last record. A last line cut short by a kill is left out."""
+    from readback import read_jsonl
+
     by_key = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path} line {n} is not JSON: is it a metrics.jsonl from train.py?") from None
+    for record in read_jsonl(Path(path), fix):
         by_key[(record.get("kind"), record.get("step"))] = record
     kinds: dict[str, list[dict]] = {}
     for (kind, _), record in sorted(by_key.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
@@ -59,9 +54,10 @@ def read_metrics(path: Path) -> dict[str, list[dict]]:
     return kinds
 
 
-def training_curves(metrics: Path, out: Path) -> Path:
-    """Loss, learning rate and images/s against the step (plus online kNN top-1 when logged)."""
-    kinds = read_metrics(metrics)
+def training_curves(metrics: Path, out: Path, kinds: dict[str, list[dict]] | None = None) -> Path:
+    """Loss, learning rate and images/s against the step (plus online kNN top-1 when logged); `kinds`:
+    read_metrics(metrics), when read already."""
+    kinds = read_metrics(metrics) if kinds is None else kinds
     steps, epochs, knn = kinds.get("step", []), kinds.get("epoch", []), kinds.get("knn", [])
     if not steps and not epochs:
         raise UserError(f"{metrics} holds no training records yet")

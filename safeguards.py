@@ -65,7 +65,12 @@ class StopSignal:
 
     def message(self, step: int, out: Path, argv: list[str] | None, world: int) -> str:
         """The one line printed after the checkpoint: where it is and how to go on."""
-        args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        args, given = [], iter(sys.argv[1:] if argv is None else argv)
+        for arg in given:  # the newest checkpoint is the one to go on from, whichever this run started from
+            if arg == "--resume-from":
+                next(given, None)
+            elif arg != "--resume" and not arg.startswith("--resume-from="):
+                args.append(arg)
         how = "launch it as before with --resume" if world > 1 else \
             "continue with  " + shlex.join(["python", "train.py", *args, "--resume"])
         return f"{self.name} at step {step}: the checkpoint is in {out / 'checkpoint'}; {how}"
@@ -237,11 +242,11 @@ def fsync(*paths: Path) -> None:
 # -- room on the output disk ----------------------------------------------------------------------
 def checkpoint_bytes(model, optimizer_name: str) -> int:
     """About what the output folder must hold at the worst moment: while a checkpoint is written the
-    previous one stays, each holding the weights and the optimiser's state (one tensor per weight
-    for momentum, two for AdamW), plus the exported backbone."""
+    newest and the previous one stay, each holding the weights and the optimiser's state (one tensor
+    per weight for momentum, two for AdamW), plus the exported backbone."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     per_checkpoint = weights * (1 + (2 if optimizer_name == "adamw" else 1))
-    return 2 * per_checkpoint + weights
+    return 3 * per_checkpoint + weights
 
 
 def check_free_space(out: Path, need: int) -> None:
@@ -272,11 +277,15 @@ def check_checkpoint_files(path: Path, rank: int) -> None:
                             f"({type(err).__name__}); refusing to load it") from None
 
 
-def load_state_safely(accelerator, path: Path) -> None:
-    """accelerator.load_state, with a refused pickle reported in one sentence."""
+def load_state_safely(accelerator, path: Path, remedy: str) -> None:
+    """accelerator.load_state, with a refused pickle, or a file that passed checkpoint.check_checkpoint
+    and still does not load, reported in one sentence ending in `remedy`."""
     check_checkpoint_files(path, accelerator.process_index)
     try:
         accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError, EOFError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(".")
+        raise UserError(f"--resume: the checkpoint in {path} does not load ({reason}): {remedy}") from None
     except pickle.UnpicklingError:  # torch.load(weights_only=True) met a global it does not allow
         from accelerate.utils import load
 

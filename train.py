@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import export_backbone, prepare_out, resume, resumed_batch, save_checkpoint, write_json
+from checkpoint import (check_metrics, export_backbone, open_checkpoint, prepare_out, resume, resumed_batch,
+                        save_checkpoint, unrestorable, write_json)
 from cli import (Parser, UserError, add_dataclass_flags, check_args, dataclass_from_args, exit_on_user_error,
                  given_dests, ordered_fields, recorded_settings, setting)
 from pipelines.augment import Augment
@@ -54,6 +55,7 @@ class Config:
     compile: bool = False  # torch.compile the model (backbone and head)
     seed: int = setting(0, low=0)  # seeds weights, data order and augmentations
     resume: bool = False  # continue from OUT/checkpoint
+    resume_from: str = ""  # continue from this checkpoint folder instead (OUT/checkpoint.prev, the one before the newest); implies --resume
     stop_after: int = setting(0, low=0)  # end this invocation after this many epochs, checkpointed (0 = never)
     workers: int = setting(0, low=0)  # DALI CPU threads per process (0 = cores / processes)
     log_every: int = setting(10, low=1)  # steps between lines in metrics.jsonl: the only steps (with epoch ends) that read the device
@@ -89,10 +91,12 @@ def parse_command(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     first.add_argument("--config", default="")
     recorded = first.parse_known_args(argv)[0].config
     if recorded:  # a new run: --resume is an action of the recorded run, not one of its settings
-        parser.set_defaults(**recorded_settings(recorded, Config, DERIVED, skip=frozenset({"resume", "config"})))
+        actions = frozenset({"resume", "resume_from", "config"})
+        parser.set_defaults(**recorded_settings(recorded, Config, DERIVED, skip=actions))
     args = parser.parse_args(argv)
     check_args(parser, args, ordered_fields(Augment))
     cfg = dataclass_from_args(Config, args, aug=dataclass_from_args(Augment, args))
+    cfg.resume = cfg.resume or bool(cfg.resume_from)
     validate(cfg)
     return cfg, given_dests(parser, argv)
 
@@ -220,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
     prepare_out(cfg, out, accelerator)
     set_seed(cfg.seed)
-    if cfg.resume:  # the run's global batch, over however many processes this invocation has
-        cfg.batch_size = resumed_batch(out, world, cfg.batch_size if "batch_size" in given else None)
+    resuming = open_checkpoint(out, cfg.resume_from) if cfg.resume else None  # every file read back first
+    if resuming is not None:  # the run's global batch, over however many processes this invocation has
+        check_metrics(out)
+        cfg.batch_size = resumed_batch(resuming, world, cfg.batch_size if "batch_size" in given else None)
 
     # data: each process reads its own shard; steps per epoch are equal on every process
     workers = cfg.workers or max(1, (os.cpu_count() or 1) // world)
@@ -257,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
                 "channels_last_resolved": channels_last, "warmup_epochs_resolved": warmup_epochs(cfg),
                 "scan": screen.summary() if screen.checked else None}
-    start_step, loader_state, history = (resume(cfg, out, accelerator, steps_per_epoch, source.shards is not None)
-                                         if cfg.resume else (0, None, [[world, 0]]))
+    start_step, loader_state, history = (resume(cfg, resuming, out, accelerator, model, steps_per_epoch,
+                                                source.shards is not None) if resuming else (0, None, [[world, 0]]))
     resolved["world_sizes"] = history  # [[processes, from step], ...]: a resume may change them
     start_epoch = start_step // steps_per_epoch
     report = Report(accelerator.is_main_process, out, accelerator.reduce, accelerator.device)
@@ -299,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for epoch in range(start_epoch, last):
             done = step - epoch * steps_per_epoch  # steps of this epoch taken before a mid-epoch resume
-            loader = train_loader(source, batch_size=cfg.batch_size, size=cfg.image_size, aug=cfg.aug,
-                                  shard=shard, seed=cfg.seed, epoch=epoch, workers=workers, device_id=device_id,
-                                  channels_last=channels_last, state=loader_state if done else None, done=done)
+            try:
+                loader = train_loader(source, batch_size=cfg.batch_size, size=cfg.image_size, aug=cfg.aug,
+                                      shard=shard, seed=cfg.seed, epoch=epoch, workers=workers, device_id=device_id,
+                                      channels_last=channels_last, state=loader_state if done else None, done=done)
+            except RuntimeError as err:  # DALI refused the saved state of a checkpoint without a file list
+                if not (done and loader_state):
+                    raise
+                raise unrestorable(resuming, out, rank, err) from None
             model.train()
             report.epoch_start(epoch, steps_per_epoch, done)
             stopping = False

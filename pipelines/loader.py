@@ -5,6 +5,7 @@ same number of steps and a run can be resumed at any step. Files are read by DAL
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from cli import UserError
 from pipelines.augment import Augment, center_view, decode, simclr_view
 from pipelines.sources import Source
 from pipelines.webdataset import IMAGE_EXTS, LABEL_BYTES, parse_labels
@@ -156,6 +158,23 @@ def layout_for(channels_last: bool) -> str:
     return "HWC" if channels_last else "CHW"
 
 
+@contextlib.contextmanager
+def dali_errors(source: Source):
+    """Data that DALI cannot read once training runs (a file or shard damaged after it was screened or
+    packed) is one sentence naming the data and DALI's own words, not DALI's traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        if not lines or not lines[0].startswith("Critical error in pipeline"):
+            raise
+        where = next((line.rstrip(",") for line in lines if line.startswith("Error in")), "DALI")
+        said = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[-1]
+        check = "python -m pipelines.pack" if source.shards is not None else "python -m pipelines.verify"
+        raise UserError(f"DALI could not read a batch of {source.name} ({where}: {said}): the data changed after "
+                        f"it was checked; check it again with {check}") from None
+
+
 class Loader:
     """Iterates one epoch of torch batches from a DALI pipeline; `len()` is the steps in it (those
     still to come when `done` steps of the epoch were taken before a restored checkpoint). Views are
@@ -163,8 +182,9 @@ class Loader:
 
     def __init__(self, pipe, feeder, names: list[str], done: int = 0, layout: str = "CHW"):
         self.feeder, self.done, self.layout = feeder, done, layout
-        self.iterator = DALIGenericIterator(pipe, names, reader_name=feeder.reader_name,
-                                            last_batch_policy=LastBatchPolicy.PARTIAL)
+        with dali_errors(feeder.source):  # the iterator reads its first batch
+            self.iterator = DALIGenericIterator(pipe, names, reader_name=feeder.reader_name,
+                                                last_batch_policy=LastBatchPolicy.PARTIAL)
 
     def __len__(self) -> int:
         return self.feeder.steps - self.done
@@ -176,13 +196,22 @@ class Loader:
         return self.iterator.checkpoints()[0]
 
     def __iter__(self):
-        for batch in itertools.islice(self.iterator, len(self)):
+        for batch in self.batches():
             outputs = [batch[0][name] for name in self.iterator.output_map]
             if outputs[-1].dim() == 2:  # WebDataset labels arrive as padded ASCII
                 outputs[-1] = torch.from_numpy(parse_labels(outputs[-1].numpy()))
             if self.layout == "HWC":  # (N, S, S, 3) -> (N, 3, S, S), channels-last strides, no copy
                 outputs[:-1] = [view.permute(0, 3, 1, 2) for view in outputs[:-1]]
             yield tuple(outputs)
+
+    def batches(self):
+        batches = iter(itertools.islice(self.iterator, len(self)))
+        while True:
+            with dali_errors(self.feeder.source):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
 
 
 def placement(device_id: int | None) -> str:

@@ -240,20 +240,29 @@ def load_list(path: str, split: str) -> Source:
     file = Path(path)
     if not is_image_list(path):
         raise UserError(f"{file} is not an image list written by `python -m pipelines.verify`")
-    lines = file.read_text(encoding="utf-8").splitlines()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"image list {file} is damaged (it holds binary data): run `python -m pipelines.verify "
+                        f"FOLDER --out {file}` again") from None
+    lines = text.splitlines()
     if len(lines) < 3 or not lines[1].startswith("# root: ") or not lines[2].startswith("# classes:"):
-        raise UserError(f"image list {file} lacks its '# root:' and '# classes:' header lines")
+        raise UserError(f"image list {file} lacks its '# root:' and '# classes:' header lines: run "
+                        f"`python -m pipelines.verify FOLDER --out {file}` again")
+    again = f"run `python -m pipelines.verify {lines[1][len('# root: '):]} --out {file}` again"
+    if not text.endswith("\n"):  # every line ends with one: a list without it was cut short
+        raise UserError(f"image list {file} is cut short (its last line is incomplete): {again}")
     root = Path(lines[1][len("# root: "):])
     classes = [c for c in lines[2][len("# classes:"):].strip().split("\t") if c]
     files, labels = [], []
     for number, line in enumerate(lines[3:], start=4):
         name, tab, label = line.rpartition("\t")
         if not tab or not label.lstrip("-").isdigit() or int(label) >= len(classes):
-            raise UserError(f"line {number} of image list {file} is not 'PATH<TAB>LABEL': {line[:80]!r}")
+            raise UserError(f"line {number} of image list {file} is not 'PATH<TAB>LABEL' ({line[:80]!r}): {again}")
         files.append(str(root / name))
         labels.append(int(label))
     if not files:
-        raise UserError(f"image list {file} names no images")
+        raise UserError(f"image list {file} names no images: {again}")
     missing = next((f for f in files if not os.path.isfile(f)), None)
     if missing is not None:
         raise UserError(f"{missing}, named in image list {file}, does not exist: "

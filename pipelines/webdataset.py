@@ -24,12 +24,46 @@ def index_path(shard: str) -> str:
     return str(Path(shard).with_suffix(".idx"))
 
 
-def count_samples(index_file: str) -> int:
-    with open(index_file) as f:
-        header = f.readline().split()
-    if len(header) != 2 or not header[1].isdigit():
-        raise UserError(f"{index_file} is not a DALI webdataset index (its first line should be 'v1.2 N')")
-    return int(header[1])
+REINDEX = "write the shards again with 'python -m pipelines.pack', or index them with DALI's wds2idx"
+
+
+def count_samples(index_file: str, shard: str) -> int:
+    """The samples a DALI webdataset index lists, after checking it whole: its 'v1.2 N' header, N lines of
+    'EXT OFFSET SIZE NAME' components, each inside its tar shard."""
+    path, shard = Path(index_file), Path(shard)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a DALI webdataset index (it holds binary data): {REINDEX}") from None
+    header = lines[0].split()
+    if len(header) != 2 or not header[0].startswith("v1") or not header[1].isdigit():
+        raise UserError(f"{path} is not a DALI webdataset index (its first line should be 'v1.2 N'): {REINDEX}")
+    count, entries = int(header[1]), [line for line in lines[1:] if line.strip()]
+    if len(entries) != count or (count and lines[-1] != ""):
+        raise UserError(f"{path} is cut short ({len(entries)} of the {count} samples it announces): {REINDEX}")
+    end = shard.stat().st_size
+    with open(shard, "rb") as tar:
+        for number, line in enumerate(entries, start=2):
+            parts = line.split()
+            ok = parts and len(parts) % 4 == 0 and all(p.isdigit() for p in parts[1::4] + parts[2::4])
+            if not ok:
+                raise UserError(f"line {number} of {path} is not 'EXT OFFSET SIZE NAME': {REINDEX}")
+            places = [(int(o), int(n)) for o, n in zip(parts[1::4], parts[2::4])]
+            if max(o + n for o, n in places) > end:
+                raise UserError(f"{shard} is cut short: its index {path} places sample {number - 1} past its end "
+                                f"({end:,} bytes); {REINDEX}")
+            if number in (2, count + 1):  # the first and last samples: their tar headers where the index says
+                for offset, size in places:
+                    tar.seek(offset - 512)
+                    try:
+                        header_ok = offset >= 512 and tarfile.TarInfo.frombuf(tar.read(512), "utf-8",
+                                                                              "surrogateescape").size == size
+                    except tarfile.HeaderError:
+                        header_ok = False
+                    if not header_ok:
+                        raise UserError(f"{shard} is damaged: there is no tar header where its index {path} "
+                                        f"places sample {number - 1}; {REINDEX}")
+    return count
 
 
 def find_shards(pattern: str) -> tuple[list[str], list[str], list[int]]:
@@ -42,7 +76,7 @@ def find_shards(pattern: str) -> tuple[list[str], list[str], list[int]]:
         if not Path(index).is_file():
             raise UserError(f"shard {shard} has no index file {index}: write shards with "
                             f"'python -m pipelines.pack', or index them with DALI's wds2idx")
-    return shards, indexes, [count_samples(i) for i in indexes]
+    return shards, indexes, [count_samples(i, s) for s, i in zip(shards, indexes)]
 
 
 def parse_labels(padded: np.ndarray) -> np.ndarray:

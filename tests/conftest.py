@@ -1,6 +1,7 @@
 """Shared fixtures: small generated image folders and CIFAR-style pickles (tests make their data)."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -135,6 +136,11 @@ def train_here(*args: str) -> int:
     import train
 
     return train.main([*args, *TINY])
+
+
+def progress(checkpoint: Path) -> dict:
+    """A checkpoint's progress.json, less its list of files."""
+    return {k: v for k, v in json.loads((checkpoint / "progress.json").read_text()).items() if k != "files"}
 
 
 class StepHooks(dict):

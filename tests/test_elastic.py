@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, make_folder, run_cli
 from safetensors.torch import load_file
 
-from checkpoint import resumed_batch
+from checkpoint import Saved, resumed_batch
 from cli import UserError
 
 LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -70,12 +70,10 @@ def test_a_run_stopped_mid_epoch_resumes_on_another_number_of_processes(folder, 
 
 
 def test_a_global_batch_that_does_not_split_is_one_sentence(tmp_path):
-    (tmp_path / "checkpoint").mkdir()
-    (tmp_path / "checkpoint" / "progress.json").write_text(json.dumps({"epoch": 0, "step": 4}))
-    (tmp_path / "checkpoint" / "config.json").write_text(json.dumps({"global_batch": 8, "world_size": 2}))
-    assert resumed_batch(tmp_path, 4, None) == 2 and resumed_batch(tmp_path, 1, 8) == 8
+    saved = Saved(tmp_path, {"global_batch": 8, "world_size": 2}, {"epoch": 0, "step": 4})
+    assert resumed_batch(saved, 4, None) == 2 and resumed_batch(saved, 1, 8) == 8
     with pytest.raises(UserError, match=r"global batch of 8 images does not split over 3 processes; "
                                         r"resume it on 1, 2, 4, 8 process\(es\)"):
-        resumed_batch(tmp_path, 3, None)
+        resumed_batch(saved, 3, None)
     with pytest.raises(UserError, match=r"--batch-size on 2 process\(es\) is 4, not 8 \(or leave --batch-size out\)"):
-        resumed_batch(tmp_path, 2, 8)
+        resumed_batch(saved, 2, 8)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, ROOT, TINY, make_folder, nan, run_cli, train_here
+from conftest import ENV, ROOT, TINY, make_folder, nan, progress, run_cli, train_here
+from readback import check_manifest, manifest
 from safetensors.torch import load_file
 from test_bad_images import bad_folder  # noqa: F401  (a fixture)
 
@@ -74,11 +75,11 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(bad_folder, 
     proc.send_signal(signal.SIGCONT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
-    progress = json.loads((out / "checkpoint" / "progress.json").read_text())
-    assert progress["step"] % 4 != 0, progress  # stopped mid-epoch, and saved there
+    saved = progress(out / "checkpoint")
+    assert saved["step"] % 4 != 0, saved  # stopped mid-epoch, and saved there
     assert (out / "checkpoint" / "dali_0.state").is_file()
     line = stdout.strip().splitlines()[-1]
-    assert line.startswith(f"SIGTERM at step {progress['step']}: the checkpoint is in {out / 'checkpoint'}")
+    assert line.startswith(f"SIGTERM at step {saved['step']}: the checkpoint is in {out / 'checkpoint'}")
     assert f"; continue with  python train.py --data {bad_folder} --out {out} " in line
     assert line.endswith(" --save-every-steps 3 --resume")
     assert_same_weights(resume_to_the_end(bad_folder, out), straight)
@@ -94,8 +95,8 @@ def test_kill_9_while_saving_leaves_the_last_checkpoint_whole(bad_folder, straig
     wait_for(lambda: (out / "checkpoint.tmp").exists() or logged_step(out, 7), proc)
     proc.kill()
     proc.communicate()
-    progress = json.loads((checkpoint.find_checkpoint(out) / "progress.json").read_text())
-    assert progress["step"] >= 3  # whichever save the kill hit, the one before it is whole
+    saved = progress(checkpoint.find_checkpoint(out))
+    assert saved["step"] >= 3  # whichever save the kill hit, the one before it is whole
     assert_same_weights(resume_to_the_end(bad_folder, out), straight)
 
 
@@ -130,20 +131,24 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_whole_checkpoint(tmp_path, monk
     for crash_at in range(1, 8):
         out = tmp_path / f"c{crash_at}"
         out.mkdir()
-        checkpoint.save_checkpoint(acc, out, {"step": 1}, {})
-        (out / "checkpoint.old").mkdir()  # a half-deleted leftover of an earlier crash
+        for step in (1, 2):
+            checkpoint.save_checkpoint(acc, out, {"step": step}, {})
+        (out / "checkpoint.drop").mkdir()  # a half-deleted leftover of an earlier crash
         calls.update(n=0, crash_at=crash_at)
         try:
-            checkpoint.save_checkpoint(acc, out, {"step": 2}, {})
+            checkpoint.save_checkpoint(acc, out, {"step": 3}, {})
         except Crash:
             pass
         calls["crash_at"] = None
-        found = checkpoint.find_checkpoint(out)
-        assert json.loads((found / "progress.json").read_text())["step"] in (1, 2), crash_at
-        assert (found / "model.safetensors").read_bytes() == b"weights"
-        checkpoint.save_checkpoint(acc, out, {"step": 3}, {})  # and the next save goes through
-        assert json.loads((checkpoint.find_checkpoint(out) / "progress.json").read_text()) == {"step": 3}
-        assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]
+        found = checkpoint.checkpoints(out)
+        newest = progress(found[0])["step"]
+        assert newest in (2, 3), crash_at
+        assert all((f / "model.safetensors").read_bytes() == b"weights" for f in found)
+        for f in found:  # every file as listed
+            check_manifest(f, json.loads((f / "progress.json").read_text())["files"], "")
+        checkpoint.save_checkpoint(acc, out, {"step": 4}, {})  # and the next save goes through
+        assert [progress(f)["step"] for f in checkpoint.checkpoints(out)] == [4, newest]
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "checkpoint.prev"]
 
 
 # -- in one process: non-finite steps, unsafe checkpoint files, the output folder -----------------
@@ -171,7 +176,7 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(small_folder, tm
                           "or train in bf16 rather than fp16 (pass --max-nonfinite K")
     assert f"the last checkpoint, {out / 'checkpoint'} (step 2), is from before it" in err
     assert len(err.splitlines()) == 1
-    assert json.loads((out / "checkpoint" / "progress.json").read_text()) == {"epoch": 0, "step": 2}
+    assert progress(out / "checkpoint") == {"epoch": 0, "step": 2}
     assert [r["step"] for r in records(out) if r["kind"] == "step"] == [1, 2, 3]
 
 
@@ -220,6 +225,9 @@ def test_checkpoint_files_that_would_run_code_are_refused(small_folder, tmp_path
     out, marker = tmp_path / "run", tmp_path / "pwned"
     assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "2", "--stop-after", "1") == 0
     torch.save({"state": Payload(marker), "param_groups": []}, out / "checkpoint" / name)
+    listed = json.loads((out / "checkpoint" / "progress.json").read_text())  # whoever wrote it listed it too
+    listed["files"] = manifest(out / "checkpoint", leave_out=("progress.json",))
+    (out / "checkpoint" / "progress.json").write_text(json.dumps(listed))
     with pytest.raises(SystemExit) as stop:
         train_here("--data", str(small_folder), "--out", str(out), "--epochs", "2", "--resume")
     err = capsys.readouterr().err
@@ -250,9 +258,9 @@ def test_a_full_disk_is_found_before_training(small_folder, tmp_path, monkeypatc
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: output folder {tmp_path / 'run'} has 1 MiB free, but its checkpoints need about")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    linear = torch.nn.Linear(10, 10)  # 110 float32 weights: two checkpoints of weights + momentum, one export
-    assert safeguards.checkpoint_bytes(linear, "lars") == 440 * 5
-    assert safeguards.checkpoint_bytes(linear, "adamw") == 440 * 7
+    linear = torch.nn.Linear(10, 10)  # 110 float32 weights: three checkpoints of weights + momentum, one export
+    assert safeguards.checkpoint_bytes(linear, "lars") == 440 * 7
+    assert safeguards.checkpoint_bytes(linear, "adamw") == 440 * 10
 
 
 def test_sigint_stops_at_the_step_boundary_and_a_second_one_at_once(small_folder, tmp_path, hooks, capsys):
@@ -261,7 +269,7 @@ def test_sigint_stops_at_the_step_boundary_and_a_second_one_at_once(small_folder
     out = tmp_path / "run"
     every_epoch = ["--save-every-minutes", "0"]
     assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3", *every_epoch) == 130
-    assert json.loads((out / "checkpoint" / "progress.json").read_text()) == {"epoch": 0, "step": 3}
+    assert progress(out / "checkpoint") == {"epoch": 0, "step": 3}
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
         f"SIGINT at step 3: the checkpoint is in {out / 'checkpoint'}; continue with  python train.py --data")
     hooks.clear()
@@ -269,5 +277,5 @@ def test_sigint_stops_at_the_step_boundary_and_a_second_one_at_once(small_folder
     assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "3", "--resume", *every_epoch) == 130
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"stopped at once at step 4 by a second signal; the checkpoint of step 4 in {out / 'checkpoint'} is whole")
-    assert json.loads((out / "checkpoint" / "progress.json").read_text()) == {"epoch": 1, "step": 4}
+    assert progress(out / "checkpoint") == {"epoch": 1, "step": 4}
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are given back

@@ -4,7 +4,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import CUDA, make_folder, run_cli
+from conftest import CUDA, make_folder, progress, run_cli
 from safetensors.torch import load_file
 
 TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",
@@ -40,7 +40,7 @@ def test_training_writes_every_output(two_epochs):
     assert records[-1]["step"] == 4 and records[-1]["epoch"] == 2
     assert {p.name for p in (out / "checkpoint").iterdir()} >= {"model.safetensors", "optimizer.bin",
                                                                  "config.json", "progress.json"}
-    assert json.loads((out / "checkpoint" / "progress.json").read_text()) == {"epoch": 1, "step": 4}
+    assert progress(out / "checkpoint") == {"epoch": 1, "step": 4}
     weights = load_file(str(out / "backbone.safetensors"))
     timm.create_model("resnet18", num_classes=0).load_state_dict(weights)  # strict: every key
 
