@@ -40,15 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.gpu_report import TARGETS, write_markdown  # noqa: E402
-
-NO_DALI = ("NVIDIA DALI is not installed for {python}: without network, fetch the wheels elsewhere "
-           "(`pip download nvidia-dali-cuda130==2.4.0` and its nvidia-* dependencies) and install them here "
-           "with `pip install --no-index --find-links WHEELS nvidia-dali-cuda130`, or unpack an offline "
-           "bundle (`bash PARTS/unpack.sh PARTS /tmp/site && source /tmp/site/env.sh`), then run this again")
-NO_GPU = ("no CUDA GPU is visible to torch {torch}: on a machine without one, run "
-          "`bash scripts/gpu_check.sh --dry-run`")
-
+from scripts.gpu_env import environment  # noqa: E402
+from scripts.gpu_report import judge_targets, write_markdown  # noqa: E402
 
 @dataclass(frozen=True)
 class Plan:
@@ -182,56 +175,6 @@ def _short(args: list[str]) -> str:
 
 
 # -- steps ------------------------------------------------------------------------------------------
-def environment(plan: Plan) -> dict:
-    """GPU, driver and versions; SystemExit(2) with one sentence when the machine cannot run the check."""
-    import importlib.metadata
-    import importlib.util
-    import platform
-
-    import torch
-
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    from bench.common import hardware_info
-
-    info = {"python": platform.python_version(), "executable": sys.executable, "cpu_cores": os.cpu_count(),
-            "torch": torch.__version__, "cuda_runtime": torch.version.cuda, "triton": version("triton"),
-            "timm": version("timm"), "accelerate": version("accelerate"), "dali": dali_version(),
-            "hardware": hardware_info()}
-    if info["dali"] is None:
-        raise SystemExit(NO_DALI.format(python=sys.executable))
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    compute_capability=f"{props.major}.{props.minor}", gpus=torch.cuda.device_count(),
-                    driver=_nvidia_smi("driver_version"))
-    elif plan.device == "cuda":
-        raise SystemExit(NO_GPU.format(torch=torch.__version__))
-    return info
-
-
-def dali_version() -> str | None:
-    """DALI's version, or None when it cannot be imported (also from an unpacked bundle on PYTHONPATH)."""
-    try:
-        import nvidia.dali
-    except ImportError:
-        return None
-    return nvidia.dali.__version__
-
-
-def _nvidia_smi(query: str) -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-
-
 def step_tests(check: Check) -> dict:
     """The device cases of the test suite, on this run's device (tests/conftest.py: --device)."""
     try:
@@ -366,17 +309,6 @@ def step_auto(check: Check) -> dict:
             choices.append({"dtype": dtype, "n": n, "auto": auto, "auto_s": timed[auto], "fastest": fastest,
                             "fastest_s": timed[fastest], "auto_over_fastest": timed[auto] / timed[fastest]})
     return {"choices": choices}
-
-
-def judge_targets(report: dict) -> list[dict]:
-    """Each speed target against its figure; on the CPU's toy sizes nothing is judged."""
-    figures = {s["name"]: s["figures"] for s in report["steps"] if s["status"] == "passed"}
-    rows = []
-    for target in TARGETS:
-        value = target.value(figures)
-        met = None if value is None or report["mode"] != "gpu" else target.met(value)
-        rows.append({"target": target.text, "value": value, "met": met})
-    return rows
 
 
 # -- main ---------------------------------------------------------------------------------------------

@@ -36,6 +36,17 @@ TARGETS = (
 )
 
 
+def judge_targets(report: dict) -> list[dict]:
+    """Each speed target against its figure; on the CPU's toy sizes nothing is judged."""
+    figures = {s["name"]: s["figures"] for s in report["steps"] if s["status"] == "passed"}
+    rows = []
+    for target in TARGETS:
+        value = target.value(figures)
+        met = None if value is None or report["mode"] != "gpu" else target.met(value)
+        rows.append({"target": target.text, "value": value, "met": met})
+    return rows
+
+
 def _fmt(v, digits: int = 3) -> str:
     if v is None:
         return "-"
