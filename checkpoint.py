@@ -1,5 +1,6 @@
 """Never lose work: the output folder is checked before training, checkpoints are written beside
-the old one and swapped in with renames, and a run resumes from the last whole one.
+the old ones and swapped in with renames (the one before the newest is kept), and a run resumes only
+from a checkpoint whose every file reads back whole, offering the previous one when the newest does not.
 """
 from __future__ import annotations
 
@@ -129,24 +130,28 @@ class Saved:
 
 def check_checkpoint(path: Path) -> Saved:
     """Every file of the checkpoint in `path`, read back as far as it can be without loading it:
-    Unreadable (without a remedy) names the first one missing, cut short or not what train.py writes."""
+    Unreadable (without a remedy) names the first one missing, cut short or not what train.py writes.
+    The files progress.json lists are whole when their sizes and checksums match; in older checkpoints,
+    without the list, each file's format is read back instead."""
     progress = read_json(path / "progress.json", "", need=("epoch", "step"))
-    if "files" in progress:  # each file's size and checksum, in checkpoints written since they are listed
+    listed = "files" in progress
+    if listed:
         check_manifest(path, progress["files"], "")
     config = read_json(path / "config.json", "", need=("global_batch", "world_size", "steps_per_epoch"))
-    for file, key in ((path / "progress.json", "step"), (path / "config.json", "global_batch"),
-                      (path / "config.json", "world_size"), (path / "config.json", "steps_per_epoch")):
-        value = (progress if file.name == "progress.json" else config)[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "step" else 1):
-            raise Unreadable(file, f"holds {key} {value!r}, not a count: it was not written by train.py")
-    check_safetensors(path / "model.safetensors", "")
-    check_torch_file(path / "optimizer.bin", "")
-    for rank in range(config["world_size"]):
-        check_torch_file(path / f"random_states_{rank}.pkl", "")
-        if progress["step"] % config["steps_per_epoch"]:  # mid-epoch: each process's DALI state
-            present(path / f"dali_{rank}.state", "")
-    if (path / "scaler.pt").exists():  # --mixed-precision fp16
-        check_torch_file(path / "scaler.pt", "")
+    counts = [("progress.json", progress, "step", 0)] + [("config.json", config, key, 1) for key in
+                                                         ("global_batch", "world_size", "steps_per_epoch")]
+    for name, values, key, least in counts:
+        if type(values[key]) is not int or values[key] < least:
+            raise Unreadable(path / name, f"holds {key} {values[key]!r}, not a count: it was not written by train.py")
+    if not listed:
+        check_safetensors(path / "model.safetensors", "")
+        check_torch_file(path / "optimizer.bin", "")
+        for rank in range(config["world_size"]):
+            check_torch_file(path / f"random_states_{rank}.pkl", "")
+            if progress["step"] % config["steps_per_epoch"]:  # mid-epoch: each process's DALI state
+                present(path / f"dali_{rank}.state", "")
+        if (path / "scaler.pt").exists():  # --mixed-precision fp16
+            check_torch_file(path / "scaler.pt", "")
     return Saved(path, config, progress)
 
 
@@ -224,13 +229,13 @@ def resume(cfg, saved: Saved, out: Path, accelerator, model, steps_per_epoch: in
                             f"splits by process: finish that epoch on {before} process(es), then resume on {world}")
     from safeguards import load_state_safely
 
-    remedy = other_checkpoint(out, path, "--resume-from" if cfg.resume_from else "--resume")
+    flag = "--resume-from" if cfg.resume_from else "--resume"
     shapes = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(model).state_dict().items()}
     try:
         check_safetensors(path / "model.safetensors", "", expect=shapes, what=f"--backbone {cfg.backbone}")
     except Unreadable as err:
-        raise err.fixed_by(remedy, "--resume: ") from None
-    load_state_safely(accelerator, path, remedy)  # refuses pickles that would run code
+        raise err.fixed_by(other_checkpoint(out, path, flag), f"{flag}: ") from None
+    load_state_safely(accelerator, path, lambda: other_checkpoint(out, path, flag))  # no pickle that runs code
     newest = out / NEWEST
     if accelerator.is_main_process and newest.is_dir() and newest.resolve() != path.resolve():
         shutil.rmtree(out / SET_ASIDE, ignore_errors=True)  # set aside by an earlier --resume-from

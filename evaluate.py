@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from checkpoint import write_json
-from readback import Unreadable, check_safetensors, read_json
 from cli import (Parser, UserError, add_dataclass_flags, check_args, dataclass_from_args, exit_on_user_error,
                  recorded_settings, setting)
 from probes import extract, knn_top1, linear_probe_top1  # noqa: F401  (public API, used by tests)
+from readback import Unreadable, check_safetensors, read_json
 
 
 @dataclass
@@ -84,29 +84,41 @@ def evaluate_backbone(model, train_loader, test_loader, cfg: EvalConfig, device)
 
 # -- inputs -----------------------------------------------------------------------------------
 def load_run(run: Path) -> dict:
-    """The run's settings (config.json) and its exported backbone, both read back before any work."""
-    from checkpoint import check_checkpoint, find_checkpoint
+    """The run's settings (config.json) and its exported backbone, both read back before any work; a
+    damaged one is recovered from the run's checkpoint, as the sentence says."""
     from models.backbone import create_backbone
 
-    copy = run / "checkpoint" / "config.json"
-    if not (run / "config.json").is_file() and not copy.is_file():
+    if not (run / "config.json").is_file() and not (run / "checkpoint" / "config.json").is_file():
         raise UserError(f"{run} is not a training run: it has no config.json (pass train.py's --out)")
-    try:  # the newest checkpoint holds the same settings, and the weights to export the backbone again
-        whole = check_checkpoint(find_checkpoint(run) or run / "checkpoint")
-    except Unreadable:
-        whole = None
-    fix = f"the checkpoint keeps a copy: copy {whole.path / 'config.json'} to {run}" if whole else \
-        f"{run} holds no whole checkpoint to recover it from: train again"
-    run_cfg = read_json(run / "config.json", fix, need=("backbone", "image_size", "data"))
+    try:
+        run_cfg = read_json(run / "config.json", "", need=("backbone", "image_size", "data"))
+    except Unreadable as err:
+        whole = whole_checkpoint(run)
+        raise err.fixed_by(f"the checkpoint keeps a copy: copy {whole / 'config.json'} to {run}" if whole else
+                           f"{run} holds no whole checkpoint to recover it from: train again") from None
     weights = run / "backbone.safetensors"
     if not weights.is_file():
         raise UserError(f"{run} has no backbone.safetensors yet: training has not finished")
-    fix = f"export it again from the checkpoint with  python train.py --config {whole.path / 'config.json'} " \
-          f"--out {run} --resume" if whole else f"{run} holds no whole checkpoint to export it from: train again"
     model = create_backbone(run_cfg["backbone"], run_cfg.get("small_stem", False))
-    check_safetensors(weights, fix, expect={k: tuple(v.shape) for k, v in model.state_dict().items()},
-                      what=f"the run's backbone ({run_cfg['backbone']})")
+    try:
+        check_safetensors(weights, "", expect={k: tuple(v.shape) for k, v in model.state_dict().items()},
+                          what=f"the run's {run_cfg['backbone']}")
+    except Unreadable as err:
+        whole = whole_checkpoint(run)
+        raise err.fixed_by(f"export it again from the checkpoint with  python train.py --config "
+                           f"{whole / 'config.json'} --out {run} --resume" if whole else
+                           f"{run} holds no whole checkpoint to export it from: train again") from None
     return run_cfg
+
+
+def whole_checkpoint(run: Path) -> Path | None:
+    """The run's newest checkpoint, if every file of it reads back whole."""
+    from checkpoint import check_checkpoint, find_checkpoint
+
+    try:
+        return check_checkpoint(find_checkpoint(run) or run / "checkpoint").path
+    except Unreadable:
+        return None
 
 
 def training_records(run: Path, cfg: EvalConfig) -> dict | None:

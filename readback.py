@@ -14,17 +14,15 @@ from cli import UserError
 
 
 class Unreadable(UserError):
-    """A file that cannot be used as it is: `path`, `problem` (completes "PATH ..."), `fix`."""
+    """A file that cannot be used as it is: "[PREFIX]PATH PROBLEM: FIX"."""
 
-    def __init__(self, path: Path | str, problem: str, fix: str = ""):
-        self.path, self.problem, self.fix = Path(path), problem, fix
-        super().__init__(f"{path} {problem}" + (f": {fix}" if fix else ""))
+    def __init__(self, path: Path | str, problem: str, fix: str = "", prefix: str = ""):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{prefix}{path} {problem}" + (f": {fix}" if fix else ""))
 
     def fixed_by(self, fix: str, prefix: str = "") -> Unreadable:
-        """The same problem with another remedy (and a prefix such as "--resume: ")."""
-        err = Unreadable(self.path, self.problem, fix)
-        err.args = (prefix + err.args[0],)
-        return err
+        """The same problem with the caller's remedy (and a prefix such as "--resume: ")."""
+        return Unreadable(self.path, self.problem, fix, prefix)
 
 
 def present(path: Path, fix: str) -> int:

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from timm.optim import Lars
@@ -277,15 +278,15 @@ def check_checkpoint_files(path: Path, rank: int) -> None:
                             f"({type(err).__name__}); refusing to load it") from None
 
 
-def load_state_safely(accelerator, path: Path, remedy: str) -> None:
+def load_state_safely(accelerator, path: Path, remedy: Callable[[], str]) -> None:
     """accelerator.load_state, with a refused pickle, or a file that passed checkpoint.check_checkpoint
-    and still does not load, reported in one sentence ending in `remedy`."""
+    and still does not load, reported in one sentence ending in `remedy()`."""
     check_checkpoint_files(path, accelerator.process_index)
     try:
         accelerator.load_state(str(path))
     except (RuntimeError, ValueError, KeyError, TypeError, OSError, EOFError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(".")
-        raise UserError(f"--resume: the checkpoint in {path} does not load ({reason}): {remedy}") from None
+        raise UserError(f"--resume: the checkpoint in {path} does not load ({reason}): {remedy()}") from None
     except pickle.UnpicklingError:  # torch.load(weights_only=True) met a global it does not allow
         from accelerate.utils import load
 

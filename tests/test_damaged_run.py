@@ -2,6 +2,7 @@
 evaluate.py and train.py --resume each stop with one sentence that names the file and says what to do,
 exit 2, and change nothing in the run folder. What the sentence offers works: the previous checkpoint
 resumes to the same weights, and the backbone is exported again from the checkpoint. In-process."""
+import json
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,25 @@ def test_a_damaged_checkpoint_file_offers_the_previous_checkpoint(finished, copy
         assert problem in ("is cut short", "is not JSON (it holds binary data)"), problem
 
 
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("name", [n for n in CHECKPOINT_FILES if n != "progress.json"])
+def test_an_older_checkpoint_without_the_list_is_read_back_by_format(finished, copy, capsys, name, damage):
+    import train
+
+    progress = copy / "checkpoint" / "progress.json"
+    progress.write_text(json.dumps({k: v for k, v in json.loads(progress.read_text()).items() if k != "files"}))
+    DAMAGES[damage](copy / "checkpoint" / name)
+    err = refused(capsys, train.main, resume_args(finished[0], copy, "--resume"), copy)
+    problem = err[len(f"error: --resume: {copy / 'checkpoint' / name} "):].split(":")[0]
+    torch_file = "is cut short or is not a file written by torch.save"
+    expect = {"deleted": "is missing", "empty": "is empty"}.get(damage) or {
+        "config.json": "is cut short" if damage == "cut" else "is not JSON (it holds binary data)",
+        "model.safetensors": "is cut short (" if damage == "cut" else "is not a safetensors file",
+        "optimizer.bin": torch_file, "random_states_0.pkl": torch_file}[name]
+    assert problem.startswith(expect), err
+    assert err.endswith(f"continue from it with --resume-from {copy / 'checkpoint.prev'} in place of --resume")
+
+
 def test_the_offered_checkpoint_resumes_to_the_same_weights(finished, copy, capsys):
     import train
 
@@ -133,7 +153,7 @@ def test_weights_of_another_architecture_are_named(finished, copy, capsys):
     shutil.copy(copy / "checkpoint.prev" / "model.safetensors", copy / "backbone.safetensors")
     err = refused(capsys, evaluate.main, ["--run", str(copy)], copy)
     assert err.startswith(f"error: {copy / 'backbone.safetensors'} holds the weights of another architecture than "
-                          f"the run's backbone (test_resnet) (has an unexpected tensor backbone.")
+                          f"the run's test_resnet (has an unexpected tensor backbone.")
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -198,7 +218,6 @@ def test_the_offered_remedies_for_evaluate_work(finished, copy, capsys):
 def test_a_damaged_dali_state_of_a_mid_epoch_checkpoint(finished, tmp_path, hooks, capsys):
     """The DALI pipeline's state is listed with the other files; in an older checkpoint without the
     list, DALI's own refusal to restore it is the sentence."""
-    import json
     import os
     import signal
 
