@@ -296,6 +296,18 @@ def main(argv: list[str] | None = None) -> int:
         report.logged(step, logged, log=step % cfg.log_every == 0, epoch_end=epoch_end)
         return stop.settle(flags)
 
+    def epoch_loader(epoch: int, done: int):
+        """This process's two-view batches of `epoch`, after the `done` steps a mid-epoch resume took."""
+        state = loader_state if done else None
+        try:
+            return train_loader(source, batch_size=cfg.batch_size, size=cfg.image_size, aug=cfg.aug, shard=shard,
+                                seed=cfg.seed, epoch=epoch, workers=workers, device_id=device_id,
+                                channels_last=channels_last, state=state, done=done)
+        except RuntimeError as err:  # DALI refused the saved state of a checkpoint without a file list
+            if state is None:
+                raise
+            raise unrestorable(resuming, out, rank, err) from None
+
     def save(progress: dict, loader_state: bytes | None = None) -> None:
         nonlocal saved
         save_checkpoint(accelerator, out, progress, resolved, loader_state)
@@ -305,14 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for epoch in range(start_epoch, last):
             done = step - epoch * steps_per_epoch  # steps of this epoch taken before a mid-epoch resume
-            try:
-                loader = train_loader(source, batch_size=cfg.batch_size, size=cfg.image_size, aug=cfg.aug,
-                                      shard=shard, seed=cfg.seed, epoch=epoch, workers=workers, device_id=device_id,
-                                      channels_last=channels_last, state=loader_state if done else None, done=done)
-            except RuntimeError as err:  # DALI refused the saved state of a checkpoint without a file list
-                if not (done and loader_state):
-                    raise
-                raise unrestorable(resuming, out, rank, err) from None
+            loader = epoch_loader(epoch, done)
             model.train()
             report.epoch_start(epoch, steps_per_epoch, done)
             stopping = False
