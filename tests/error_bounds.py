@@ -1,0 +1,138 @@
+"""Rounding-error bounds behind the tests' float comparisons.
+
+A tolerance in these tests is an upper bound on the rounding error of the computation it checks, derived
+from the dtype's unit roundoff, the number of terms summed and the magnitudes involved, not a number
+tuned on one machine: what BLAS blocks, vectorises or fuses differently on another CPU changes the
+error, never the bound. The bounds are first order in u (the products of two rounding errors are below
+u^2 and left out) and worst case: observed errors are typically a few per cent of them
+(`python -m tests.margins` measures that).
+
+Notation (Higham, "Accuracy and Stability of Numerical Algorithms", ch. 3): u is the unit roundoff of
+a dtype; gamma(n, u) = n u / (1 - n u) bounds the relative error of any sum of n terms computed in
+any order, |fl(sum x_i) - sum x_i| <= gamma(n, u) sum |x_i|, and of an n-term dot product likewise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
+                 torch.float16: 2.0 ** -11}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the distance from 1 to the next number of `dtype`: the largest relative rounding error."""
+    return UNIT_ROUNDOFF[dtype]
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's gamma_n: relative error bound of a sum (or dot product) of n terms, in any order."""
+    if n * u >= 1:
+        raise ValueError(f"gamma({n}) is unbounded at unit roundoff {u}")
+    return n * u / (1 - n * u)
+
+
+def max_abs_error(actual, expected) -> float:
+    """max |actual - expected|, in float64 on the CPU."""
+    actual = torch.as_tensor(actual).double().cpu()
+    expected = torch.as_tensor(expected).double().cpu()
+    assert torch.isfinite(actual).all(), "a computed value is not finite"
+    return (actual - expected).abs().max().item()
+
+
+# -- NT-Xent ----------------------------------------------------------------------------------------
+def exp_error(x_max: float, u: float) -> float:
+    """Relative error of a computed exp(x), |x| <= x_max, whose argument was formed in floating point:
+    a few ulps of the function itself (libm, SLEEF, the GPU's ex2.approx: at most 4 u) plus u |x| for
+    rounding the argument when it is formed (s - m) and again when it is scaled (by log2 e on a GPU)."""
+    return (4 + 2 * x_max) * u
+
+
+class NTXentBound:
+    """Worst-case rounding-error bounds of NT-Xent computed in float32 (any of the implementations), for
+    the loss and, per embedding row, the gradient's max abs error.
+
+    z: (M, D) the float64 values the computation starts from. Rows [row_offset, row_offset + 2 half) are
+    this process's anchors; the others only columns. How the unit rows the products read relate to the
+    exact ones (`rows`): "normalised" (z un-normalised, normalised in float32, then cast to `operand`:
+    nt_xent_loss against the exact reference), "rounded" (z unit rows, rounded to float32: the kernels
+    on gathered rows) or "exact" (the reference was given the very operands the kernels read).
+    jacobian: the gradient goes back through the float32 normalisation (nt_xent_loss), not to the rows.
+    operand: the dtype of the similarity products' operands; the Triton backward also rounds its softmax
+    weights to it. products: "fp32" (float32 operands, each product rounded), "exact" (16-bit operands,
+    products exact in float32), "tf32x3" (the fp32 Triton kernels on CUDA: three tf32 products each,
+    3 * 2^-22 relative). scaled_in: the dtype in which the products are scaled by 1 / tau (the tiled path
+    scales its operand, Triton the float32 product). world: processes whose gradient contributions are
+    summed (all_reduce) into each row. grad_dtype: the dtype the gradient is returned in.
+
+    The derivation, first order in u = 2^-24 (float32 accumulation) and v = unit_roundoff(operand):
+      rows read: componentwise relative error e_u = gamma_D / 2 + 2u (sum of squares, sqrt, division)
+        + v for 16-bit operands ("normalised"), u ("rounded") or 0 ("exact");
+      similarity s_ij of two unit rows: |ds| <= 2 e_u + e_dot since sum_d |u_id u_jd| <= 1, with e_dot
+        = gamma_D (or gamma_3D + 12u for tf32x3); logits s / tau: e_l = (|ds| + u + u_scaled) / tau;
+      log-sum-exp over the M - 1 columns != self: the logits' errors pass through unamplified (lse is
+        1-Lipschitz in the max norm); the exps (|argument| <= 2 / tau), the sum (gamma_{M+16}, 16 per-
+        thread partial sums), up to M running-max rescales (5u each, u |dm| with sum |dm| <= 2 / tau) and
+        the log add e_S + (4 + 3 / tau + 2 log M) u;
+      loss: lse_i - pos_i per row (each within its bound, |lse_i - pos_i| <= 2 / tau + log M), then the
+        mean of the R = 2 half rows (gamma_{R+1} of the largest row);
+      gradient: the softmax weights P_kj = exp(s_kj - lse_k) have relative error e_P = expm1(e_l + e_lse
+        + the exp's), W_kj = P_kj [k local] + P_jk [j local] - 2 [j = pos(k)] has sum_j |W_kj| <= A_k =
+        [k local] (1 + 2) + C_k with C_k = sum_{local j} P_jk the column sum of the exact softmax (the one
+        data-dependent magnitude, taken from float64), so ||d(sum_j W_kj u_j)||_2 <= e_P (A_k - 2[k local])
+        + (v_W + 4u + e_u + gamma_{M+17+world}) A_k (v_W: W rounded to a 16-bit operand; 4u: forming W
+        and scaling by 1 / (R tau)); then through the normalisation's Jacobian (I - u_k u_k^T) / ||z_k||,
+        of norm 1 / ||z_k||, which adds 2 (gamma_D + 2 e_norm + 8u) ||a_k|| / ||z_k|| of its own. The
+        2-norm bounds the max abs error.
+      A gradient returned in 16 bits adds v_in |g| per component.
+    """
+
+    def __init__(self, z: torch.Tensor, temperature: float, *, row_offset: int = 0, half: int | None = None,
+                 rows: str = "normalised", jacobian: bool | None = None, operand: torch.dtype = torch.float32,
+                 products: str = "fp32", scaled_in: torch.dtype = torch.float32, world: int = 1,
+                 grad_dtype: torch.dtype = torch.float32, u: float = 2.0 ** -24):
+        z = z.detach().double().cpu()
+        m, d = z.shape
+        half = m // 2 if half is None else half
+        r, tau, lo, hi = 2 * half, temperature, row_offset, row_offset + 2 * half
+        jacobian = rows != "rounded" if jacobian is None else jacobian
+        sixteen = operand in (torch.bfloat16, torch.float16)
+        v = unit_roundoff(operand) if sixteen else u
+        u_scaled = unit_roundoff(scaled_in) if scaled_in in (torch.bfloat16, torch.float16) else u
+        log_m = math.log(max(m - 1, 1))
+        x_max = 2 / tau + log_m  # |s - m| and |s - lse| never exceed this
+
+        e_norm = gamma(d, u) / 2 + 2 * u
+        e_u = {"normalised": e_norm + (v if sixteen else 0.0), "rounded": u, "exact": 0.0}[rows]
+        e_dot = {"fp32": gamma(d, u), "exact": gamma(d, u), "tf32x3": gamma(3 * d, u) + 12 * u}[products]
+        e_logit = (2 * e_u + e_dot + u + u_scaled) / tau
+        e_sum = gamma(m + 16, u) + 5 * m * u + 4 * u / tau + exp_error(2 / tau, u)
+        e_lse = e_logit + e_sum + (4 + 3 / tau + 2 * log_m) * u
+        self.loss = e_lse + e_logit + u * x_max + gamma(r + 1, u) * x_max
+
+        unit = z / z.norm(dim=1, keepdim=True)
+        logits = (unit[lo:hi] @ unit.T) / tau  # (R, M) exact (float64) logits of the local rows
+        logits[torch.arange(r), torch.arange(lo, hi)] = float("-inf")
+        local = torch.zeros(m, dtype=torch.float64)
+        local[lo:hi] = 1.0
+        a = 3 * local + torch.softmax(logits, dim=1).sum(0)  # A_k
+        e_p = math.expm1(e_logit + e_lse + exp_error(x_max, u) + 6 * u)
+        v_w = v if sixteen and products == "exact" else 0.0
+        e_a = e_p * (a - 2 * local) + (v_w + 4 * u + e_u + gamma(m + 17 + world, u)) * a
+        grads = e_a / (r * tau)
+        if jacobian:
+            grads = (grads + 2 * (gamma(d, u) + 2 * e_norm + 8 * u) * a / (r * tau)) / z.norm(dim=1)
+        self.grads = grads  # (M,) per row of z
+        self.v_in = unit_roundoff(grad_dtype) if grad_dtype in (torch.bfloat16, torch.float16) else 0.0
+
+    def grad_bound(self, expected: torch.Tensor) -> torch.Tensor:
+        """(M, 1) per-row bound for a gradient whose exact value is `expected` (M, D)."""
+        expected = expected.detach().double().cpu()
+        return (self.grads + self.v_in * (expected.abs().amax(dim=1) + self.grads))[:, None]
+
+    def grad_fraction(self, actual: torch.Tensor, expected: torch.Tensor) -> float:
+        """Largest |actual - expected| of a row as a fraction of that row's bound."""
+        actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+        assert torch.isfinite(actual).all(), "a computed gradient is not finite"
+        return ((actual - expected).abs() / self.grad_bound(expected)).max().item()
