@@ -8,6 +8,8 @@ import sys
 import pytest
 from conftest import CUDA, ROOT
 
+pytestmark = pytest.mark.slow  # the acceptance script's dry run: every step, each a process
+
 STEPS = ["environment", "tests", "train", "evaluate", "pipeline", "model+train resnet50", "model+train resnet18",
          "loss", "auto"]
 
@@ -39,17 +41,18 @@ def test_dry_run_figures_come_from_the_paths_they_name(dry_run):
     f = {s["name"]: s["figures"] for s in report["steps"]}
     env = f["environment"]
     assert env["dali"] and env["torch"] and env["hardware"]["cpu_cores"] >= 1 and "gpu" not in env
-    assert f["tests"]["passed"] >= 100 and "failed" not in f["tests"] and f["tests"]["deselected"] > 50
+    # the dry run's tests step runs a named handful of device cases (the suite runs every one itself)
+    assert f["tests"] == {"passed": 3}  # flip on the CPU; auto against float64 for fp32 and bf16
     train = f["train"]
     assert (train["dali_placement"], train["device"], train["mixed_precision"]) == ("cpu", "cpu", "bf16")
-    assert train["steps"] == 2 * train["steps_per_epoch"] == 8 and train["backbone"] == "resnet50"
+    assert train["steps"] == 2 * train["steps_per_epoch"] == 8 and train["backbone"] == "test_resnet"
     assert train["loss_impl"] == "tiled" and train["images_per_s"] > 0
     assert f["evaluate"]["device"] == "cpu" and f["evaluate"]["n_test"] == 4  # 10% of 40 kept aside
     assert f["pipeline"]["dali_device"] == "cpu" and f["pipeline"]["n_images"] == 24
     assert f["pipeline"]["speedup"] == f["pipeline"]["dali_images_per_s"] / f["pipeline"]["torchvision_images_per_s"]
     for backbone in ("resnet50", "resnet18"):
         row = f[f"model+train {backbone}"]
-        assert row["backbone"] == backbone and row["mixed_precision"] == "bf16" and row["device"] == "cpu"
+        assert row["backbone"] == "test_resnet" and row["mixed_precision"] == "bf16" and row["device"] == "cpu"
         assert row["efficiency"] == row["train_images_per_s"] / row["model_images_per_s"]
     measured = {(r["impl"], r["dtype"], r.get("n")) for r in f["loss"]["rows"] if r["status"] == "ok"}
     assert measured == {(i, d, 64) for i in ("reference", "tiled") for d in ("float32", "bfloat16")} | {
@@ -69,7 +72,7 @@ def test_dry_run_writes_tables_for_the_readme(dry_run):
         assert heading in md
     for name in STEPS:
         assert f"| {name} | passed |" in md
-    assert "`python benchmark.py train --data $WORK/images --backbone resnet50" in md
+    assert "`python benchmark.py train --data $WORK/images --backbone test_resnet" in md  # the stand-in
     assert "(no GPU line ran)" in md and "not verified" not in md
     log = (out / "gpu_check.log").read_text()
     assert log.count("\n$ ") == 7  # every command (pytest, train, evaluate, 4 benchmarks), with its output
