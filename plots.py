@@ -106,6 +106,9 @@ def training_curves(metrics: Path, out: Path, kinds: dict[str, list[dict]] | Non
 
 
 # -- 2-D map of embeddings -------------------------------------------------------------------------
+DRAWN = ("t-SNE", "PCA")  # what project_2d names when it drew a map (else why it could not)
+
+
 def project_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """t-SNE of the features' directions (what the cosine kNN sees) about their mean direction, reduced
     to 50 principal components; PCA alone below 10 points. Centring matters at random init, where all
@@ -114,8 +117,13 @@ def project_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     from sklearn.manifold import TSNE
 
     unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    if not np.isfinite(x).all():
+        return np.zeros((len(x), 2)), "non-finite features"
     x = unit(x)
-    x = unit(x - x.mean(0))
+    x = x - x.mean(0)
+    if np.abs(x).max() <= 1e-9:  # every image has the same direction (a collapsed or dead network): PCA
+        return np.zeros((len(x), 2)), "all features equal"  # would divide by zero and t-SNE crash on it
+    x = unit(x)
     if len(x) < 3:  # nothing to project: a row of points
         return np.column_stack([np.arange(len(x)), np.zeros(len(x))]).astype(float), "PCA"
     if len(x) < 10:
@@ -142,15 +150,17 @@ def embedding_map(features: dict, labels: np.ndarray, classes: list[str], out: P
     colours = class_colours(n_classes)
     with plt.rc_context({**STYLE, "axes.grid": False}):
         fig, axes = plt.subplots(1, len(features), figsize=MAP_SIZE, layout="constrained", squeeze=False)
+        methods = []
         for ax, (title, x) in zip(axes[0], features.items()):
             xy, method = project_2d(np.asarray(x, dtype=np.float64)[keep], seed)
+            methods.append(method)
             y = labels[keep]
             size = 10 if len(keep) > 1000 else 22 if len(keep) > 200 else 45
             for c in range(n_classes):
                 m = y == c
                 ax.scatter(xy[m, 0], xy[m, 1], s=size, color=colours[c], alpha=0.8, linewidths=0, label=names[c])
             score = f"  (kNN top-1 {scores[title]:.1%})" if scores and title in scores else ""
-            ax.set_title(f"{title}{score}")
+            ax.set_title(f"{title}{score}" + ("" if method in DRAWN else f"\n{method}: nothing to draw"))
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
@@ -158,6 +168,7 @@ def embedding_map(features: dict, labels: np.ndarray, classes: list[str], out: P
         if n_classes <= 30:
             fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right center", frameon=False,
                        markerscale=1.6, title="class")
+        method = next((m for m in methods if m in DRAWN), "no map")
         fig.suptitle(f"{method} of {len(keep)} test embeddings, coloured by class", fontsize=12)
     return save(fig, out)
 

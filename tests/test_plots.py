@@ -21,7 +21,9 @@ def png_size(path) -> tuple[int, int]:
     with Image.open(path) as im:
         assert im.format == "PNG"
         im.load()  # decodes every byte
-        assert np.asarray(im.convert("L")).std() > 10  # something is drawn
+        # something is drawn: a canvas of one colour has a std of exactly 0 (integer pixels, their mean exact), and
+        # a std says no more than that (empty axes have 20, the embedding maps here 15)
+        assert np.asarray(im.convert("L")).std() > 0
         return im.size
 
 
@@ -41,7 +43,8 @@ def write_metrics(run, knn: bool):
                         "images_per_s": 100.0})
         if knn:
             records.append({"kind": "knn", "epoch": epoch, "step": 2 * epoch, "knn_top1": 0.2 * epoch})
-    records.insert(4, {**records[3], "loss": 99.0})  # a resumed run logged step 3 again: the later one wins
+    third = next(i for i, r in enumerate(records) if r["kind"] == "step" and r["step"] == 3)
+    records.insert(third + 1, {**records[third], "loss": 99.0})  # a resumed run logged step 3 again: the later wins
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run / "metrics.jsonl"
 
@@ -52,10 +55,13 @@ def arrays(n=30, classes=3, seed=0) -> Source:
     return Source("arrays", np.arange(n) % classes, images=images, classes=[f"c{i}" for i in range(classes)])
 
 
-def test_read_metrics_keeps_the_last_record_of_a_step(tmp_path):
-    kinds = plots.read_metrics(write_metrics(tmp_path, knn=True))
+@pytest.mark.parametrize("knn", [False, True])
+def test_read_metrics_keeps_the_last_record_of_a_step(tmp_path, knn):
+    kinds = plots.read_metrics(write_metrics(tmp_path, knn=knn))
     assert [r["step"] for r in kinds["step"]] == [1, 2, 3, 4, 5, 6]
-    assert kinds["step"][2]["loss"] == pytest.approx(4.7) and len(kinds["knn"]) == 3
+    # the later record of step 3 (JSON writes a float's shortest repr, which reads back to the same double)
+    assert kinds["step"][2]["loss"] == 99.0 and kinds["step"][3]["loss"] == 5 - 0.1 * 4
+    assert len(kinds.get("knn", [])) == (3 if knn else 0)
 
 
 @pytest.mark.parametrize("knn,panels", [(False, 3), (True, 4)])
@@ -64,6 +70,7 @@ def test_training_curves(tmp_path, knn, panels):
     assert png_size(out) == pixels(plots.CURVE_PANEL[0] * panels, plots.CURVE_PANEL[1])
 
 
+@pytest.mark.slow
 def test_plots_cli_draws_curves_and_refuses_a_folder_without_metrics(tmp_path):
     write_metrics(tmp_path / "run", knn=False)
     r = run_cli("plots.py", "--run", str(tmp_path / "run"))
@@ -80,6 +87,19 @@ def test_embedding_map(tmp_path, n):
     features = {"SimCLR": rng.normal(size=(n, 16)) + 3 * labels[:, None], "random init": rng.normal(size=(n, 16))}
     out = plots.embedding_map(features, labels, ["a", "b", "c"], tmp_path / "map.png",
                               scores={"SimCLR": 0.9, "random init": 0.3})
+    assert png_size(out) == pixels(*plots.MAP_SIZE)
+
+
+def test_an_embedding_map_of_collapsed_features_says_so(tmp_path):
+    """A dead network (every image the same features) or a diverged one (NaN) has no map to draw; t-SNE
+    on it divided by zero and crashed the process (SIGSEGV) where evaluate.py drew random-init regnetx."""
+    labels = np.arange(40) % 4
+    same = np.tile(np.random.default_rng(0).normal(size=16), (40, 1)) * np.linspace(1, 2, 40)[:, None]  # one direction
+    broken = np.random.default_rng(1).normal(size=(40, 16))
+    broken[3, 5] = np.nan
+    assert plots.project_2d(same)[1] == "all features equal"
+    assert plots.project_2d(broken)[1] == "non-finite features"
+    out = plots.embedding_map({"collapsed": same, "diverged": broken}, labels, list("abcd"), tmp_path / "map.png")
     assert png_size(out) == pixels(*plots.MAP_SIZE)
 
 
@@ -111,9 +131,12 @@ def test_preview_views_line_up_with_their_originals():
     (a, b), = augmented_pairs(source, IDENTITY, size=32, seed=3, pairs=1, device_id=None)
     assert a.shape == (6, 32, 32, 3) and a.dtype == np.uint8
     for view in (a, b):  # an identity crop gives the image back, in the source's order
-        assert np.abs(view.astype(int) - source.images.astype(int)).max() <= 1
+        # the float32 normalise / de-normalise round trip leaves each uint8 within gamma(8, u) (255 + mean) = 1.8e-4
+        # of itself (test_pipeline.ROUND_TRIP), and preview.pixels rounds to the nearest: exactly the image again
+        np.testing.assert_array_equal(view, source.images)
 
 
+@pytest.mark.slow
 def test_preview_cli_writes_the_grid(tmp_path):
     folder = make_folder(tmp_path / "images", per_class=4, size=(48, 36))
     out = tmp_path / "views.png"
