@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 DEMO_FLAGS ?= --epochs 30 --batch-size 256 --lr 1.0 --warmup-epochs 3 --temperature 0.2
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ demo: $(STAMP)
 	$(PY) train.py --data digits --out $(DEMO) $(DEMO_FLAGS)
 	$(PY) evaluate.py --run $(DEMO)
 
+# Every test (what CI runs); test-fast leaves out those marked slow (they start processes or train).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmark.py all --json runs/benchmark.json

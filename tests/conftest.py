@@ -36,6 +36,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "on_device: an end-to-end run on the machine's device, kept by --device")
+    config.addinivalue_line("markers", "slow: starts a process or trains; `make test-fast` leaves it out")
     if config.getoption("--device") == "cuda" and not CUDA:
         raise pytest.UsageError("--device cuda needs a CUDA GPU, and torch sees none")
 

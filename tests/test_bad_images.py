@@ -80,6 +80,7 @@ def test_check_image_agrees_with_dalis_decoder(bad_folder):
             np.testing.assert_array_equal(decoded, np.asarray(Image.open(bad_folder / name).convert("RGB")))
 
 
+@pytest.mark.slow
 def test_verify_writes_the_list_that_training_reads(bad_folder, tmp_path):
     listing = tmp_path / "good.tsv"
     r = run_cli("-m", "pipelines.verify", str(bad_folder), "--out", str(listing), "--workers", "2")
@@ -112,6 +113,7 @@ def test_image_list_problems_are_one_sentence(bad_folder, tmp_path):
         load_source(str(tmp_path / "other.txt"), "train")
 
 
+@pytest.mark.slow
 def test_training_skips_bad_images_and_names_them(bad_folder, tmp_path):
     out = tmp_path / "run"
     r = run_cli("train.py", "--data", str(bad_folder), "--epochs", "1", "--out", str(out), *TINY, env=ENV)

@@ -1,14 +1,17 @@
 """benchmark.py's throughput sections at a tiny size: every figure is written; no timing is asserted."""
 import json
 
+import pytest
 from conftest import run_cli
+
+pytestmark = pytest.mark.slow  # every section of benchmark.py, in a process of its own
 
 
 def test_all_sections_write_their_json_keys(tmp_path):
     out = tmp_path / "all.json"
     r = run_cli("benchmark.py", "all", "--image-size", "32", "--batch-size", "8", "--batches", "2",
                 "--steps", "2", "--epochs", "2", "--workers", "1", "--repeats", "1", "--sizes", "32",
-                "--dim", "16", "--json", str(out))
+                "--dim", "16", "--backbone", "test_resnet", "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     payload = json.loads(out.read_text())
     rows = {row["section"]: row for row in payload["results"] if row["section"] != "loss"}

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # benchmark.py loss, in a process of its own
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -24,6 +24,7 @@ def recorded(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_recorded_run_runs_again_with_flags_over_its_settings(recorded, tmp_path):
     again = tmp_path / "again"
     cfg, given = train.parse_command(["--config", str(recorded / "config.json"), "--out", str(again),
@@ -39,6 +40,7 @@ def test_a_recorded_run_runs_again_with_flags_over_its_settings(recorded, tmp_pa
     assert second["config"] == str(recorded / "config.json") and second["epochs"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,sentence", [
     ({"learning_rate": 1.0}, "holds 'learning_rate', which this version of the command does not know"),
     ({"aug": {"hue_degrees": 3}}, "holds 'aug.hue_degrees', which this version of the command does not know"),
@@ -69,6 +71,7 @@ def test_a_config_that_is_not_one_is_one_sentence(tmp_path, capsys, content, sen
     assert err.startswith(f"error: --config {path}") and sentence in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_evaluate_records_its_settings_and_runs_them_again(recorded):
     assert evaluate.main(["--run", str(recorded), *QUICK_EVAL, "--knn-temperature", "0.2"]) == 0
     settings = json.loads((recorded / "eval_config.json").read_text())
@@ -78,6 +81,7 @@ def test_evaluate_records_its_settings_and_runs_them_again(recorded):
     assert (again["knn_k"], again["knn_temperature"], again["run"]) == (3, 0.2, str(recorded))
 
 
+@pytest.mark.slow
 def test_what_a_run_writes_is_as_readable_as_the_umask_allows(recorded):
     mask = os.umask(0)
     os.umask(mask)

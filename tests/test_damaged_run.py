@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 import evaluate
 
+pytestmark = pytest.mark.slow  # trains the run it then damages
+
 EPOCHS = ["--epochs", "2"]
 TINY_ARGS = ["--epochs", "1", "--backbone", "test_resnet", "--image-size", "32", "--batch-size", "4"]
 

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from checkpoint import Saved, resumed_batch
 from cli import UserError
 
+pytestmark = pytest.mark.slow  # two processes, stopped and resumed
+
 LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 RUN = ["--backbone", "test_resnet", "--image-size", "32", "--warmup-epochs", "1", "--workers", "1",

@@ -16,6 +16,8 @@ from readback import check_manifest, manifest
 from safetensors.torch import load_file
 from test_bad_images import bad_folder  # noqa: F401  (a fixture)
 
+pytestmark = pytest.mark.slow  # training runs, signalled, killed and resumed
+
 
 # -- interruption ---------------------------------------------------------------------------------
 RUN = ["--epochs", "3", *TINY, "--save-every-steps", "3"]  # 36 + 6 good images -> 38 train, 4 steps/epoch

@@ -7,6 +7,8 @@ import torch
 from conftest import CUDA, make_folder, progress, run_cli
 from safetensors.torch import load_file
 
+import train
+
 TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",
         "--log-every", "1", "--workers", "1"]
 
@@ -24,6 +26,7 @@ def two_epochs(folder, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.on_device  # on a GPU machine: DALI on the GPU, training on CUDA (scripts/gpu_check.sh)
 def test_training_writes_every_output(two_epochs):
     out = two_epochs
@@ -45,6 +48,7 @@ def test_training_writes_every_output(two_epochs):
     timm.create_model("resnet18", num_classes=0).load_state_dict(weights)  # strict: every key
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_epoch_and_matches(folder, two_epochs, tmp_path):
     out = tmp_path / "resumed"
     first = run_cli("train.py", "--data", str(folder), "--epochs", "2", "--stop-after", "1", "--out", str(out),
@@ -66,6 +70,7 @@ def test_resume_continues_from_the_saved_epoch_and_matches(folder, two_epochs, t
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.on_device  # on a GPU machine: features, kNN and probe on CUDA
 def test_evaluate_writes_every_key(two_epochs, folder):
     r = run_cli("evaluate.py", "--run", str(two_epochs), "--probe-epochs", "5", "--batch-size", "8")
@@ -86,18 +91,30 @@ def test_evaluate_writes_every_key(two_epochs, folder):
     (["--data", "FOLDER", "--batch-size", "8", "--temperature", "0"], "--temperature must be more than 0, got 0.0"),
     (["--data", "FOLDER", "--batch-size", "8", "--backbone", "resnet19x"], "unknown backbone 'resnet19x'"),
 ])
-def test_cli_errors_are_one_sentence(args, sentence, folder, tmp_path):
+def test_cli_errors_are_one_sentence(args, sentence, folder, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "noimages").mkdir()
     (tmp_path / "noimages" / "readme.txt").write_text("no pictures here")
     subs = {"EMPTY": str(tmp_path / "empty"), "NOIMAGES": str(tmp_path / "noimages"), "FOLDER": str(folder)}
     args = [subs.get(a, a) for a in args]
-    r = run_cli("train.py", *args, "--out", str(tmp_path / "out"), "--epochs", "1")
-    assert r.returncode == 2
-    assert sentence in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    with pytest.raises(SystemExit) as stop:  # in this process: train.main as `python train.py` calls it
+        train.main([*args, "--out", str(tmp_path / "out"), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and sentence in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_evaluate_on_a_folder_that_is_not_a_run(tmp_path):
-    r = run_cli("evaluate.py", "--run", str(tmp_path))
-    assert r.returncode == 2 and "is not a training run" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.slow
+def test_a_mistake_is_one_line_from_the_process_too(tmp_path):
+    """What the user sees from the command itself: one line on stderr, no traceback, exit 2."""
+    r = run_cli("train.py", "--data", "/no/such/folder", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "data path /no/such/folder does not exist" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_evaluate_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    import evaluate
+
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--run", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "is not a training run" in err and len(err.strip().splitlines()) == 1, err

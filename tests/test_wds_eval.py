@@ -10,6 +10,8 @@ import evaluate
 from pipelines.sources import load_folder, load_source
 from pipelines.webdataset import write_shards
 
+pytestmark = pytest.mark.slow  # trains on shards
+
 QUICK_EVAL = ["--batch-size", "8", "--workers", "1", "--probe-epochs", "3", "--knn-k", "5", "--no-plots"]
 
 
