@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from conftest import ROOT, make_folder, nan, run_cli
+from error_bounds import gamma, unit_roundoff
 from safetensors.torch import load_file
 from timm.optim import Lars, create_optimizer_v2
 
@@ -37,6 +38,27 @@ def backward(model, x, scale: float = 1.0):
     (model(x).square().mean() * scale).backward()
 
 
+def lars_bound(err: dict, group: dict, p, w0, b0, b1) -> None:
+    """Advances err[p] = (E_w, E_b), elementwise bounds on how far a float32 LARS step's weight and momentum
+    buffer are from the exact step (first order in u), by p's step from weight w0 and buffer b0, with
+    gradient p.grad, to buffer b1. Two implementations fed the same gradients have the same exact steps:
+    each stays within E of them, the two within 2 E of each other."""
+    u, lr, m, wd = unit_roundoff(torch.float32), group["lr"], group["momentum"], group["weight_decay"]
+    w0, g, b0, b1, w1 = (t.detach().double() for t in (w0, p.grad, b0, b1, p))
+    e_w, e_b = err.get(p, (torch.zeros_like(w0), torch.zeros_like(w0)))
+    e_g = torch.zeros_like(w0)  # biases and norm weights: g' = g exactly
+    if wd:  # g' = trust (g + wd w), trust = coeff |w| / (|g| + wd |w| + eps)
+        norm = gamma(w0.numel(), u) / 2 + u  # a 2-norm: n squares summed, a square root
+        trust_rel = 2 * norm + 8 * u  # two norms; coeff, wd, eps rounded to float32; 5 operations
+        trust_rel += 2 * e_w.norm() / w0.norm()  # |w| and wd |w| of weights already off by E_w
+        trust = group["trust_coeff"] * w0.norm() / (g.norm() + wd * w0.norm() + group["eps"]) \
+            if w0.norm() > 0 and g.norm() > 0 else 1.0  # as timm: 1 where either norm is 0
+        e_g = trust * ((g + wd * w0).abs() * (trust_rel + 2 * u) + wd * (2 * u * w0.abs() + e_w))
+    e_b = m * e_b + e_g + 2 * u * m * b0.abs() + u * b1.abs()  # buf = m buf + g': m to float32, 2 roundings
+    e_w = e_w + lr * e_b + 2 * u * lr * b1.abs() + u * w1.abs()  # w -= lr buf: lr to float32, 2 roundings
+    err[p] = (e_w, e_b)
+
+
 def test_guarded_lars_steps_as_timm_and_a_skipped_step_changes_nothing():
     a, b = twin_models()
     kwargs = dict(lr=0.5, weight_decay=1e-2, momentum=0.9, filter_bias_and_bn=True)
@@ -45,18 +67,27 @@ def test_guarded_lars_steps_as_timm_and_a_skipped_step_changes_nothing():
     assert type(timm_lars) is Lars
     ours = GuardedLars(plain.param_groups, **plain.defaults)
     assert [g["weight_decay"] for g in ours.param_groups] == [0.0, 1e-2]  # biases and BN exempt
-    gen = torch.Generator().manual_seed(1)
-    for step in range(4):
-        x = torch.randn(8, 6, generator=gen)
-        backward(a, x)
-        backward(b, x, scale=1024.0 if step == 3 else 1.0)  # step 4 as under fp16: scaled, then unscaled
-        timm_lars.step()
-        ours.found_inf, ours.grad_scale = torch.tensor(0.0), torch.tensor(1024.0) if step == 3 else None
-        ours.step()
+    gen, err = torch.Generator().manual_seed(1), {}
+    for step in range(4):  # both get a's gradients: only the optimisers' arithmetic differs
+        backward(a, torch.randn(8, 6, generator=gen))
+        scale = 1024.0 if step == 3 else 1.0  # step 4 as under fp16: scaled, then unscaled (exactly: 2^10)
         for p, q in zip(a.parameters(), b.parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(ours.state[q]["momentum_buffer"], timm_lars.state[p]["momentum_buffer"],
-                                       rtol=1e-6, atol=1e-7)
+            q.grad = p.grad * scale
+        start = {p: (p.clone(), timm_lars.state[p].get("momentum_buffer", torch.zeros_like(p)))
+                 for p in a.parameters()}
+        timm_lars.step()
+        ours.found_inf, ours.grad_scale = torch.tensor(0.0), torch.tensor(scale) if step == 3 else None
+        ours.step()
+        for group in timm_lars.param_groups:
+            for p in group["params"]:
+                lars_bound(err, group, p, *start[p], timm_lars.state[p]["momentum_buffer"])
+        # largest observed: 0.37 of the bounds (300 seeds, 1 and 2 threads); a trust ratio without wd |w| in
+        # its denominator would be 1200 x them, a step that forgets to unscale 1e8 x
+        for p, q in zip(a.parameters(), b.parameters()):
+            e_w, e_b = err[p]
+            w_diff = (q.double() - p.double()).abs()
+            b_diff = (ours.state[q]["momentum_buffer"].double() - timm_lars.state[p]["momentum_buffer"].double()).abs()
+            assert (w_diff <= 2 * e_w).all() and (b_diff <= 2 * e_b).all(), ((w_diff / e_w).max(), (b_diff / e_b).max())
     before = {n: (p.clone(), ours.state[p]["momentum_buffer"].clone()) for n, p in b.named_parameters()}
     for p in b.parameters():
         p.grad = torch.full_like(p, float("nan"))
@@ -95,6 +126,7 @@ def reads_in_a_run(folder, out, host_reads, log_every: int) -> int:
     return host_reads["n"] - before
 
 
+@pytest.mark.slow
 def test_host_reads_come_at_log_steps_and_epoch_ends_only(folders, tmp_path, host_reads):
     small, large = folders  # 5 and 10 steps per epoch, 2 epochs
     quiet_small = reads_in_a_run(small, tmp_path / "a", host_reads, 1000)
@@ -110,6 +142,7 @@ def test_host_reads_come_at_log_steps_and_epoch_ends_only(folders, tmp_path, hos
 SGD = ["--optimizer", "sgd", "--momentum", "0", "--epochs", "2"]
 
 
+@pytest.mark.slow
 def test_a_nonfinite_step_leaves_the_weights_as_skipping_its_batch_would(folders, tmp_path, hooks, monkeypatch):
     small, _ = folders
     hooks[3] = nan  # step 3's loss, and every gradient, NaN
@@ -137,6 +170,7 @@ def test_a_nonfinite_step_leaves_the_weights_as_skipping_its_batch_would(folders
     assert any(not torch.equal(every[k], skipped[k]) for k in skipped if k.endswith("conv1.weight"))
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_decision(folders, tmp_path):
     """Only rank 1's loss is NaN at its step 2: both ranks skip that step, and end with the same weights."""
     small, _ = folders
@@ -152,10 +186,15 @@ def test_two_processes_take_the_same_decision(folders, tmp_path):
 
 
 # -- memory format and compilation ------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--channels-last", "on"], ["--compile"]], ids=["channels-last", "compile"])
-def test_the_exported_backbone_loads_into_plain_timm(folders, tmp_path, flags):
+def test_the_exported_backbone_loads_into_plain_timm(folders, tmp_path, flags, monkeypatch):
     small, _ = folders
     out = tmp_path / "run"
+    # Dynamo traces and wraps the model as under any backend; inductor's code generation (45 s on the CPU
+    # here, for a model that trains in a second) is torch's, not what this test is about: the names.
+    compile_in_place = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_in_place(self, **kw, backend="eager"))
     assert train_here(small, out, "--epochs", "1", *flags) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["channels_last_resolved"] is (flags[0] == "--channels-last") and cfg["compile"] is (flags[0] == "--compile")
