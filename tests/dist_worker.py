@@ -4,8 +4,10 @@ Checks, with the project's own parts on 2 CPU processes over gloo:
 1. shards: in one epoch the two processes read disjoint samples that together cover the data
    (an array source whose labels are the sample index, or the WebDataset shards given as argv[1]);
 2. gradients: DDP (as accelerate prepares it) + NT-Xent with negatives gathered across processes
-   gives the same loss and parameter gradients as one process holding the whole batch.
-Prints one JSON line from rank 0.
+   gives the same loss and parameter gradients as one process holding the whole batch. In float64:
+   rounding is then ~1e-16 while every bug this exists for (a missing all-reduce, a wrong average, a
+   gather without gradients, batch-dependent BN) moves the loss or a gradient by O(1).
+Prints one JSON line from rank 0: the measurements and the sizes their error bounds are computed from.
 """
 import json
 import sys
@@ -23,11 +25,65 @@ from pipelines.loader import Shard, train_loader  # noqa: E402
 from pipelines.sources import Source, load_source  # noqa: E402
 from train import build_model, make_accelerator, parse_args  # noqa: E402
 
+TAU = 0.2
+PAIRS = 8  # the whole batch: 4 pairs per process
+
 
 def labels_read(source: Source, shard: Shard, batch: int) -> list[int]:
     loader = train_loader(source, batch_size=batch, size=16, aug=Augment(), shard=shard, seed=0, epoch=0,
                           workers=1, device_id=None)
     return torch.cat([y.view(-1) for _, _, y in loader]).tolist()
+
+
+def sums(model: torch.nn.Module, images: torch.Tensor) -> tuple[int, int]:
+    """(K, L): the most terms of any one sum in a forward or backward pass of `model` on `images` (a
+    convolution's or linear layer's dot products forward, its transposed ones backward, its weight
+    gradients over batch x positions, BatchNorm's parameter gradients over the same), and the number
+    of such layers, which bounds how many sums lie on any path through the network (+1: the pool)."""
+    sizes, layers = [], [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    def record(module, args, out):
+        k = module.kernel_size[0] * module.kernel_size[1] // module.groups if out.dim() == 4 else 1
+        fan_in, fan_out = (module.in_channels * k, module.out_channels * k) if out.dim() == 4 else \
+            (module.in_features, module.out_features)
+        sizes.extend([fan_in, fan_out, out.numel() // out.shape[1]])
+
+    handles = [m.register_forward_hook(record) for m in layers]
+    with torch.no_grad():
+        model(images)
+    for h in handles:
+        h.remove()
+    return max(sizes), len(layers) + 1
+
+
+def compare_gradients(accelerator, seed: int) -> dict:
+    """One process against two, float64: the loss and every parameter's gradient."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cfg = parse_args(["--backbone", "resnet18", "--proj-hidden", "64", "--proj-dim", "32"])
+    torch.manual_seed(seed)
+    model = build_model(cfg).double().eval()  # eval-mode BN: per-process batch statistics are not the point here
+    single = build_model(cfg).double().eval()
+    single.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(seed + 1)
+    view1, view2 = (torch.randn(PAIRS, 3, 32, 32, generator=gen, dtype=torch.float64) for _ in range(2))
+    model = accelerator.prepare(model)
+    mine = slice(rank * PAIRS // world, (rank + 1) * PAIRS // world)
+    z = model(torch.cat([view1[mine], view2[mine]]))
+    loss = nt_xent_loss(*z.chunk(2), TAU, impl="tiled")
+    accelerator.backward(loss)
+    losses = [None] * world
+    dist.all_gather_object(losses, loss.item())
+    if rank != 0:
+        return {}
+    views = torch.cat([view1, view2])
+    z = single(views)
+    ref = nt_xent_loss(*z.chunk(2), TAU, impl="reference", distributed=False)
+    ref.backward()
+    grads = [((p.grad - q.grad).abs().max().item(), q.grad.abs().max().item(), p.grad.abs().max().item())
+             for p, q in zip(accelerator.unwrap_model(model).parameters(), single.parameters())]
+    longest, layers = sums(single, views)
+    return {"rank_losses": losses, "single_loss": ref.item(), "grads": grads, "longest_sum": longest, "layers": layers,
+            "tau": TAU, "pairs": PAIRS, "dim": z.shape[1], "dtype": str(z.dtype).removeprefix("torch.")}
 
 
 def main() -> None:
@@ -50,29 +106,8 @@ def main() -> None:
         result[name] = everyone
 
     # 2. one process against two: loss and gradients
-    cfg = parse_args(["--backbone", "resnet18", "--proj-hidden", "64", "--proj-dim", "32"])
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()  # eval-mode BN: per-process batch statistics are not the point here
-    single = build_model(cfg).eval()
-    single.load_state_dict(model.state_dict())
-    gen = torch.Generator().manual_seed(1)
-    view1, view2 = torch.randn(8, 3, 32, 32, generator=gen), torch.randn(8, 3, 32, 32, generator=gen)
-    model = accelerator.prepare(model)
-    mine = slice(rank * 4, rank * 4 + 4)
-    z = model(torch.cat([view1[mine], view2[mine]]))
-    loss = nt_xent_loss(*z.chunk(2), 0.2, impl="tiled")
-    accelerator.backward(loss)
-    losses = [None] * world
-    dist.all_gather_object(losses, loss.item())
+    result.update(compare_gradients(accelerator, seed=0))
     if rank == 0:
-        z = single(torch.cat([view1, view2]))
-        ref = nt_xent_loss(*z.chunk(2), 0.2, impl="reference", distributed=False)
-        ref.backward()
-        worst = 0.0
-        for (name, p), q in zip(accelerator.unwrap_model(model).named_parameters(), single.parameters()):
-            err = ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)).item()
-            worst = max(worst, err)
-        result.update(rank_losses=losses, single_loss=ref.item(), worst_grad_rel_err=worst)
         print(json.dumps(result))
     accelerator.wait_for_everyone()
 

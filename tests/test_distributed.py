@@ -1,11 +1,16 @@
 """Two processes on the CPU over gloo, started as users start them: `accelerate launch`."""
 import json
+import math
 
 import pytest
+import torch
 from conftest import make_folder, run_cli
+from error_bounds import gamma, unit_roundoff
 
 from pipelines.sources import load_folder
 from pipelines.webdataset import write_shards
+
+pytestmark = pytest.mark.slow  # two processes through accelerate launch
 
 LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
@@ -34,8 +39,36 @@ def test_two_processes_read_disjoint_shards_and_match_one_process(data):
     a, b = result["wds"]
     assert len(a) == len(b) == 8
     assert sorted(set(a + b)) == [0, 1, 2]
-    assert sum(result["rank_losses"]) / 2 == pytest.approx(result["single_loss"], rel=1e-5)
-    assert result["worst_grad_rel_err"] < 1e-4
+    bounds = gradient_bounds(result)
+    assert abs(sum(result["rank_losses"]) / 2 - result["single_loss"]) <= bounds["loss"]
+    for i, (err, scale, two_ranks) in enumerate(result["grads"]):  # max |difference|, max |single|, max |two|
+        if scale == 0:  # behind a zero-initialised last BN weight every term is multiplied by an exact 0
+            assert two_ranks == 0, i
+        else:
+            assert err <= bounds["grad"] * scale, (i, err / (bounds["grad"] * scale))
+
+
+def gradient_bounds(result: dict) -> dict:
+    """Bounds on |two ranks - one process| for dist_worker's float64 comparison: the loss, and each
+    parameter's gradient as a fraction of its largest entry. Largest observed fractions of them: loss
+    5e-7, gradients 2e-5 (20 seeds, 1 and 2 threads per process); without DDP's all-reduce a gradient
+    would be off by 1 to 9 times its largest entry, 4e8 x the bound."""
+    u = unit_roundoff(getattr(torch, result["dtype"]))
+    k, layers, dim, tau, m = (result[key] for key in ("longest_sum", "layers", "dim", "tau", "pairs"))
+    m *= 2  # embeddings: columns of the similarity matrix
+    # A whole network is an allowance, not a proof: each of the `layers` sums on a path adds at most gamma(k)
+    # of its activations' scale, carried on without growth (eval BN rescales; ReLU, residual adds do not
+    # amplify). sqrt(dim) takes an embedding's max-norm to its 2-norm. In float64 this is ~1e-10.
+    z_rel = math.sqrt(dim) * layers * gamma(k, u)
+    # a cosine moves by <= 2 z_rel (the normalisation's Jacobian is 1/|z|) + its own rounding (dot product of
+    # dim terms, norms), a logit by that over tau; lse - pos moves by <= 2 logits, plus the sums of lse and mean
+    logit = (2 * z_rel + 2 * gamma(dim, u) + 4 * u) / tau
+    loss = 2 * logit + gamma(2 * m, u) * (result["single_loss"] + 2 / tau)
+    # dL/dz: the softmax moves by <= 2 logits relative; then `layers` sums back, the activations' own
+    # z_rel-type error, and each weight gradient's sum: 2 * layers + 1 sums of at most k terms
+    grad = 2 * logit + gamma(m, u) + (2 * layers + 1) * gamma(k, u)
+    # two computations (one process, two ranks) each within its bound; the ranks' mean rounds once more
+    return {"loss": 2 * loss + u * result["single_loss"], "grad": 2 * grad + u}
 
 
 @pytest.mark.parametrize("source", ["folder", "wds"])
