@@ -1,5 +1,7 @@
-"""benchmark.py's throughput sections at a tiny size: every figure is written; no timing is asserted."""
+"""benchmark.py's sections (`all`: pipeline, model, train, loss) at a tiny size: every figure is written; no timing
+is asserted."""
 import json
+import math
 
 import pytest
 from conftest import run_cli
@@ -24,8 +26,27 @@ def test_all_sections_write_their_json_keys(tmp_path):
     assert pipeline["speedup"] == pipeline["dali_images_per_s"] / pipeline["torchvision_images_per_s"]
     assert train["efficiency"] == train["train_images_per_s"] / train["model_images_per_s"]
     assert len(train["model_runs"]) == 2 and train["model_images_per_s"] == sum(train["model_runs"]) / 2  # before, after
-    loss = [row for row in payload["results"] if row["section"] == "loss"]
-    assert {row["impl"] for row in loss} == {"reference", "tiled", "matmul"}  # matmul: the loss rows' ceiling
-    assert all(row["fraction_of_matmul"] > 0 for row in loss if row["impl"] != "matmul")
     hw = payload["hardware"]
     assert hw["cpu_cores"] >= 1 and hw["versions"]["torch"] and hw["versions"]["nvidia-dali-cuda130"]
+    assert hw["cpu"] and "triton" in hw["versions"] and "gpus" in hw
+    assert "NT-Xent forward+backward" in r.stdout  # the loss section's rich table
+
+    loss = [row for row in payload["results"] if row["section"] == "loss"]
+    [matmul] = [row for row in loss if row["impl"] == "matmul"]  # the loss rows' ceiling: this machine's rate
+    assert (matmul["status"], matmul["dtype"], matmul["size"]) == ("ok", "float32", 4096) and matmul["gflops"] > 0
+    assert matmul["gflops"] == 2 * 4096 ** 3 / matmul["min_s"] / 1e9
+    rows = {row["impl"]: row for row in loss if row["impl"] != "matmul"}
+    assert set(rows) == {"reference", "tiled"}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert (row["n"], row["embeddings"], row["dim"], row["dtype"], row["device"]) == (32, 64, 16, "float32", "cpu")
+        assert row["repeats"] == 1
+        for key in ("median_s", "min_s"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert isinstance(row["peak_extra_mb"], float) and row["peak_extra_mb"] >= 0  # 64 embeddings: under a page
+        assert row["min_s"] <= row["median_s"]
+        flop = 4 * 64 ** 2 * 16  # the similarity tiles twice (half each, by symmetry) and the gradient product
+        assert row["gflops"] == flop / row["median_s"] / 1e9
+        assert row["fraction_of_matmul"] == row["gflops"] / matmul["gflops"] > 0
+        assert row["fraction_of_matmul_best"] >= row["fraction_of_matmul"]
+    assert rows["reference"]["speedup_vs_reference"] == 1.0

@@ -1,6 +1,8 @@
 """evaluate.py and probes.py: fine-tuning, eval.json, plots, embeddings, a frozen linear probe, and
 train.py's online kNN monitor and tensorboard logging, on tiny generated folders."""
+import contextlib
 import copy
+import io
 import json
 import shutil
 
@@ -8,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_folder, run_cli, write_image
+from conftest import make_folder, write_image
 from error_bounds import gamma, unit_roundoff
 from PIL import Image
 
+import evaluate
 import plots
+import train
 from evaluate import EvalConfig, evaluate_backbone, load_backbone
 from pipelines.loader import eval_loader
 from pipelines.sources import load_folder, load_source
@@ -31,13 +35,21 @@ def data(tmp_path_factory):
             "test": make_folder(root / "test", CLASSES, per_class=4, seed=2)}
 
 
+def printed(command) -> str:
+    """What command() prints (the rich console writes to whatever sys.stdout is); it must return 0."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert command() == 0
+    return out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    r = run_cli("train.py", "--data", str(data["train"]), "--epochs", "2", "--out", str(out), "--knn-every", "1",
-                "--knn-train", "20", "--knn-test", "4", "--log-with", "tensorboard", *TINY)
-    assert r.returncode == 0, r.stderr
-    return out, r.stdout
+    stdout = printed(lambda: train.main(["--data", str(data["train"]), "--epochs", "2", "--out", str(out),
+                                         "--knn-every", "1", "--knn-train", "20", "--knn-test", "4",
+                                         "--log-with", "tensorboard", *TINY]))
+    return out, stdout
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +59,10 @@ def run(trained):
 
 @pytest.fixture(scope="module")
 def evaluated(run, data):
-    r = run_cli("evaluate.py", "--run", str(run), "--test-data", str(data["test"]), "--finetune",
-                "--label-fraction", "0.5", "--finetune-epochs", "1", "--finetune-min-steps", "2",
-                "--finetune-batch-size", "8", *QUICK_EVAL)
-    assert r.returncode == 0, r.stderr
-    return r, json.loads((run / "eval.json").read_text())
+    stdout = printed(lambda: evaluate.main(["--run", str(run), "--test-data", str(data["test"]), "--finetune",
+                                            "--label-fraction", "0.5", "--finetune-epochs", "1",
+                                            "--finetune-min-steps", "2", "--finetune-batch-size", "8", *QUICK_EVAL]))
+    return stdout, json.loads((run / "eval.json").read_text())
 
 
 class Float64(torch.nn.Module):
@@ -155,21 +166,21 @@ def test_knn_monitor_matches_an_offline_knn_and_restores_train_mode(run, data):
     assert abs(first - knn_top1(tx, ty, qx, qy)) * len(qx) <= fragile
 
 
-@pytest.mark.slow
-def test_knn_every_needs_labels(tmp_path):
+def test_knn_every_needs_labels(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for i in range(12):  # a flat folder: no classes
         write_image(tmp_path / "flat" / f"{i}.png", rng)
-    r = run_cli("train.py", "--data", str(tmp_path / "flat"), "--out", str(tmp_path / "out"), "--epochs", "1",
-                "--knn-every", "1", *TINY)
-    assert r.returncode == 2 and "--knn-every needs labelled images" in r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:  # before any training
+        train.main(["--data", str(tmp_path / "flat"), "--out", str(tmp_path / "out"), "--epochs", "1",
+                    "--knn-every", "1", *TINY])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--knn-every needs labelled images" in err and len(err.strip().splitlines()) == 1
 
 
 # -- evaluate.py: eval.json, the table, the plots ----------------------------------------------------
 @pytest.mark.slow
 def test_eval_json_keeps_old_keys_and_adds_finetune(evaluated, data):
-    r, result = evaluated
+    stdout, result = evaluated
     assert result["n_train"] == 40 and result["n_test"] == 20
     for scores in (result, result["random_init"]):
         assert 0 <= scores["knn_top1"] <= 1 and 0 <= scores["linear_top1"] <= 1
@@ -181,8 +192,8 @@ def test_eval_json_keeps_old_keys_and_adds_finetune(evaluated, data):
         # a count over 20, in float32 (the mean: <= 2 roundings) then times 20 in float64; up to 0.33 of it seen
         count, u32, u64 = round(scores["top1"] * 20), unit_roundoff(torch.float32), unit_roundoff(torch.float64)
         assert abs(scores["top1"] * 20 - count) <= count * (2 * u32 + u64)
-    assert "fine-tune, 50% labels (20 images) top-1" in r.stdout and "top-5" in r.stdout
-    assert "random init" in r.stdout
+    assert "fine-tune, 50% labels (20 images) top-1" in stdout and "top-5" in stdout
+    assert "random init" in stdout
 
 
 @pytest.mark.slow
@@ -203,26 +214,27 @@ def test_evaluate_draws_every_plot(evaluated, run):
 
 
 @pytest.mark.slow
-def test_finetune_and_embed_refuse_bad_flags(run, tmp_path):
+def test_finetune_and_embed_refuse_bad_flags(run, tmp_path, capsys):
     for args, sentence in ([["--finetune", "--label-fraction", "2"], "--label-fraction must be in (0, 1]"],
                            [["--embed", str(tmp_path)], "--embed needs --to"],
                            [["--embed", str(tmp_path), "--to", str(tmp_path / "x.csv")], "must name a .npy"]):
-        r = run_cli("evaluate.py", "--run", str(run), *args)
-        assert r.returncode == 2 and sentence in r.stderr and "Traceback" not in r.stderr, r.stderr
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(["--run", str(run), *args])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and sentence in err and len(err.strip().splitlines()) == 1, err
 
 
 # -- embeddings ------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_embed_writes_one_row_per_image_equal_to_extract(run, data, tmp_path):
+def test_embed_writes_one_row_per_image_equal_to_extract(run, data, tmp_path, capsys):
     folder = tmp_path / "catalogue"
     shutil.copytree(data["test"], folder)
     good = load_folder(str(folder), "all")
     (folder / "eel" / "broken.jpg").write_bytes((folder / "eel" / "001.jpg").read_bytes()[:200])  # truncated
     to = tmp_path / "emb" / "test.npy"
-    r = run_cli("evaluate.py", "--run", str(run), "--embed", str(folder), "--to", str(to),
-                "--batch-size", "8", "--workers", "1")
-    assert r.returncode == 0, r.stderr
-    assert "1 undecodable file(s) left out" in r.stdout
+    assert evaluate.main(["--run", str(run), "--embed", str(folder), "--to", str(to), "--batch-size", "8",
+                          "--workers", "1"]) == 0
+    assert "1 undecodable file(s) left out" in capsys.readouterr().out
     emb = np.load(to)
     paths = (tmp_path / "emb" / "test.paths.txt").read_text().splitlines()
     source = good

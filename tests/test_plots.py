@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_folder, run_cli
+from conftest import make_folder
 from PIL import Image
 
 import plots
+from pipelines import preview
 from pipelines.augment import Augment
 from pipelines.preview import CELL as PREVIEW_CELL
 from pipelines.preview import augmented_pairs
@@ -70,14 +71,19 @@ def test_training_curves(tmp_path, knn, panels):
     assert png_size(out) == pixels(plots.CURVE_PANEL[0] * panels, plots.CURVE_PANEL[1])
 
 
-@pytest.mark.slow
-def test_plots_cli_draws_curves_and_refuses_a_folder_without_metrics(tmp_path):
+def test_plots_cli_draws_curves_and_refuses_a_folder_without_metrics(tmp_path, capsys):
     write_metrics(tmp_path / "run", knn=False)
-    r = run_cli("plots.py", "--run", str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr
+    assert plots.main(["--run", str(tmp_path / "run")]) == 0  # as `python plots.py --run RUN` calls it
     assert png_size(tmp_path / "run" / "training_curves.png") == pixels(plots.CURVE_PANEL[0] * 3, plots.CURVE_PANEL[1])
-    r = run_cli("plots.py", "--run", str(tmp_path))
-    assert r.returncode == 2 and "has no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
+    one_sentence(lambda: plots.main(["--run", str(tmp_path)]), "has no metrics.jsonl", capsys)
+
+
+def one_sentence(command, sentence: str, capsys) -> None:
+    """The command stops with exit status 2 and `sentence` in one line on stderr."""
+    with pytest.raises(SystemExit) as stop:
+        command()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and sentence in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("n", [2, 6, 30])  # a row, PCA, t-SNE
@@ -136,14 +142,12 @@ def test_preview_views_line_up_with_their_originals():
         np.testing.assert_array_equal(view, source.images)
 
 
-@pytest.mark.slow
-def test_preview_cli_writes_the_grid(tmp_path):
+def test_preview_cli_writes_the_grid(tmp_path, capsys):
     folder = make_folder(tmp_path / "images", per_class=4, size=(48, 36))
     out = tmp_path / "views.png"
-    r = run_cli("-m", "pipelines.preview", "--data", str(folder), "--out", str(out), "--n", "5", "--pairs", "2",
-                "--image-size", "32", "--blur-p", "0", "--seed", "1")
-    assert r.returncode == 0, r.stderr
+    assert preview.main(["--data", str(folder), "--out", str(out), "--n", "5", "--pairs", "2",  # python -m ...
+                         "--image-size", "32", "--blur-p", "0", "--seed", "1"]) == 0
     rows = 1 + 2 * 2  # original + two pairs of views
     assert png_size(out) == pixels(PREVIEW_CELL * 5 + 0.9, PREVIEW_CELL * rows + 0.7)
-    r = run_cli("-m", "pipelines.preview", "--data", str(folder), "--out", str(out), "--n", "500")
-    assert r.returncode == 2 and "--n 500 is more than the" in r.stderr and "Traceback" not in r.stderr
+    one_sentence(lambda: preview.main(["--data", str(folder), "--out", str(out), "--n", "500"]),
+                 "--n 500 is more than the", capsys)

@@ -49,23 +49,24 @@ def test_training_writes_every_output(two_epochs):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_the_saved_epoch_and_matches(folder, two_epochs, tmp_path):
-    out = tmp_path / "resumed"
-    first = run_cli("train.py", "--data", str(folder), "--epochs", "2", "--stop-after", "1", "--out", str(out),
-                    *TINY)
-    assert first.returncode == 0, first.stderr
-    assert "continue with --resume" in first.stdout
-    again = run_cli("train.py", "--data", str(folder), "--epochs", "2", "--out", str(out), *TINY)
-    assert again.returncode == 2 and "--resume" in again.stderr
-    second = run_cli("train.py", "--data", str(folder), "--epochs", "2", "--out", str(out), "--resume", *TINY)
-    assert second.returncode == 0, second.stderr
-    assert "resuming at epoch 2" in second.stdout
+def test_resume_continues_from_the_saved_epoch_and_matches(folder, tmp_path, capsys):
+    """In this process: a run straight through, one stopped after its first epoch and resumed (the
+    signals, kills and other numbers of processes are tests/test_interruption.py's and test_elastic.py's)."""
+    out, args = tmp_path / "resumed", ["--data", str(folder), "--epochs", "2", *TINY]
+    assert train.main([*args, "--out", str(tmp_path / "straight")]) == 0
+    assert train.main([*args, "--stop-after", "1", "--out", str(out)]) == 0
+    assert "continue with --resume" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:  # refused before anything is written
+        train.main([*args, "--out", str(out)])
+    assert stop.value.code == 2 and "--resume" in capsys.readouterr().err
+    assert train.main([*args, "--out", str(out), "--resume"]) == 0
+    assert "resuming at epoch 2" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
     assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4]
     # an epoch's data and augmentations depend only on (seed, epoch): resuming changes nothing
     resumed = load_file(str(out / "backbone.safetensors"))
-    straight = load_file(str(two_epochs / "backbone.safetensors"))
+    straight = load_file(str(tmp_path / "straight" / "backbone.safetensors"))
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
 
