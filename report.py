@@ -68,7 +68,8 @@ class Report:
                              f"{cfg['steps_per_epoch']} steps per epoch"),
             ("optimiser", f"{cfg['optimizer']}, lr {cfg['scaled_lr']:.4g} ({cfg['lr_scaling']} scaling), "
                           f"{cfg['warmup_epochs_resolved']:g} warmup epochs, cosine"),
-            ("loss", f"NT-Xent, tau {cfg['temperature']}, {cfg['loss_impl_resolved']} implementation"),
+            ("loss", f"NT-Xent, tau {cfg['temperature']}, {cfg['loss_impl_resolved']} implementation, "
+                     f"{cfg['loss_operands']} products (fp32 sums)"),
             ("epochs", f"{cfg['epochs']}{resumed}"),
             ("output", str(self.out)),
         ]

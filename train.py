@@ -51,6 +51,7 @@ class Config:
     warmup_epochs: float = setting(-1.0, low=0, off=-1.0, off_means="the default")  # linear warmup in epochs, then cosine decay to zero (-1: the paper's 10, at most a tenth of the run)
     temperature: float = setting(0.1, low=0, above=True)  # NT-Xent tau
     loss_impl: str = setting("auto", choices=("auto", "triton", "tiled", "reference"))  # NT-Xent implementation: auto, triton, tiled or reference
+    loss_precision: str = setting("auto", choices=("auto", "fp32"))  # NT-Xent products: auto follows the mixed precision (bf16/fp16 operands, fp32 sums), or fp32
     channels_last: str = setting("auto", choices=("auto", "on", "off"))  # channels-last model and views: on, off, auto (on for CUDA, off on the CPU)
     compile: bool = False  # torch.compile the model (backbone and head)
     seed: int = setting(0, low=0)  # seeds weights, data order and augmentations
@@ -72,8 +73,8 @@ class Config:
 
 # config.json keys that a run works out rather than takes as settings (--config leaves them out)
 DERIVED = frozenset({"world_size", "world_sizes", "global_batch", "scaled_lr", "steps_per_epoch", "n_train",
-                     "dali_placement", "loss_impl_resolved", "device", "mixed_precision", "channels_last_resolved",
-                     "warmup_epochs_resolved", "scan"})
+                     "dali_placement", "loss_impl_resolved", "loss_operands", "device", "mixed_precision",
+                     "channels_last_resolved", "warmup_epochs_resolved", "scan"})
 
 
 def build_parser() -> Parser:
@@ -121,6 +122,15 @@ def memory_format_and_compile(model, cfg: Config, device: torch.device):
     if cfg.compile:
         model.compile()
     return model, channels_last
+
+
+def loss_operands(precision: str, mixed_precision: str) -> torch.dtype:
+    """What NT-Xent's similarity products read: the run's 16-bit type under bf16/fp16 mixed precision
+    (--loss-precision auto), else float32. accelerate hands the loss float32 embeddings either way, so
+    without this the fused 16-bit kernels would never train."""
+    if precision == "auto" and mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.float32
 
 
 def warmup_epochs(cfg: Config) -> float:
@@ -255,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is not registered for checkpointing: its lr is a function of the step
     # (step_update below), and accelerate would load it back with pickle (weights_only=False).
-    loss_impl = resolve_impl(cfg.loss_impl, accelerator.device)  # fp32: accelerate upcasts the outputs
+    operands = loss_operands(cfg.loss_precision, accelerator.mixed_precision)
+    loss_impl = resolve_impl(cfg.loss_impl, accelerator.device, operands)
 
     resolved = {**dataclasses.asdict(cfg), "world_size": world, "global_batch": global_batch,
                 "scaled_lr": lr, "steps_per_epoch": steps_per_epoch, "n_train": len(source),
                 "dali_placement": placement(device_id), "loss_impl_resolved": loss_impl,
+                "loss_operands": str(operands).removeprefix("torch."),
                 "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
                 "channels_last_resolved": channels_last, "warmup_epochs_resolved": warmup_epochs(cfg),
                 "scan": screen.summary() if screen.checked else None}
@@ -327,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler.step_update(step)
                 views = torch.cat([view1, view2]).to(accelerator.device, non_blocking=True)
                 z = model(views)  # (2B, proj_dim): one pass, BN sees both views
-                loss = nt_xent_loss(*z.chunk(2), cfg.temperature, impl=cfg.loss_impl)
+                loss = nt_xent_loss(*z.chunk(2), cfg.temperature, impl=loss_impl, operands=operands)
                 accelerator.backward(loss)
                 step += 1
                 report.step(loss, guard.step(loss, step), optimizer.param_groups[0]["lr"], global_batch)

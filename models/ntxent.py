@@ -14,7 +14,14 @@ log-sum-exp and a -inf self-mask:
              Python thread per core.
   triton     two fused kernels (models/ntxent_triton.py) with an online log-sum-exp. CUDA, or CPU
              tensors under TRITON_INTERPRET=1.
-"auto" picks per device and dtype (`resolve_impl`): triton for 16-bit CUDA tensors, tiled otherwise.
+"auto" picks per device and operand dtype (`resolve_impl`): triton for 16-bit operands on CUDA, tiled
+otherwise.
+
+Operands: the similarity products read the normalised embeddings in `operands` (16-bit when the inputs
+are, or when asked: train.py asks for the run's 16-bit type under bf16/fp16 mixed precision, where
+accelerate hands the loss float32 embeddings), rounded once after a float32 normalisation; products
+accumulate, and the log-sum-exp and the loss are computed, in float32 in every implementation. The
+gradient passes straight through that rounding, back to the float32 normalisation.
 
 Across processes (torch.distributed initialised, world size W > 1, equal shards of n pairs): every rank
 normalises its 2n local anchors [z1_r; z2_r] and all-gathers them *with gradients* into (2nW, D) columns
@@ -66,8 +73,8 @@ def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float) ->
 class _NTXent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, row_offset, half, temperature, impl, block, operand_dtype):
-        # z: (M, D) normalised, gathered; returns the mean loss of the 2*half local rows. The Triton
-        # kernels read 16-bit operands when the inputs were 16-bit (fp32 accumulation regardless).
+        # z: (M, D) normalised, gathered; returns the mean loss of the 2*half local rows. The kernels
+        # read z rounded to operand_dtype (fp32 accumulation regardless); the backward keeps that copy.
         stats, _ = _KERNELS[impl]()
         ctx.in_dtype = z.dtype
         zk = z.to(operand_dtype)
@@ -94,7 +101,14 @@ def _triton_kernels():
     return ntxent_triton.triton_stats, ntxent_triton.triton_grad
 
 
-_KERNELS = {"tiled": lambda: (tiled_stats, tiled_grad), "triton": _triton_kernels}
+def _widened(kernel):
+    """A tiled kernel on 16-bit operands widened (exactly) to float32: torch's CPU products of 16-bit
+    tensors return 16-bit results, where the Triton kernels accumulate and keep the products in float32.
+    The wide copy lives for one kernel call; what the backward keeps is the 16-bit operand."""
+    return lambda z, *args: kernel(z.float() if z.dtype in SIXTEEN_BIT else z, *args)
+
+
+_KERNELS = {"tiled": lambda: (_widened(tiled_stats), _widened(tiled_grad)), "triton": _triton_kernels}
 
 
 class _GatherRows(torch.autograd.Function):
@@ -127,28 +141,29 @@ class _GatherRows(torch.autograd.Function):
 # Public entry point.
 # --------------------------------------------------------------------------------------------
 IMPLS = ("auto", "reference", "tiled", "triton")
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
-    """The implementation that `impl` selects for embeddings of `dtype` on `device`.
+def resolve_impl(impl: str, device: torch.device | str, operands: torch.dtype = torch.float32) -> str:
+    """The implementation that `impl` selects for products of `operands` on `device`.
 
     "auto" follows the measurements (H100, N = 16,384, forward + backward; scripts/gpu_check.sh measures
-    them again on any GPU): 16-bit inputs on CUDA go to the Triton kernels (bf16: 3.6 ms, where the tiled
-    path and the reference compute in fp32: 25.7 and 34.1 ms); fp32 inputs go to the tiled path, since
+    them again on any GPU): 16-bit operands on CUDA go to the Triton kernels (bf16: 3.6 ms, where the
+    tiled path and the reference compute in fp32: 25.7 and 34.1 ms); fp32 goes to the tiled path, since
     the fp32 Triton kernels need three TF32 products per product to keep 1e-5 and took 37.4 ms, slower
     than the tiled path (25.7 ms) and even the full-matrix reference (34.1 ms, 12 GB). On the CPU, tiled
-    (Triton runs only under the interpreter there). Under accelerate's mixed precision the embeddings
-    reach the loss in fp32 (accelerate converts the forward's outputs), so training takes the fp32 choice.
+    (Triton runs only under the interpreter there). Under bf16/fp16 mixed precision train.py asks for
+    16-bit operands, so the fused kernels are what trains on a GPU.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown NT-Xent implementation {impl!r}; choose one of {IMPLS}")
     if impl != "auto":
         return impl
-    sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+    sixteen_bit = operands in SIXTEEN_BIT
     return "triton" if torch.device(device).type == "cuda" and sixteen_bit and _triton_installed() else "tiled"
 
 
@@ -182,7 +197,7 @@ def _world(distributed: bool | None) -> tuple[int, int]:
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, *,
                  impl: str = "auto", block: int | tuple[int, int] | None = None,
-                 distributed: bool | None = None) -> torch.Tensor:
+                 distributed: bool | None = None, operands: torch.dtype | None = None) -> torch.Tensor:
     """Mean NT-Xent over this process's 2N anchors of two views z1, z2, each (N, D) un-normalised.
 
     impl: "auto", "reference", "tiled" or "triton". block: tile size, an int (square tiles) or, for
@@ -190,6 +205,9 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, *
     distributed: gather negatives from every rank (None: when torch.distributed runs with world size > 1).
     Across W ranks each returns the mean over its own anchors (see the module docstring); shards must be
     equal.
+    operands: what the similarity products read: torch.bfloat16 or torch.float16 (the normalised
+    embeddings rounded once; float32 sums), torch.float32; None: the inputs' dtype when 16-bit, else
+    float32 (float64 inputs stay float64 outside Triton).
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
@@ -197,21 +215,24 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, *
         raise ValueError("NT-Xent needs at least one pair of views, got an empty batch")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    impl = resolve_impl(impl, z1.device, z1.dtype)
+    dtype = torch.promote_types(z1.dtype, torch.float32)  # normalisation, sums, the loss
+    operands = operands or (z1.dtype if z1.dtype in SIXTEEN_BIT else dtype)
+    if operands not in (*SIXTEEN_BIT, torch.float32, torch.float64):
+        raise ValueError(f"operands must be torch.bfloat16, float16, float32 or None, got {operands}")
+    impl = resolve_impl(impl, z1.device, operands)
     if impl == "triton" and not _triton_installed():
         raise ValueError("impl='triton' needs the triton package, which is not installed; use impl='tiled'")
     n = z1.shape[0]
     world, rank = _world(distributed)
     block = _block(impl, block, z1.device, 2 * n * world)
-    dtype = torch.promote_types(z1.dtype, torch.float32)
     with torch.autocast(z1.device.type, enabled=False):
         z = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # (2n, D) this rank's [z1; z2]
         if world > 1:
             z = _GatherRows.apply(z, world, rank)  # (2nW, D), per rank [z1_r; z2_r]
         offset = rank * 2 * n
-        if impl == "reference":
-            return _reference_rows(z, offset, n, temperature)
-        operand = dtype  # what the kernels read; Triton: 16-bit stays 16-bit, the rest becomes fp32
-        if impl == "triton":
-            operand = z1.dtype if z1.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        return _NTXent.apply(z, offset, n, temperature, impl, block, operand)
+        if impl == "reference":  # the same rounded operands (the gradient straight through), sums in dtype
+            rows = z + (z.to(operands).to(dtype) - z).detach() if operands in SIXTEEN_BIT else z
+            return _reference_rows(rows, offset, n, temperature)
+        if impl == "triton" and operands == torch.float64:
+            operands = torch.float32  # Triton computes in fp32 at most
+        return _NTXent.apply(z, offset, n, temperature, impl, block, operands)

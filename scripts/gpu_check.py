@@ -216,6 +216,10 @@ def step_train(check: Check) -> dict:
     expect(cfg["dali_placement"] == placement, f"DALI ran on the {cfg['dali_placement']}, not the {placement}")
     expect(cfg["device"].startswith(p.device), f"training ran on {cfg['device']}, not {p.device}")
     expect(cfg["mixed_precision"] == MIXED_PRECISION, f"training ran in {cfg['mixed_precision']}, not bf16")
+    # under bf16 the loss reads bf16 operands: the fused Triton kernels on a GPU, the tiled path on the CPU
+    path = ("triton" if p.device == "cuda" else "tiled", "bfloat16")
+    expect((cfg["loss_impl_resolved"], cfg["loss_operands"]) == path,
+           f"NT-Xent trained as {cfg['loss_impl_resolved']} on {cfg['loss_operands']} operands, not {path[0]} on bf16")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
@@ -229,7 +233,8 @@ def step_train(check: Check) -> dict:
     return {"steps": total, "steps_per_epoch": cfg["steps_per_epoch"], "images": cfg["n_train"],
             "backbone": cfg["backbone"], "image_size": p.image_size, "batch_size": p.batch_size,
             "dali_placement": cfg["dali_placement"], "device": cfg["device"], "mixed_precision": cfg["mixed_precision"],
-            "loss_impl": cfg["loss_impl_resolved"], "first_loss": losses[0], "last_loss": losses[-1],
+            "loss_impl": cfg["loss_impl_resolved"], "loss_operands": cfg["loss_operands"],
+            "first_loss": losses[0], "last_loss": losses[-1],
             "images_per_s": statistics.median(rates)}
 
 

@@ -71,8 +71,9 @@ def _summary(step: dict) -> str:
         return ", ".join(f"{n} {kind}" for kind, n in f.items() if kind != "deselected")
     if name == "train":
         return (f"{f['steps']} steps of {f['backbone']} at {f['image_size']} px, batch {f['batch_size']}, "
-                f"{f['mixed_precision']}, DALI on the {f['dali_placement']}, loss {f['first_loss']:.3g} -> "
-                f"{f['last_loss']:.3g}, {_fmt(f['images_per_s'])} images/s")
+                f"{f['mixed_precision']}, DALI on the {f['dali_placement']}, NT-Xent {f['loss_impl']} on "
+                f"{f['loss_operands']} operands, loss {f['first_loss']:.3g} -> {f['last_loss']:.3g}, "
+                f"{_fmt(f['images_per_s'])} images/s")
     if name == "evaluate":
         return f"kNN {f['knn_top1']:.3f}, linear probe {f['linear_top1']:.3f} on {f['device']} (random data)"
     if name == "pipeline":
@@ -90,7 +91,8 @@ def _summary(step: dict) -> str:
 VERIFIED = (
     ("DALI pipeline, GPU placement (mixed decoder, `.gpu()`, augmentations on the GPU)", ("tests", "train", "pipeline")),
     ("NT-Xent: tiled and Triton kernels compiled (fp32, bf16, fp16), `auto` per dtype", ("tests", "loss", "auto")),
-    ("training loop on CUDA through accelerate, bf16", ("tests", "train")),
+    ("training loop on CUDA through accelerate, bf16, NT-Xent by the Triton kernels on bf16 operands",
+     ("tests", "train")),
     ("evaluation on CUDA (features, kNN, linear probe)", ("tests", "evaluate")),
 )
 

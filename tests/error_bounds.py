@@ -59,11 +59,11 @@ class NTXentBound:
     nt_xent_loss against the exact reference), "rounded" (z unit rows, rounded to float32: the kernels
     on gathered rows) or "exact" (the reference was given the very operands the kernels read).
     jacobian: the gradient goes back through the float32 normalisation (nt_xent_loss), not to the rows.
-    operand: the dtype of the similarity products' operands; the Triton backward also rounds its softmax
-    weights to it. products: "fp32" (float32 operands, each product rounded), "exact" (16-bit operands,
-    products exact in float32), "tf32x3" (the fp32 Triton kernels on CUDA: three tf32 products each,
-    3 * 2^-22 relative). scaled_in: the dtype in which the products are scaled by 1 / tau (the tiled path
-    scales its operand, Triton the float32 product). world: processes whose gradient contributions are
+    operand: the dtype of the similarity products' operands. products: "fp32" (each product rounded to
+    float32), "exact" (16-bit operands multiplied as they are: exact in float32), "tf32x3" (the fp32 Triton
+    kernels on CUDA: three tf32 products each, 3 * 2^-22 relative). scaled_in: the dtype in which the
+    products are scaled by 1 / tau. weights: the dtype the backward rounds its softmax weights to before
+    their product (the Triton kernels: the operands'). world: processes whose gradient contributions are
     summed (all_reduce) into each row. grad_dtype: the dtype the gradient is returned in.
 
     The derivation, first order in u = 2^-24 (float32 accumulation) and v = unit_roundoff(operand):
@@ -81,7 +81,7 @@ class NTXentBound:
         + the exp's), W_kj = P_kj [k local] + P_jk [j local] - 2 [j = pos(k)] has sum_j |W_kj| <= A_k =
         [k local] (1 + 2) + C_k with C_k = sum_{local j} P_jk the column sum of the exact softmax (the one
         data-dependent magnitude, taken from float64), so ||d(sum_j W_kj u_j)||_2 <= e_P (A_k - 2[k local])
-        + (v_W + 4u + e_u + gamma_{M+17+world}) A_k (v_W: W rounded to a 16-bit operand; 4u: forming W
+        + (v_W + 4u + e_u + gamma_{M+17+world}) A_k (v_W: W rounded to 16-bit `weights`; 4u: forming W
         and scaling by 1 / (R tau)); then through the normalisation's Jacobian (I - u_k u_k^T) / ||z_k||,
         of norm 1 / ||z_k||, which adds 2 (gamma_D + 2 e_norm + 8u) ||a_k|| / ||z_k|| of its own. The
         2-norm bounds the max abs error.
@@ -90,8 +90,9 @@ class NTXentBound:
 
     def __init__(self, z: torch.Tensor, temperature: float, *, row_offset: int = 0, half: int | None = None,
                  rows: str = "normalised", jacobian: bool | None = None, operand: torch.dtype = torch.float32,
-                 products: str = "fp32", scaled_in: torch.dtype = torch.float32, world: int = 1,
-                 grad_dtype: torch.dtype = torch.float32, u: float = 2.0 ** -24):
+                 products: str = "fp32", scaled_in: torch.dtype = torch.float32,
+                 weights: torch.dtype = torch.float32, world: int = 1, grad_dtype: torch.dtype = torch.float32,
+                 u: float = 2.0 ** -24):
         z = z.detach().double().cpu()
         m, d = z.shape
         half = m // 2 if half is None else half
@@ -118,7 +119,7 @@ class NTXentBound:
         local[lo:hi] = 1.0
         a = 3 * local + torch.softmax(logits, dim=1).sum(0)  # A_k
         e_p = math.expm1(e_logit + e_lse + exp_error(x_max, u) + 6 * u)
-        v_w = v if sixteen and products == "exact" else 0.0
+        v_w = unit_roundoff(weights) if weights in (torch.bfloat16, torch.float16) else 0.0
         e_a = e_p * (a - 2 * local) + (v_w + 4 * u + e_u + gamma(m + 17 + world, u)) * a
         grads = e_a / (r * tau)
         if jacobian:

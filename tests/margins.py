@@ -29,13 +29,25 @@ def cases():
     for tau in TILED_TAUS:
         for n, d, block in SHAPES:
             yield (f"tiled fp32 n={n} d={d} block={block} tau={tau}",
-                   lambda s, n=n, d=d, b=block, t=tau: fractions_of_bound(*views(n, d, seed=s), t, impl="tiled", block=b))
+                   lambda s, n=n, d=d, b=block, t=tau: fractions_of_bound(*views(n, d, seed=s), t, impl="tiled",
+                                                                          block=b))
         for n, d in [(37, 70), (1, 9), (7, 5)]:
             yield (f"reference fp32 n={n} d={d} tau={tau}",
                    lambda s, n=n, d=d, t=tau: fractions_of_bound(*views(n, d, seed=s), t, impl="reference"))
     for tau in (0.05, 0.5):
         yield (f"tiled bf16-in n=37 d=70 tau={tau}",
                lambda s, t=tau: fractions_of_bound(*views(37, 70, torch.bfloat16, seed=s), t, impl="tiled", block=8))
+        yield (f"tiled bf16-in fp32 operands n=37 d=70 tau={tau}",
+               lambda s, t=tau: fractions_of_bound(*views(37, 70, torch.bfloat16, seed=s), t, impl="tiled",
+                                                   operands=torch.float32))
+    for op in (torch.bfloat16, torch.float16):  # fp32 embeddings, 16-bit operands: mixed precision
+        for tau in (0.05, 0.2, 1.0):
+            for n, d in [(37, 70), (1, 9), (20, 16)]:
+                for impl, block in [("tiled", 8), ("reference", None)] + (
+                        [("triton", (16, 32))] if triton_runs_on("cpu") else []):
+                    yield (f"{impl} fp32-in {str(op)[6:]} operands n={n} d={d} tau={tau}",
+                           lambda s, n=n, d=d, t=tau, i=impl, b=block, o=op: fractions_of_bound(
+                               *views(n, d, seed=s), t, impl=i, block=b, operands=o))
     if triton_runs_on("cpu"):
         for tau in TEMPERATURES:
             for n, d, block in [(37, 70, (16, 32)), (40, 70, (32, 16)), (1, 5, (16, 16)), (37, 70, None)]:

@@ -46,7 +46,7 @@ def test_dry_run_figures_come_from_the_paths_they_name(dry_run):
     train = f["train"]
     assert (train["dali_placement"], train["device"], train["mixed_precision"]) == ("cpu", "cpu", "bf16")
     assert train["steps"] == 2 * train["steps_per_epoch"] == 8 and train["backbone"] == "test_resnet"
-    assert train["loss_impl"] == "tiled" and train["images_per_s"] > 0
+    assert (train["loss_impl"], train["loss_operands"]) == ("tiled", "bfloat16") and train["images_per_s"] > 0
     assert f["evaluate"]["device"] == "cpu" and f["evaluate"]["n_test"] == 4  # 10% of 40 kept aside
     assert f["pipeline"]["dali_device"] == "cpu" and f["pipeline"]["n_images"] == 24
     assert f["pipeline"]["speedup"] == f["pipeline"]["dali_images_per_s"] / f["pipeline"]["torchvision_images_per_s"]

@@ -71,32 +71,39 @@ def reference_on_operands(z1, z2, tau, operand):
 
 
 def fractions_of_bound(z1, z2, tau, **kwargs) -> tuple[float, float]:
-    """nt_xent_loss(**kwargs) against a float64 reference: the loss's error and the largest row error of
-    either gradient, each as a fraction of its bound (a case passes at <= 1)."""
-    loss_fn = lambda a, b: nt_xent_loss(a, b, tau, **kwargs)  # noqa: E731
-    got = loss_and_grads(loss_fn, z1, z2)
+    """nt_xent_loss(**kwargs) against float64 references: the largest loss error and the largest row error
+    of either gradient, each as a fraction of its bound (a case passes at <= 1)."""
+    got = loss_and_grads(lambda a, b: nt_xent_loss(a, b, tau, **kwargs), z1, z2)
     assert got[0].dtype == torch.promote_types(z1.dtype, torch.float32)  # the loss is float32 (or 64)
     assert got[1].dtype == got[2].dtype == z1.dtype
-    impl = resolve_impl(kwargs.get("impl", "auto"), z1.device, z1.dtype)
-    sixteen_bit = z1.dtype in (torch.bfloat16, torch.float16)
+    sixteen = (torch.bfloat16, torch.float16)
+    operands = kwargs.get("operands") or (z1.dtype if z1.dtype in sixteen else torch.float32)
+    impl = resolve_impl(kwargs.get("impl", "auto"), z1.device, operands)
+    if z1.dtype in sixteen:
+        # 16-bit inputs are normalised in float32: their gradient is the float32 one of the very same
+        # computation on the same (widened) values, rounded once to the inputs' dtype, bit for bit. A single
+        # rounding has no margin to its bound (u |g| is reached near powers of two), so the float32
+        # gradient is the one held to the bound.
+        fp32 = loss_and_grads(lambda a, b: nt_xent_loss(a, b, tau, **{**kwargs, "impl": impl, "operands": operands}),
+                              z1.float(), z2.float())
+        assert torch.equal(fp32[0], got[0])
+        assert all(torch.equal(g.to(z1.dtype), h) for g, h in zip(fp32[1:], got[1:]))
+        got = fp32
     z = torch.cat([z1, z2])
-    if sixteen_bit and impl == "triton":  # 16-bit operands
-        ref = reference_on_operands(z1, z2, tau, z1.dtype)
-        bound = NTXentBound(z, tau, rows="exact", operand=z1.dtype, products="exact", grad_dtype=z1.dtype)
+    exact = loss_and_grads(lambda a, b: nt_xent_reference(a, b, tau), z1.double().cpu(), z2.double().cpu())
+    if operands in sixteen:
+        # the Triton kernels multiply the 16-bit operands as they are and round their softmax weights to
+        # them; the tiled path and the reference scale and widen them to float32 first
+        triton = impl == "triton"
+        kind = dict(operand=operands, products="exact" if triton else "fp32",
+                    weights=operands if triton else torch.float32)
+        checks = [  # tight: against the very operands read; and within rounding them of the exact loss
+            (reference_on_operands(z1, z2, tau, operands), NTXentBound(z, tau, rows="exact", **kind)),
+            (exact, NTXentBound(z, tau, rows="normalised", **kind))]
     else:
-        ref = loss_and_grads(lambda a, b: nt_xent_reference(a, b, tau), z1.double().cpu(), z2.double().cpu())
-        bound = NTXentBound(z, tau, products=products(impl, torch.float32, z1.device))
-        if sixteen_bit:
-            # 16-bit inputs computed in float32: the gradient is the float32 one of the very same
-            # computation, rounded once to the inputs' dtype (bitwise). A single rounding has no margin to
-            # its bound (u |g| is reached near powers of two), so the float32 gradient is held to the bound.
-            fp32 = loss_and_grads(lambda a, b: nt_xent_loss(a, b, tau, **{**kwargs, "impl": impl}),
-                                  z1.float(), z2.float())
-            assert torch.equal(fp32[0], got[0])
-            assert all(torch.equal(g.to(z1.dtype), h) for g, h in zip(fp32[1:], got[1:]))
-            got = fp32
-    loss = max_abs_error(got[0], ref[0]) / bound.loss
-    grad = bound.grad_fraction(torch.cat(got[1:]), torch.cat(ref[1:]))
+        checks = [(exact, NTXentBound(z, tau, products=products(impl, torch.float32, z1.device)))]
+    loss = max(max_abs_error(got[0], ref[0]) / bound.loss for ref, bound in checks)
+    grad = max(bound.grad_fraction(torch.cat(got[1:]), torch.cat(ref[1:])) for ref, bound in checks)
     return loss, grad
 
 
@@ -141,9 +148,45 @@ def test_tiled_fp32_matches_float64(device, tau, n, d, block):
 
 
 @pytest.mark.parametrize("tau", [0.05, 0.5])
-def test_tiled_bf16_inputs(device, tau):
+def test_tiled_bf16_inputs(device, tau):  # 16-bit inputs: 16-bit operands
     z1, z2 = views(37, 70, torch.bfloat16, device)
     check_against_float64(z1, z2, tau, impl="tiled", block=8)
+
+
+@pytest.mark.parametrize("impl", ["tiled", "reference"])
+def test_16_bit_inputs_on_float32_operands(device, impl):  # --loss-precision fp32 under mixed precision
+    z1, z2 = views(37, 70, torch.bfloat16, device)
+    check_against_float64(z1, z2, 0.1, impl=impl, operands=torch.float32)
+
+
+# What trains under bf16 / fp16 mixed precision: accelerate hands the loss float32 embeddings, train.py asks
+# for 16-bit operands (products of the normalised rows rounded once; float32 sums, log-sum-exp and loss).
+MIXED = [(n, d, tau) for n, d in [(37, 70), (1, 9), (20, 16)] for tau in (0.05, 0.2, 1.0)]
+
+
+@pytest.mark.parametrize("operands", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n,d,tau", MIXED)
+@pytest.mark.parametrize("impl,block", [("tiled", 8), ("tiled", None), ("reference", None)])
+def test_16_bit_operands_from_float32_embeddings(device, impl, block, operands, n, d, tau):
+    check_against_float64(*views(n, d, device=device), tau, impl=impl, block=block, operands=operands)
+
+
+@pytest.mark.parametrize("operands", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n,d,tau", MIXED[:1] + MIXED[4:6])
+def test_triton_16_bit_operands_from_float32_embeddings(device, operands, n, d, tau):
+    needs_triton(device)
+    check_against_float64(*views(n, d, device=device), tau, impl="triton", block=(16, 32), operands=operands)
+
+
+def test_16_bit_operands_read_the_rounded_rows():
+    """The operands are the float32-normalised rows rounded once: tiled and reference agree on them to
+    their float32 sums, and differ from the float32 operands by the rounding."""
+    z1, z2 = views(20, 16)
+    tiled, reference, fp32 = (nt_xent_loss(z1, z2, 0.2, impl=i, operands=o).item()
+                              for i, o in (("tiled", torch.bfloat16), ("reference", torch.bfloat16),
+                                           ("tiled", torch.float32)))
+    bound = NTXentBound(torch.cat([z1, z2]), 0.2, rows="exact", operand=torch.bfloat16).loss
+    assert abs(tiled - reference) <= 2 * bound and abs(tiled - fp32) > 2 * bound
 
 
 def test_tiled_ignores_autocast():
