@@ -100,10 +100,31 @@ class ArrayFeeder(_Input):
         return fn.external_source(source=self, num_outputs=2, batch=True, batch_info=True, layout=["HWC", ""])
 
 
+SHUFFLE_BYTES = 1 << 30  # per process: the encoded samples a training epoch's shuffle buffer may hold
+
+
+def dali_part(n: int, shard: Shard) -> int:
+    """Samples in this process's part when DALI's reader splits n into shard.count: [n i / c, n (i + 1) / c)."""
+    return n * (shard.index + 1) // shard.count - n * shard.index // shard.count
+
+
+def shuffle_buffer(part: int, sample_bytes: float, batch_size: int) -> int:
+    """Samples the reader shuffles among: this process's whole part of the epoch where its encoded
+    samples fit in SHUFFLE_BYTES (an exact shuffle of the part), else as many as fit (4 batches at least)."""
+    fits = int(SHUFFLE_BYTES // max(sample_bytes, 1.0))
+    return max(1, min(part, max(fits, 4 * batch_size)))
+
+
 class ShardReader:
-    """WebDataset tar shards through DALI's own reader: DALI splits the samples into `count`
-    contiguous, disjoint shards (rotated by the epoch) and shuffles within a buffer; we count the
-    steps, so every process runs `steps` batches however unequal the shards are."""
+    """WebDataset tar shards through DALI's own reader.
+
+    Training: the shards in an order drawn from (seed, epoch), the same on every process; DALI cuts
+    their samples into `count` contiguous parts and this process reads part `index`, so which shards a
+    process reads changes every epoch. Each sample is drawn at random from a buffer of `buffer`
+    samples of the part (DALI draws only among the epoch's samples, so each comes once), which mixes
+    the classes of many shards whatever order they were written in. We count the steps, so every
+    process runs `steps` batches however unequal the parts are. Evaluation: every sample once, in
+    stored order."""
 
     def __init__(self, source: Source, batch_size: int, shard: Shard, *, shuffle: bool,
                  drop_last: bool, seed: int = 0, epoch: int = 0, skip: int = 0):
@@ -113,12 +134,20 @@ class ShardReader:
         self.shuffle, self.drop_last, self.epoch = shuffle, drop_last, epoch
         self.steps = epoch_steps(len(source), shard.count, batch_size, drop_last)
         self.reader_name = None if drop_last else "Reader"  # evaluation: every sample once
+        n_shards = len(source.shards)
+        order = np.random.default_rng([seed, epoch]).permutation(n_shards) if shuffle else np.arange(n_shards)
+        self.paths = [source.shards[i] for i in order]
+        self.index_paths = [source.indexes[i] for i in order]
+        mean_bytes = source.nbytes / max(len(source), 1)
+        self.buffer = shuffle_buffer(dali_part(len(source), shard), mean_bytes, batch_size) if shuffle else 1
 
     def read(self):
+        # stick_to_shard: refilling the buffer after the part's last sample reads the part's first ones
+        # again (as its next epoch would), not the next process's part
         encoded, cls = fn.readers.webdataset(
-            paths=self.source.shards, index_paths=self.source.indexes, ext=[IMAGE_EXTS, "cls"],
-            missing_component_behavior="empty", shard_id=(self.shard.index + self.epoch) % self.shard.count,
-            num_shards=self.shard.count, random_shuffle=self.shuffle, initial_fill=4 * self.batch_size,
+            paths=self.paths, index_paths=self.index_paths, ext=[IMAGE_EXTS, "cls"],
+            missing_component_behavior="empty", shard_id=self.shard.index, num_shards=self.shard.count,
+            random_shuffle=self.shuffle, initial_fill=self.buffer, stick_to_shard=True,
             pad_last_batch=not self.drop_last, name="Reader")
         return encoded, fn.pad(cls, axes=[0], shape=[LABEL_BYTES], fill_value=0)  # parsed by the Loader
 

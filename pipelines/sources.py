@@ -17,7 +17,7 @@ import numpy as np
 from cli import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm"}
-HOLDOUT_FRACTION = 0.1  # a single folder keeps this much aside as its test split
+HOLDOUT_FRACTION = 0.1  # a single folder keeps this much aside as its test split (pipelines.pack: of each class)
 DIGITS_SIZE = 32
 LIST_HEADER = "# simclr image list v1"  # first line of a list written by `python -m pipelines.verify`
 Screen = Callable[[list[str]], list[int]]  # files -> indices of the ones to keep
@@ -32,6 +32,7 @@ class Source:
     classes: list[str] = field(default_factory=list)
     shards: list[str] | None = None  # WebDataset tar shards, read by DALI (labels come with them)
     indexes: list[str] | None = None  # their DALI index files
+    nbytes: int = 0  # tar shards: their samples' encoded bytes (what a shuffle buffer holds)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,18 +80,26 @@ def _load(spec: str, split: str, screen: Screen | None = None) -> Source:
 
 # -- WebDataset tar shards (see pipelines/webdataset.py) ------------------------------------------
 def load_webdataset(pattern: str, split: str) -> Source:
-    """Tar shards; the last tenth of them (at least one, where there are two or more) are the held-out
-    "test" split. Labels arrive with the samples (.cls), so they are unknown (-1) here."""
-    from pipelines.webdataset import find_shards
+    """Tar shards. "train": those matching the pattern, less any test shard; "test": the test shards
+    (test-NNNNNN.tar, a stratified held-out part written by pipelines.pack --holdout) beside them;
+    "all": every match. Labels arrive with the samples (.cls), so they are unknown (-1) here."""
+    from pipelines.webdataset import TEST_PREFIX, TRAIN_PREFIX, find_shards, is_test_shard, read_indexes, \
+        test_shards_beside
 
-    shards, indexes, counts = find_shards(pattern)
-    if split != "all":
-        if len(shards) < 2 and split == "test":
-            raise UserError(f"wds:{pattern} is one shard, too few to keep one aside for testing: pass --test-data")
-        n_test = max(1, int(round(HOLDOUT_FRACTION * len(shards)))) if len(shards) >= 2 else 0
-        keep = slice(len(shards) - n_test, None) if split == "test" else slice(0, len(shards) - n_test)
-        shards, indexes, counts = shards[keep], indexes[keep], counts[keep]
-    return Source(f"wds:{pattern}", np.full(sum(counts), -1, dtype=np.int64), shards=shards, indexes=indexes)
+    shards = find_shards(pattern)
+    if split == "train":
+        shards = [s for s in shards if not is_test_shard(s)]
+        if not shards:
+            raise UserError(f"wds:{pattern} matches only test shards ({TEST_PREFIX}NNNNNN.tar), which training "
+                            f"never reads: name the training shards ({TRAIN_PREFIX}NNNNNN.tar)")
+    elif split == "test":
+        shards = test_shards_beside(shards)
+        if not shards:
+            raise UserError(f"wds:{pattern} has no test shards ({TEST_PREFIX}NNNNNN.tar beside its shards, which "
+                            f"'python -m pipelines.pack' writes with --holdout): evaluate it with --test-data")
+    indexes, counts, nbytes = read_indexes(shards)
+    return Source(f"wds:{pattern}", np.full(sum(counts), -1, dtype=np.int64), shards=shards, indexes=indexes,
+                  nbytes=nbytes)
 
 
 # -- built-in: scikit-learn's digits, upscaled to 32 px RGB ------------------------------------

@@ -1,5 +1,7 @@
 """WebDataset-style tar shards: one sample = `KEY.jpg` (or .png, ...) + optional `KEY.cls` (class
-index as text), read by DALI's webdataset reader through index files beside the shards.
+index as text), read by DALI's webdataset reader through index files beside the shards. Training
+shards are named `shard-NNNNNN.tar`; the held-out test shards that `pipelines.pack` writes beside
+them, `test-NNNNNN.tar` (a `wds:` source's test split, never read for training).
 
 Index format (DALI's, version v1.2): a header `v1.2 N` then one line per sample listing each of its
 components as `ext offset size name`.
@@ -18,6 +20,17 @@ from pipelines.sources import IMAGE_EXTENSIONS
 
 IMAGE_EXTS = ";".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))  # DALI's ext: the folder source's list
 LABEL_BYTES = 12  # .cls contents are padded to this many bytes on their way through DALI
+TRAIN_PREFIX, TEST_PREFIX = "shard-", "test-"  # file names of training and test shards
+
+
+def is_test_shard(path: str) -> bool:
+    return Path(path).name.startswith(TEST_PREFIX)
+
+
+def test_shards_beside(shards: list[str]) -> list[str]:
+    """The test shards in the folders that hold `shards`, sorted."""
+    folders = sorted({Path(s).parent for s in shards})
+    return sorted(str(p) for folder in folders for p in folder.glob(f"{TEST_PREFIX}*.tar"))
 
 
 def index_path(shard: str) -> str:
@@ -27,9 +40,9 @@ def index_path(shard: str) -> str:
 REINDEX = "write the shards again with 'python -m pipelines.pack', or index them with DALI's wds2idx"
 
 
-def count_samples(index_file: str, shard: str) -> int:
-    """The samples a DALI webdataset index lists, after checking it whole: its 'v1.2 N' header, N lines of
-    'EXT OFFSET SIZE NAME' components, each inside its tar shard."""
+def count_samples(index_file: str, shard: str) -> tuple[int, int]:
+    """(samples, their encoded bytes) that a DALI webdataset index lists, after checking it whole: its
+    'v1.2 N' header, N lines of 'EXT OFFSET SIZE NAME' components, each inside its tar shard."""
     path, shard = Path(index_file), Path(shard)
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
@@ -41,7 +54,7 @@ def count_samples(index_file: str, shard: str) -> int:
     count, entries = int(header[1]), [line for line in lines[1:] if line.strip()]
     if len(entries) != count or (count and lines[-1] != ""):
         raise UserError(f"{path} is cut short ({len(entries)} of the {count} samples it announces): {REINDEX}")
-    end = shard.stat().st_size
+    end, nbytes = shard.stat().st_size, 0
     with open(shard, "rb") as tar:
         for number, line in enumerate(entries, start=2):
             parts = line.split()
@@ -49,6 +62,7 @@ def count_samples(index_file: str, shard: str) -> int:
             if not ok:
                 raise UserError(f"line {number} of {path} is not 'EXT OFFSET SIZE NAME': {REINDEX}")
             places = [(int(o), int(n)) for o, n in zip(parts[1::4], parts[2::4])]
+            nbytes += sum(n for _, n in places)
             if max(o + n for o, n in places) > end:
                 raise UserError(f"{shard} is cut short: its index {path} places sample {number - 1} past its end "
                                 f"({end:,} bytes); {REINDEX}")
@@ -63,20 +77,26 @@ def count_samples(index_file: str, shard: str) -> int:
                     if not header_ok:
                         raise UserError(f"{shard} is damaged: there is no tar header where its index {path} "
                                         f"places sample {number - 1}; {REINDEX}")
-    return count
+    return count, nbytes
 
 
-def find_shards(pattern: str) -> tuple[list[str], list[str], list[int]]:
-    """Shards matching `pattern` (a glob), their index files and the number of samples in each."""
+def find_shards(pattern: str) -> list[str]:
+    """Shards matching `pattern` (a glob), sorted."""
     shards = sorted(glob.glob(pattern))
     if not shards:
         raise UserError(f"no tar shards match {pattern!r}")
+    return shards
+
+
+def read_indexes(shards: list[str]) -> tuple[list[str], list[int], int]:
+    """The shards' index files (each checked whole), the samples in each and their encoded bytes in all."""
     indexes = [index_path(s) for s in shards]
     for shard, index in zip(shards, indexes):
         if not Path(index).is_file():
             raise UserError(f"shard {shard} has no index file {index}: write shards with "
                             f"'python -m pipelines.pack', or index them with DALI's wds2idx")
-    return shards, indexes, [count_samples(i, s) for s, i in zip(shards, indexes)]
+    counts, sizes = zip(*[count_samples(i, s) for s, i in zip(shards, indexes)])
+    return indexes, list(counts), sum(sizes)
 
 
 def parse_labels(padded: np.ndarray) -> np.ndarray:
@@ -89,15 +109,18 @@ def parse_labels(padded: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_shards(files: list[str], labels: np.ndarray, out: Path, shard_size: int, progress=None) -> list[Path]:
-    """Pack encoded image files into tar shards of `shard_size` samples, each with its index."""
+def write_shards(files: list[str], labels: np.ndarray, out: Path, shard_size: int, progress=None, *,
+                 order: np.ndarray | None = None, prefix: str = TRAIN_PREFIX) -> list[Path]:
+    """Pack encoded image files into tar shards PREFIXNNNNNN.tar of `shard_size` samples, each with its
+    index: files[order] in that order (default: as given); a sample's key is its index in `files`."""
     out.mkdir(parents=True, exist_ok=True)
+    order = np.arange(len(files)) if order is None else np.asarray(order)
     written = []
-    for first in range(0, len(files), shard_size):
-        shard = out / f"shard-{first // shard_size:06d}.tar"
+    for first in range(0, len(order), shard_size):
+        shard = out / f"{prefix}{first // shard_size:06d}.tar"
         lines = []
         with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(first, min(first + shard_size, len(files))):
+            for i in order[first:first + shard_size]:
                 key = f"{i:09d}"
                 ext = Path(files[i]).suffix.lower().lstrip(".").replace("jpeg", "jpg")
                 parts = [(ext, Path(files[i]).read_bytes())]

@@ -146,9 +146,11 @@ def test_pack_leaves_out_what_training_would_skip(bad_folder, tmp_path, capsys):
     assert [line.split("\t")[0] for line in lines] == [str(bad_folder / n) for n in sorted(BAD)]
     good = 36 + len(ODD_BUT_GOOD)
     pattern = f"wds:{out / 'shard-*.tar'}"
-    assert len(load_source(pattern, "train", pattern)) == good and len(list(out.glob("*.tar"))) == 5
-    assert f"wrote {good} samples in 5 shard(s) to {out}; {len(BAD)} that cannot be decoded left out" in \
-        capsys.readouterr().out
+    test = load_source(pattern, "test")  # a tenth of each class of 14: one each
+    assert len(load_source(pattern, "train", pattern)) == good - 3 and len(test) == 3
+    assert len(list(out.glob("*.tar"))) == 5
+    assert (f"wrote {good - 3} samples in 4 shard(s) and 3 test samples (0.1 of each class) in 1 test shard(s) "
+            f"to {out}; {len(BAD)} that cannot be decoded left out") in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
         pack.main([str(bad_folder), str(tmp_path / "refused"), "--on-bad-image", "error", "--workers", "1"])
     err = capsys.readouterr().err.strip()
