@@ -64,6 +64,7 @@ class Report:
             ("backbone", f"{cfg['backbone']}{' + small stem' if cfg['small_stem'] else ''}, "
                          f"{count_parameters(model.backbone) / 1e6:.2f} M parameters"),
             ("world size", world_sizes(cfg)),
+            ("batch norm", cfg["batch_norm"]),
             ("global batch", f"{cfg['global_batch']} images ({cfg['batch_size']} per process), "
                              f"{cfg['steps_per_epoch']} steps per epoch"),
             ("optimiser", f"{cfg['optimizer']}, lr {cfg['scaled_lr']:.4g} ({cfg['lr_scaling']} scaling), "

@@ -37,7 +37,7 @@ class Config:
     out: str = "runs/simclr"  # output folder: config, metrics, checkpoint, backbone weights
     backbone: str = "resnet18"  # any timm model name
     small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32-pixel images
-    sync_bn: bool = False  # BatchNorm statistics over the global batch (the paper's global BN; GPUs)
+    sync_bn: bool = True  # BatchNorm over the global batch (the paper's global BN) where several CUDA processes train; --no-sync-bn: per process
     proj_hidden: int = setting(0, low=0)  # projection head hidden width (0 = the backbone's feature width)
     proj_dim: int = setting(128, low=1)  # projection head output size
     image_size: int = setting(32, low=8)  # side of the augmented views, in pixels
@@ -74,7 +74,7 @@ class Config:
 # config.json keys that a run works out rather than takes as settings (--config leaves them out)
 DERIVED = frozenset({"world_size", "world_sizes", "global_batch", "scaled_lr", "steps_per_epoch", "n_train",
                      "dali_placement", "loss_impl_resolved", "loss_operands", "device", "mixed_precision",
-                     "channels_last_resolved", "warmup_epochs_resolved", "scan"})
+                     "channels_last_resolved", "warmup_epochs_resolved", "batch_norm", "scan"})
 
 
 def build_parser() -> Parser:
@@ -131,6 +131,22 @@ def loss_operands(precision: str, mixed_precision: str) -> torch.dtype:
     if precision == "auto" and mixed_precision in ("bf16", "fp16"):
         return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
     return torch.float32
+
+
+def batch_norm(sync_bn: bool, asked: bool, world: int, device: torch.device) -> str:
+    """How BatchNorm normalises, in a few words for config.json and the panel: over the global batch
+    (SyncBatchNorm) where several CUDA processes train, as the paper does, so that the two views of an
+    image never share one GPU's statistics; else per process, and why. --sync-bn asked for on CPU
+    processes is one sentence: torch's SyncBatchNorm runs on GPUs only."""
+    if world == 1:
+        return "per process (one process)"
+    if not sync_bn:
+        return "per process (--no-sync-bn)"
+    if device.type != "cuda":
+        if asked:
+            raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+        return f"per process ({world} CPU processes: SyncBatchNorm runs on GPUs only)"
+    return f"global (SyncBatchNorm over {world} processes)"
 
 
 def warmup_epochs(cfg: Config) -> float:
@@ -254,9 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg)
     if accelerator.is_main_process:  # room for the checkpoints, before the first step
         check_free_space(out, checkpoint_bytes(model, cfg.optimizer))
-    if cfg.sync_bn and world > 1:
-        if accelerator.device.type != "cuda":
-            raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+    bn = batch_norm(cfg.sync_bn, "sync_bn" in given, world, accelerator.device)
+    if bn.startswith("global"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model, channels_last = memory_format_and_compile(model, cfg, accelerator.device)
     global_batch = cfg.batch_size * world
@@ -271,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     resolved = {**dataclasses.asdict(cfg), "world_size": world, "global_batch": global_batch,
                 "scaled_lr": lr, "steps_per_epoch": steps_per_epoch, "n_train": len(source),
                 "dali_placement": placement(device_id), "loss_impl_resolved": loss_impl,
-                "loss_operands": str(operands).removeprefix("torch."),
+                "loss_operands": str(operands).removeprefix("torch."), "batch_norm": bn,
                 "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
                 "channels_last_resolved": channels_last, "warmup_epochs_resolved": warmup_epochs(cfg),
                 "scan": screen.summary() if screen.checked else None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,11 @@ def write_cifar(root: Path, kind: str = "cifar10", n: int = 20, seed: int = 0) -
         (root / name).write_bytes(pickle.dumps(batch, protocol=2))
     (root / meta[0]).write_bytes(pickle.dumps(meta[1], protocol=2))
     return root
+
+
+def panel_words(text: str) -> str:
+    """What a rich panel or table says, as one line: box characters and line wrapping gone."""
+    return " ".join(re.sub("[│╭╮╰╯─┏┓┗┛┃━┡┩╇┳┻╋┼├┤┬┴┌┐└┘]", " ", text).split())
 
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):

@@ -2,14 +2,13 @@
 and listed; pipelines.verify writes the list training reads. CPU only, generated data."""
 import io
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 import pytest
-from conftest import make_folder, run_cli, train_here, write_image
+from conftest import make_folder, panel_words, run_cli, train_here, write_image
 from nvidia.dali import pipeline_def
 from PIL import Image
 
@@ -117,7 +116,7 @@ def test_image_list_problems_are_one_sentence(bad_folder, tmp_path):
 def test_training_skips_bad_images_and_names_them(bad_folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_here("--data", str(bad_folder), "--epochs", "1", "--out", str(out)) == 0
-    panel = " ".join(re.sub("[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
+    panel = panel_words(capsys.readouterr().out)
     assert (f"skipped {len(BAD)} that cannot be decoded: cat/empty.jpg, dog/half.jpg, dog/no_iend.png, ... "
             f"(all in skipped.txt)") in panel
     lines = (out / "skipped.txt").read_text().splitlines()

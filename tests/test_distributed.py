@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_folder, run_cli
+from conftest import make_folder, panel_words, run_cli
 from error_bounds import gamma, unit_roundoff
 
 from pipelines.sources import load_folder
@@ -80,6 +80,10 @@ def test_two_process_training_writes_one_set_of_outputs(data, source, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["global_batch"] == 8
+    # global BN is the default where several CUDA processes train; these are CPU processes (gloo)
+    per_process = "per process (2 CPU processes: SyncBatchNorm runs on GPUs only)"
+    assert (cfg["sync_bn"], cfg["batch_norm"]) == (True, per_process)
+    assert f"batch norm {per_process}" in panel_words(r.stdout)  # the panel says so
     n_train = 16 if source == "folder" else 18  # a test split aside: 10% of a folder; shards without test shards: none
     assert cfg["n_train"] == n_train and cfg["steps_per_epoch"] == (n_train // 2) // 4
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -89,7 +93,7 @@ def test_two_process_training_writes_one_set_of_outputs(data, source, tmp_path):
     assert (out / "backbone.safetensors").is_file() and (out / "checkpoint" / "progress.json").is_file()
 
 
-def test_sync_bn_on_cpu_is_a_clear_error(data, tmp_path):
+def test_sync_bn_asked_for_on_cpu_processes_is_a_clear_error(data, tmp_path):
     folder, _ = data
     r = run_cli(*LAUNCH, "train.py", "--data", str(folder), "--out", str(tmp_path / "x"), *TINY, "--sync-bn")
     assert r.returncode != 0 and "--sync-bn needs GPUs" in r.stderr

@@ -3,11 +3,10 @@ sets it) accelerate hands the loss float32 embeddings, and the loss reads them a
 sums); `--loss-precision fp32` keeps float32 products. On CPUs without AVX512-BF16 bf16 autocast is
 emulated and slow: tiny images, a few steps."""
 import json
-import re
 
 import pytest
 import torch
-from conftest import make_folder, train_here
+from conftest import make_folder, panel_words, train_here
 
 import train
 from cli import UserError
@@ -53,8 +52,7 @@ def test_a_bf16_run_takes_the_16_bit_loss_path(tmp_path, monkeypatch, capsys, fr
     assert (cfg["mixed_precision"], cfg["loss_precision"], cfg["loss_operands"]) == ("bf16", precision, name)
     assert cfg["loss_impl_resolved"] == "tiled"  # on the CPU; Triton on CUDA (scripts/gpu_check.sh)
     assert losses == [(torch.float32, operands)] * 2  # accelerate's float32 outputs, read as `operands`
-    panel = " ".join(re.sub("[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
-    assert f"tiled implementation, {name} products (fp32 sums)" in panel
+    assert f"tiled implementation, {name} products (fp32 sums)" in panel_words(capsys.readouterr().out)
 
 
 def test_loss_operands_follow_the_mixed_precision():

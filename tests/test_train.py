@@ -8,6 +8,7 @@ from conftest import CUDA, make_folder, progress, run_cli
 from safetensors.torch import load_file
 
 import train
+from cli import UserError
 
 TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",
         "--log-every", "1", "--workers", "1"]
@@ -119,3 +120,15 @@ def test_evaluate_on_a_folder_that_is_not_a_run(tmp_path, capsys):
         evaluate.main(["--run", str(tmp_path)])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "is not a training run" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_batch_norm_is_global_where_several_cuda_processes_train():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    one = "per process (one process)"
+    assert train.batch_norm(True, False, 1, cuda) == train.batch_norm(True, True, 1, cpu) == one
+    assert train.batch_norm(True, False, 8, cuda) == "global (SyncBatchNorm over 8 processes)"  # the default
+    assert train.batch_norm(False, True, 8, cuda) == "per process (--no-sync-bn)"
+    assert train.batch_norm(True, False, 2, cpu) == "per process (2 CPU processes: SyncBatchNorm runs on GPUs only)"
+    with pytest.raises(UserError, match="--sync-bn needs GPUs"):  # asked for where it cannot run
+        train.batch_norm(True, True, 2, cpu)
+    assert train.parse_args([]).sync_bn and not train.parse_args(["--no-sync-bn"]).sync_bn
