@@ -21,8 +21,10 @@ import torch
 
 from checkpoint import (check_metrics, export_backbone, open_checkpoint, prepare_out, resume, resumed_batch,
                         save_checkpoint, unrestorable, write_json)
-from cli import (Parser, UserError, add_dataclass_flags, check_args, dataclass_from_args, exit_on_user_error,
-                 given_dests, ordered_fields, recorded_settings, setting)
+from cli import (Parser, UserError, add_dataclass_flags, check_args, dataclass_from_args, given_dests,
+                 ordered_fields, recorded_settings, setting)
+from peers import one_voice
+from peers import watch as watch_peers
 from pipelines.augment import Augment
 
 
@@ -234,7 +236,7 @@ def build_optimizer(cfg: Config, model, lr: float, steps_per_epoch: int):
 # -----------------------------------------------------------------------------------------------
 # Training
 # -----------------------------------------------------------------------------------------------
-@exit_on_user_error
+@one_voice  # several processes: the first to fail says why, the others stop quietly (peers.py)
 def main(argv: list[str] | None = None) -> int:
     cfg, given = parse_command(argv)
     from accelerate.utils import broadcast_object_list, set_seed
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     accelerator = make_accelerator(cfg.log_with, cfg.out)
     world, rank = accelerator.num_processes, accelerator.process_index
+    watch_peers(world)
     out = Path(cfg.out)
     prepare_out(cfg, out, accelerator)
     set_seed(cfg.seed)

@@ -96,4 +96,39 @@ def test_two_process_training_writes_one_set_of_outputs(data, source, tmp_path):
 def test_sync_bn_asked_for_on_cpu_processes_is_a_clear_error(data, tmp_path):
     folder, _ = data
     r = run_cli(*LAUNCH, "train.py", "--data", str(folder), "--out", str(tmp_path / "x"), *TINY, "--sync-bn")
-    assert r.returncode != 0 and "--sync-bn needs GPUs" in r.stderr
+    assert r.returncode != 0 and r.stderr.count("--sync-bn needs GPUs") == 1  # both refuse; the first says so
+
+
+def test_one_process_meets_a_damaged_image_and_the_run_stops(tmp_path):
+    """Rank 1's part of the first epoch holds damaged images inside its shards (past what the indexes
+    check), rank 0's none: rank 1 says so in one sentence and exits 2; rank 0, whose collective breaks,
+    exits 1 without a traceback; the launcher ends with a non-zero status, naming rank 1 as the cause."""
+    from pipelines.loader import Shard, ShardReader
+    from pipelines.sources import load_source
+
+    folder = make_folder(tmp_path / "images", per_class=12)  # 36 images in 6 shards of 6
+    source = load_folder(str(folder), "all")
+    write_shards(source.files, source.labels, tmp_path / "shards", shard_size=6)
+    pattern = f"wds:{tmp_path / 'shards' / 'shard-*.tar'}"
+    reader = ShardReader(load_source(pattern, "train"), 4, Shard(1, 2), shuffle=True, drop_last=True)
+    epoch = []  # (shard, a sample's index line, whether the index check reads its tar header), in order
+    for shard, index in zip(reader.paths, reader.index_paths):
+        lines = open(index).read().splitlines()[1:]
+        epoch += [(shard, line, line in (lines[0], lines[-1])) for line in lines]
+    damaged = 0
+    for shard, line, checked in epoch[len(epoch) // 2:]:  # rank 1 of 2 reads the second half
+        if not checked:
+            _, offset, size = line.split()[:3]
+            with open(shard, "r+b") as tar:
+                tar.seek(int(offset))
+                tar.write(bytes(int(size)))
+            damaged += 1
+    assert damaged >= 8
+    r = run_cli(*LAUNCH, "train.py", "--data", pattern, "--out", str(tmp_path / "run"), *TINY,
+                "--backbone", "test_resnet", timeout=120)  # a rank left waiting would hang past this
+    assert r.returncode != 0
+    assert r.stderr.count(f"error: DALI could not read a batch of {pattern}") == 1, r.stderr[-3000:]
+    assert r.stderr.count("Traceback (most recent call last)") == 1  # the launcher's own (ChildFailedError)
+    root_cause = r.stderr[r.stderr.index("Root Cause"):]
+    assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 2" in root_cause
+    assert "rank      : 0 (local_rank: 0)" in r.stderr[:r.stderr.index("Root Cause")]  # it failed too
