@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
@@ -63,28 +64,114 @@ def _uniform(low: float, high: float):
     return fn.random.uniform(range=[low, high]) if high > low else float(low)
 
 
-def _coin(p: float):
-    """A per-sample 0.0 / 1.0 that is 1.0 with probability p."""
-    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+# -- colour jitter, as torchvision's ColorJitter and the paper's code define it --------------------
+# Brightness and contrast blend the image with a reference as torchvision's adjust_* do, black and the image's own
+# mean grey, and clip to uint8. Saturation (a blend with each pixel's grey) and hue run as one DALI op, hsv: scaling
+# and rotating the chroma commute, so one op drops only the clip between them, and a second hsv pass would cost an
+# eighth of the pipeline's throughput on a 2-core CPU at 32 px. DALI's hue rotates the chroma plane (YIQ) where
+# torchvision shifts H in HSV (tests/test_colour.py measures both differences). The order of the three steps is
+# drawn per image, as torchvision draws randperm(4): one of their 6 orders.
+STEPS = ("brightness", "contrast", "colour")  # "colour": saturation and hue in one op
 
 
-def _factor(low: float, high: float, apply):
-    """A per-sample factor: uniform in [low, high] where `apply` is 1, else the identity (1)."""
-    return 1.0 + apply * (_uniform(low, high) - 1.0)
+def order_of(position: int, brightness_first: bool) -> tuple[str, ...]:
+    """The steps in the order that random_order's (colour position, brightness first) names."""
+    steps = ["brightness", "contrast"] if brightness_first else ["contrast", "brightness"]
+    steps.insert(position, "colour")
+    return tuple(steps)
+
+
+ORDERS = {(p, first): order_of(p, first) for p in range(3) for first in (True, False)}  # the 6 orders
+
+
+def brightness(images, factor):
+    """factor * x (torchvision's adjust_brightness: a blend with black)."""
+    return fn.brightness_contrast(images, brightness=factor)
+
+
+def mean_grey(images):
+    """Each image's mean luma (ITU-R 601 weights, as torchvision's rgb_to_grayscale), a scalar on the images'
+    device."""
+    return fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
+
+
+def contrast_blend(images, factor):
+    """factor * x + (1 - factor) * mean grey by arithmetic, rounded and saturated to uint8 by the cast: contrast
+    where the mean is GPU data, which DALI cannot take as an operator's argument."""
+    return fn.cast(images * factor + mean_grey(images) * (1.0 - factor), dtype=types.UINT8)
+
+
+def contrast(images, factor):
+    """A blend toward the image's own mean grey (torchvision's adjust_contrast), not DALI's fixed 128: on a dark
+    image the fixed centre would brighten it too. On the host the mean is brightness_contrast's centre, one pass
+    over the pixels; on the GPU it is data there, so the blend is arithmetic (contrast_blend)."""
+    if images.device == "gpu":
+        return contrast_blend(images, factor)
+    return fn.brightness_contrast(images, contrast=factor, contrast_center=mean_grey(images))
+
+
+def saturation_and_hue(images, saturation=1.0, degrees=0.0):
+    """Chroma (YIQ) scaled by `saturation` and rotated by `degrees`, in one pass. Scaling the chroma is torchvision's
+    adjust_saturation (a blend with the pixel's luma); the rotation is DALI's hue, not torchvision's HSV shift."""
+    return fn.hsv(images, saturation=saturation, hue=degrees)
+
+
+def jitter_factors(aug: Augment) -> dict:
+    """A factor per jitter_ranges key, each uniform in its range (hue in degrees), drawn per image."""
+    return {name: _uniform(low, high) for name, (low, high) in aug.jitter_ranges().items()}
+
+
+def random_order():
+    """(colour position, brightness first): 0, 1 or 2 and a bool, uniform and independent, so each of the 6
+    orders of the three steps has probability 1/6 (ORDERS)."""
+    return fn.random.choice(3), fn.random.coin_flip(probability=0.5, dtype=types.BOOL)
+
+
+def color_jitter(images, factors, order):
+    """Brightness, contrast and colour (saturation and hue) in `order` (random_order's pair), each with its factor
+    (factors: a node or number per jitter_ranges key). Conditional execution: each image runs each step once."""
+    position, brightness_first = order
+    first, middle, last = position == 0, position == 1, position == 2
+    b, c = factors["brightness"], factors["contrast"]
+    if first:
+        images = saturation_and_hue(images, factors["saturation"], factors["hue"])
+    if brightness_first:
+        images = brightness(images, b)
+        if middle:
+            images = saturation_and_hue(images, factors["saturation"], factors["hue"])
+        images = contrast(images, c)
+    else:
+        images = contrast(images, c)
+        if middle:
+            images = saturation_and_hue(images, factors["saturation"], factors["hue"])
+        images = brightness(images, b)
+    if last:
+        images = saturation_and_hue(images, factors["saturation"], factors["hue"])
+    return images
+
+
+def grayscale(images):
+    """Luma in all three channels (torchvision's rgb_to_grayscale with 3 output channels)."""
+    grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
+    return fn.color_space_conversion(grey, image_type=types.GRAY, output_type=types.RGB)
 
 
 def color_jitter_and_gray(images, aug: Augment):
-    """Colour jitter with probability jitter_p, then grayscale with probability gray_p, in one twist."""
-    r = aug.jitter_ranges()
-    apply = _coin(aug.jitter_p)
-    keep_colour = 1.0 - _coin(aug.gray_p)
-    return fn.color_twist(
-        images,
-        brightness=_factor(*r["brightness"], apply),
-        contrast=_factor(*r["contrast"], apply),
-        saturation=_factor(*r["saturation"], apply) * keep_colour,  # saturation 0 = grayscale
-        hue=apply * _uniform(*r["hue"]),
-    )
+    """Colour jitter with probability jitter_p, then grayscale with probability gray_p (conditional execution:
+    images that skip a step cost nothing there)."""
+    if fn.random.coin_flip(probability=aug.jitter_p, dtype=types.BOOL):
+        images = color_jitter(images, jitter_factors(aug), random_order())
+    if fn.random.coin_flip(probability=aug.gray_p, dtype=types.BOOL):
+        images = grayscale(images)
+    return images
+
+
+def gaussian_kernel(sigma, window: int):
+    """The (window, window) Gaussian of `sigma` (per image), normalised: the outer product of the normalised 1-D
+    taps exp(-x^2 / 2 sigma^2), computed at once from the squared distances."""
+    x = np.arange(window, dtype=np.float32) - window // 2
+    taps = dmath.exp(types.Constant(-(x[:, None] ** 2 + x[None, :] ** 2) / 2) / (sigma * sigma))
+    return taps / fn.reductions.sum(taps)
 
 
 def gaussian_blur(images, size: int, aug: Augment):
@@ -96,12 +183,19 @@ def gaussian_blur(images, size: int, aug: Augment):
         # Taps beyond 3 sigma carry 0.3% of the weight: a per-sample window of 2*ceil(3 sigma)+1,
         # capped at the paper's tenth of the side, gives the same blur at a fraction of the cost
         # (a 23-tap kernel at 224 px made blur the slowest operator).
+        cap = aug.blur_window(size)
         if isinstance(sigma, float):
-            window = min(2 * math.ceil(3 * sigma) + 1, aug.blur_window(size))
+            window = min(2 * math.ceil(3 * sigma) + 1, cap)
+        elif cap <= 2 * math.ceil(3 * aug.blur_sigma_min) + 1:
+            window = cap  # every sigma gets the cap (3 taps below 35 px): one size for the batch
         else:
-            window = dmath.min(2 * fn.cast(dmath.ceil(3.0 * sigma), dtype=types.INT32) + 1,
-                               aug.blur_window(size))
-        images = fn.gaussian_blur(images, window_size=window, sigma=sigma)
+            window = dmath.min(2 * fn.cast(dmath.ceil(3.0 * sigma), dtype=types.INT32) + 1, cap)
+        if isinstance(window, int) and window <= 3:
+            # 3x3: one 2-D filter, a third of gaussian_blur's time on a CPU at 32 px (its per-image kernel set-up)
+            kernel = gaussian_kernel(sigma, window)
+            images = fn.filter(images, kernel.gpu() if images.device == "gpu" else kernel)
+        else:
+            images = fn.gaussian_blur(images, window_size=window, sigma=sigma)
     return images
 
 
