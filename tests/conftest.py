@@ -145,6 +145,29 @@ def train_here(*args: str) -> int:
     return train.main([*args, *TINY])
 
 
+def fixed_batch(*flags: str):
+    """(cfg, model, LARS, views) of a test_resnet run at batch 16 with `flags`: one fixed two-view batch of
+    16 random 32 px images, each view the image plus its own noise, for the tests that step on it."""
+    import train
+
+    cfg = train.parse_args(["--backbone", "test_resnet", "--batch-size", "16", "--warmup-epochs", "0", *flags])
+    torch.manual_seed(0)
+    model = train.build_model(cfg).train()
+    optimizer, _ = train.build_optimizer(cfg, model, cfg.lr, steps_per_epoch=10)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(16, 3, 32, 32, generator=gen)
+    views = torch.cat([images + 0.3 * torch.randn(16, 3, 32, 32, generator=gen) for _ in range(2)])
+    return cfg, model, optimizer, views
+
+
+def state_after(loader, steps: int) -> bytes:
+    """Loader.state() once `steps` of its batches are read; the loader is dropped with the iterator."""
+    batches = iter(loader)
+    for _ in range(steps):
+        next(batches)
+    return loader.state()
+
+
 def progress(checkpoint: Path) -> dict:
     """A checkpoint's progress.json, less its list of files."""
     return {k: v for k, v in json.loads((checkpoint / "progress.json").read_text()).items() if k != "files"}

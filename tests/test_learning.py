@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder, train_here
+from conftest import fixed_batch, make_folder, train_here
 from error_bounds import gamma, unit_roundoff
 
 import train
@@ -23,13 +23,7 @@ def small_cfg(*args):
 def test_a_step_moves_the_weights_and_steps_on_a_fixed_batch_lower_the_loss():
     from models.ntxent import nt_xent_loss
 
-    cfg = small_cfg("--lr", "4.8")  # 0.3 per 256 images at batch 16, times 16
-    torch.manual_seed(0)
-    model = train.build_model(cfg).train()
-    optimizer, _ = train.build_optimizer(cfg, model, cfg.lr, steps_per_epoch=10)
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(16, 3, 32, 32, generator=gen)
-    views = torch.cat([images + 0.3 * torch.randn(16, 3, 32, 32, generator=gen) for _ in range(2)])
+    cfg, model, optimizer, views = fixed_batch("--lr", "4.8")  # 0.3 per 256 images at batch 16, times 16
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses = []
     for step in range(8):

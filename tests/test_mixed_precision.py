@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_folder, panel_words, train_here
+from conftest import fixed_batch, make_folder, panel_words, train_here
 
 import train
 from cli import UserError
@@ -67,16 +67,9 @@ def test_loss_operands_follow_the_mixed_precision():
 def test_steps_under_bf16_autocast_lower_the_loss_on_a_fixed_batch():
     """What a bf16 run computes: the model under bf16 autocast, the loss on bf16 operands of its float32
     embeddings (as accelerate hands them over), backward, LARS steps."""
-    cfg = train.parse_args(["--backbone", "test_resnet", "--batch-size", "16", "--warmup-epochs", "0",
-                            "--lr", "1.0"])
-    torch.manual_seed(0)
-    model = train.build_model(cfg).train()
-    optimizer, _ = train.build_optimizer(cfg, model, cfg.lr, steps_per_epoch=10)
-    gen = torch.Generator().manual_seed(1)
     # 32 px: at 16 px this model's last stage works on 1x1 maps, where oneDNN's bf16 convolution backward
     # on AVX-512 returned NaN weight gradients now and then (11 of 60 passes of one fixed batch; 0 at 32 px)
-    images = torch.randn(16, 3, 32, 32, generator=gen)
-    views = torch.cat([images + 0.3 * torch.randn(16, 3, 32, 32, generator=gen) for _ in range(2)])
+    cfg, model, optimizer, views = fixed_batch("--lr", "1.0")
     losses = []
     for _ in range(6):
         with torch.autocast("cpu", dtype=torch.bfloat16):

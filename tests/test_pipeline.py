@@ -3,7 +3,7 @@ taking `device` where there is a GPU, on it (mixed decoder, augmentations on the
 import numpy as np
 import pytest
 import torch
-from conftest import dali_device_id, make_folder
+from conftest import dali_device_id, make_folder, state_after
 from error_bounds import gamma, unit_roundoff
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
@@ -279,12 +279,7 @@ def test_checkpoint_mid_epoch_resumes_the_rest_bitwise(kind, device, tmp_path):
     kwargs = dict(batch_size=8, size=24, aug=Augment(), shard=Shard(), seed=5, epoch=1, workers=1,
                   device_id=dali_device_id(device))
     straight = first_epoch(src, batch_size=8, seed=5, epoch=1, size=24, device=device)
-    loader = train_loader(src, **kwargs)
-    batches = iter(loader)
-    for _ in range(2):
-        next(batches)
-    state = loader.state()
-    del batches, loader
+    state = state_after(train_loader(src, **kwargs), 2)
     rest = train_loader(src, **kwargs, state=state, done=2)
     assert len(rest) == len(straight) - 2 == 4
     got = [tuple(t.cpu().clone() for t in batch) for batch in rest]

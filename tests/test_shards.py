@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import dali_device_id, make_folder, train_here
+from conftest import dali_device_id, make_folder, state_after, train_here
 from PIL import Image
 from safetensors.torch import load_file
 from wds2idx import IndexCreator
@@ -174,12 +174,7 @@ def test_a_mid_epoch_checkpoint_of_shards_resumes_the_rest_bitwise(sorted_shards
     kwargs = dict(batch_size=BATCH, size=16, aug=Augment(), shard=Shard(rank, world), seed=5, epoch=2, workers=1,
                   device_id=dali_device_id(device))
     straight = [tuple(t.cpu().clone() for t in b) for b in train_loader(source, **kwargs)]
-    loader = train_loader(source, **kwargs)
-    batches = iter(loader)
-    for _ in range(2):
-        next(batches)
-    state = loader.state()
-    del batches, loader
+    state = state_after(train_loader(source, **kwargs), 2)
     rest = [tuple(t.cpu().clone() for t in b) for b in train_loader(source, **kwargs, state=state, done=2)]
     assert len(rest) == len(straight) - 2 == len(source) // world // BATCH - 2
     for got, want in zip(rest, straight[2:]):
