@@ -67,13 +67,10 @@ def _uniform(low: float, high: float):
 # -- colour jitter, as torchvision's ColorJitter and the paper's code define it --------------------
 # Brightness and contrast blend the image with a reference as torchvision's adjust_* do, black and the image's own
 # mean grey, and clip to uint8. Saturation (a blend with each pixel's grey) and hue run as one DALI op, hsv: scaling
-# and rotating the chroma commute, so one op drops only the clip between them, and a second hsv pass would cost an
-# eighth of the pipeline's throughput on a 2-core CPU at 32 px. DALI's hue rotates the chroma plane (YIQ) where
+# and rotating the chroma commute, so one op drops only the clip between them, and one pass over the pixels costs
+# half of two. DALI's hue rotates the chroma plane (YIQ) where
 # torchvision shifts H in HSV (tests/test_colour.py measures both differences). The order of the three steps is
 # drawn per image, as torchvision draws randperm(4): one of their 6 orders.
-STEPS = ("brightness", "contrast", "colour")  # "colour": saturation and hue in one op
-
-
 def order_of(position: int, brightness_first: bool) -> tuple[str, ...]:
     """The steps in the order that random_order's (colour position, brightness first) names."""
     steps = ["brightness", "contrast"] if brightness_first else ["contrast", "brightness"]
@@ -132,21 +129,24 @@ def color_jitter(images, factors, order):
     (factors: a node or number per jitter_ranges key). Conditional execution: each image runs each step once."""
     position, brightness_first = order
     first, middle, last = position == 0, position == 1, position == 2
-    b, c = factors["brightness"], factors["contrast"]
+
+    def colour(x):
+        return saturation_and_hue(x, factors["saturation"], factors["hue"])
+
     if first:
-        images = saturation_and_hue(images, factors["saturation"], factors["hue"])
+        images = colour(images)
     if brightness_first:
-        images = brightness(images, b)
+        images = brightness(images, factors["brightness"])
         if middle:
-            images = saturation_and_hue(images, factors["saturation"], factors["hue"])
-        images = contrast(images, c)
+            images = colour(images)
+        images = contrast(images, factors["contrast"])
     else:
-        images = contrast(images, c)
+        images = contrast(images, factors["contrast"])
         if middle:
-            images = saturation_and_hue(images, factors["saturation"], factors["hue"])
-        images = brightness(images, b)
+            images = colour(images)
+        images = brightness(images, factors["brightness"])
     if last:
-        images = saturation_and_hue(images, factors["saturation"], factors["hue"])
+        images = colour(images)
     return images
 
 
@@ -190,8 +190,7 @@ def gaussian_blur(images, size: int, aug: Augment):
             window = cap  # every sigma gets the cap (3 taps below 35 px): one size for the batch
         else:
             window = dmath.min(2 * fn.cast(dmath.ceil(3.0 * sigma), dtype=types.INT32) + 1, cap)
-        if isinstance(window, int) and window <= 3:
-            # 3x3: one 2-D filter, a third of gaussian_blur's time on a CPU at 32 px (its per-image kernel set-up)
+        if window == 3:  # a number: one 2-D filter, quicker on a CPU than gaussian_blur's per-image kernel set-up
             kernel = gaussian_kernel(sigma, window)
             images = fn.filter(images, kernel.gpu() if images.device == "gpu" else kernel)
         else:
