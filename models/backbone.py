@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from cli import UserError
+from simclr_dali.errors import UserError
 
 
 def create_backbone(name: str, small_stem: bool = False) -> nn.Module:

@@ -17,10 +17,10 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from cli import UserError
 from pipelines.augment import Augment, center_view, decode, simclr_view
 from pipelines.sources import Source
 from pipelines.webdataset import IMAGE_EXTS, LABEL_BYTES, parse_labels
+from simclr_dali.errors import UserError
 
 
 @dataclass

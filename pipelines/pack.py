@@ -19,10 +19,11 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from cli import Check, Parser, UserError, check_args, checked, exit_on_user_error
 from pipelines.sources import HOLDOUT_FRACTION, load_folder
 from pipelines.verify import Screening
 from pipelines.webdataset import TEST_PREFIX, TRAIN_PREFIX, write_shards
+from simclr_dali.errors import UserError, exit_on_user_error
+from simclr_dali.settings import Check, Parser, check_args, checked
 
 
 def build_parser() -> Parser:

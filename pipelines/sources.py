@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from cli import UserError
+from pipelines import IMAGE_EXTENSIONS
+from simclr_dali.errors import UserError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm"}
 HOLDOUT_FRACTION = 0.1  # a single folder keeps this much aside as its test split (pipelines.pack: of each class)
 DIGITS_SIZE = 32
 LIST_HEADER = "# simclr image list v1"  # first line of a list written by `python -m pipelines.verify`
@@ -83,8 +83,14 @@ def load_webdataset(pattern: str, split: str) -> Source:
     """Tar shards. "train": those matching the pattern, less any test shard; "test": the test shards
     (test-NNNNNN.tar, a stratified held-out part written by pipelines.pack --holdout) beside them;
     "all": every match. Labels arrive with the samples (.cls), so they are unknown (-1) here."""
-    from pipelines.webdataset import TEST_PREFIX, TRAIN_PREFIX, find_shards, is_test_shard, read_indexes, \
-        test_shards_beside
+    from pipelines.webdataset import (
+        TEST_PREFIX,
+        TRAIN_PREFIX,
+        find_shards,
+        is_test_shard,
+        read_indexes,
+        test_shards_beside,
+    )
 
     shards = find_shards(pattern)
     if split == "train":

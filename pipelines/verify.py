@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from cli import Check, Parser, UserError, check_args, checked, exit_on_user_error
+from simclr_dali.errors import UserError, exit_on_user_error
 
 # Signatures of the formats DALI decodes (at offset 0), with the name of Pillow's plugin for each.
+from simclr_dali.settings import Check, Parser, check_args, checked
+
 MAGIC = [(b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"),
          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
          (b"\xff\x4f\xff\x51", "JPEG2000")] + [(b"P%d" % k, "PPM") for k in range(1, 7)]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UserError
-from pipelines.sources import IMAGE_EXTENSIONS
+from pipelines import IMAGE_EXTENSIONS
+from simclr_dali.errors import UserError
 
 IMAGE_EXTS = ";".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))  # DALI's ext: the folder source's list
 LABEL_BYTES = 12  # .cls contents are padded to this many bytes on their way through DALI

@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from scripts.gpu_env import environment  # noqa: E402
-from scripts.gpu_report import judge_targets, write_markdown  # noqa: E402
+from scripts.gpu_env import environment
+from scripts.gpu_report import judge_targets, write_markdown
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -159,7 +159,7 @@ class Check:
     def images(self) -> Path:
         """The generated JPEGs, made once (in parallel) for every step that reads images."""
         if self._images is None:
-            from bench.throughput import generated_jpegs
+            from simclr_dali.tools.benchmark.throughput import generated_jpegs
             self._images = Path(generated_jpegs(self.work / "images", self.plan.images, self.plan.image_size))
         return self._images
 

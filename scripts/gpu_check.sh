@@ -9,4 +9,4 @@ py="${PYTHON:-}"
 if [ -z "$py" ]; then
   if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 fi
-exec "$py" scripts/gpu_check.py "$@"
+exec "$py" -m scripts.gpu_check "$@"

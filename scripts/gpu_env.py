@@ -28,7 +28,7 @@ def environment(plan) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    from bench.common import hardware_info
+    from simclr_dali.tools.benchmark.common import hardware_info
 
     info = {"python": platform.python_version(), "executable": sys.executable, "cpu_cores": os.cpu_count(),
             "torch": torch.__version__, "cuda_runtime": torch.version.cuda, "triton": version("triton"),

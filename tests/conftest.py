@@ -14,11 +14,10 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # The Triton kernels run on CPU tensors only when the interpreter is chosen before triton is first
 # imported, and other test modules import it indirectly (timm, torch's compiler): decide here, first.
-import torch  # noqa: E402
+import torch
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -36,8 +35,6 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "on_device: an end-to-end run on the machine's device, kept by --device")
-    config.addinivalue_line("markers", "slow: starts a process or trains; `make test-fast` leaves it out")
     if config.getoption("--device") == "cuda" and not CUDA:
         raise pytest.UsageError("--device cuda needs a CUDA GPU, and torch sees none")
 
@@ -124,8 +121,9 @@ def panel_words(text: str) -> str:
 
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
-    """Run one of the project's scripts the way a user would; returns CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    """Run one of the project's scripts the way a user would; returns CompletedProcess. The child imports
+    this checkout (PYTHONPATH), whatever else the environment has installed."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -140,16 +138,14 @@ ENV = {"OMP_NUM_THREADS": "1"}
 def train_here(*args: str) -> int:
     """train.main in this process (no start-up cost) with TINY after `args`; a UserError becomes
     SystemExit(2)."""
-    import train
-
+    from simclr_dali import training as train
     return train.main([*args, *TINY])
 
 
 def fixed_batch(*flags: str):
     """(cfg, model, LARS, views) of a test_resnet run at batch 16 with `flags`: one fixed two-view batch of
     16 random 32 px images, each view the image plus its own noise, for the tests that step on it."""
-    import train
-
+    from simclr_dali import training as train
     cfg = train.parse_args(["--backbone", "test_resnet", "--batch-size", "16", "--warmup-epochs", "0", *flags])
     torch.manual_seed(0)
     model = train.build_model(cfg).train()

@@ -9,11 +9,9 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import models.ntxent  # noqa: E402
-import pipelines.loader  # noqa: E402
-import train  # noqa: E402
+import models.ntxent
+import pipelines.loader
+from simclr_dali import training as train
 
 RANK, STOP_AT = int(os.environ.get("RANK", "0")), int(os.environ.get("STOP_AT", "0"))
 RECORD, calls = Path(os.environ["RECORD"]) / f"seen_{os.environ['TAG']}_{RANK}.jsonl", {"n": 0}

@@ -11,19 +11,16 @@ Prints one JSON line from rank 0: the measurements and the sizes their error bou
 """
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.ntxent import nt_xent_loss  # noqa: E402
-from pipelines.augment import Augment  # noqa: E402
-from pipelines.loader import Shard, train_loader  # noqa: E402
-from pipelines.sources import Source, load_source  # noqa: E402
-from train import build_model, make_accelerator, parse_args  # noqa: E402
+from models.ntxent import nt_xent_loss
+from pipelines.augment import Augment
+from pipelines.loader import Shard, train_loader
+from pipelines.sources import Source, load_source
+from simclr_dali.training import build_model, make_accelerator, parse_args
 
 TAU = 0.2
 PAIRS = 8  # the whole batch: 4 pairs per process

@@ -12,9 +12,9 @@ from conftest import make_folder, panel_words, run_cli, train_here, write_image
 from nvidia.dali import pipeline_def
 from PIL import Image
 
-from cli import UserError
 from pipelines.sources import load_source
 from pipelines.verify import Screening, check_image
+from simclr_dali.errors import UserError
 
 BAD = {  # relative path -> start of the reason pipelines.verify gives
     "cat/empty.jpg": "empty file",

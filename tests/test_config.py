@@ -8,8 +8,8 @@ import stat
 import pytest
 from conftest import make_folder, train_here
 
-import evaluate
-import train
+from simclr_dali import training as train
+from simclr_dali.evaluation import evaluate
 
 QUICK_EVAL = ["--batch-size", "8", "--workers", "1", "--probe-epochs", "3", "--knn-k", "5", "--no-plots"]
 

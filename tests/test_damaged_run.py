@@ -12,7 +12,7 @@ import torch
 from conftest import make_folder, train_here
 from safetensors.torch import load_file
 
-import evaluate
+from simclr_dali.evaluation import evaluate
 
 pytestmark = pytest.mark.slow  # trains the run it then damages
 
@@ -80,8 +80,7 @@ def resume_args(data: Path, run: Path, *more: str) -> list[str]:
 @pytest.mark.parametrize("damage", DAMAGES)
 @pytest.mark.parametrize("name", CHECKPOINT_FILES)
 def test_a_damaged_checkpoint_file_offers_the_previous_checkpoint(finished, copy, capsys, name, damage):
-    import train
-
+    from simclr_dali import training as train
     DAMAGES[damage](copy / "checkpoint" / name)
     err = refused(capsys, train.main, resume_args(finished[0], copy, "--resume"), copy)
     prev = copy / "checkpoint.prev"
@@ -102,8 +101,7 @@ def test_a_damaged_checkpoint_file_offers_the_previous_checkpoint(finished, copy
 @pytest.mark.parametrize("damage", DAMAGES)
 @pytest.mark.parametrize("name", [n for n in CHECKPOINT_FILES if n != "progress.json"])
 def test_an_older_checkpoint_without_the_list_is_read_back_by_format(finished, copy, capsys, name, damage):
-    import train
-
+    from simclr_dali import training as train
     progress = copy / "checkpoint" / "progress.json"
     progress.write_text(json.dumps({k: v for k, v in json.loads(progress.read_text()).items() if k != "files"}))
     DAMAGES[damage](copy / "checkpoint" / name)
@@ -119,8 +117,7 @@ def test_an_older_checkpoint_without_the_list_is_read_back_by_format(finished, c
 
 
 def test_the_offered_checkpoint_resumes_to_the_same_weights(finished, copy, capsys):
-    import train
-
+    from simclr_dali import training as train
     final = {k: v.clone() for k, v in load_file(str(copy / "checkpoint" / "model.safetensors")).items()}  # not mmapped
     cut(copy / "checkpoint" / "model.safetensors")
     damaged = (copy / "checkpoint" / "model.safetensors").read_bytes()
@@ -134,8 +131,7 @@ def test_the_offered_checkpoint_resumes_to_the_same_weights(finished, copy, caps
 
 
 def test_no_whole_checkpoint_says_start_again(finished, copy, capsys):
-    import train
-
+    from simclr_dali import training as train
     for folder in ("checkpoint", "checkpoint.prev"):
         empty(copy / folder / "model.safetensors")
     err = refused(capsys, train.main, resume_args(finished[0], copy, "--resume"), copy)
@@ -144,8 +140,7 @@ def test_no_whole_checkpoint_says_start_again(finished, copy, capsys):
 
 
 def test_weights_of_another_architecture_are_named(finished, copy, capsys):
-    import train
-
+    from simclr_dali import training as train
     shutil.copy(copy / "backbone.safetensors", copy / "checkpoint" / "model.safetensors")
     (copy / "checkpoint" / "progress.json").write_text('{"epoch": 1, "step": 4}')  # a list-less older checkpoint
     err = refused(capsys, train.main, resume_args(finished[0], copy, "--resume"), copy)
@@ -162,8 +157,7 @@ def test_weights_of_another_architecture_are_named(finished, copy, capsys):
 def test_a_damaged_metrics_file(finished, copy, capsys, damage):
     """metrics.jsonl is appended to: a cut last line (a kill) is left out, an empty or deleted one starts
     afresh; garbage is refused by both tools."""
-    import train
-
+    from simclr_dali import training as train
     text = (copy / "metrics.jsonl").read_text()
     DAMAGES[damage](copy / "metrics.jsonl")
     if damage == "garbage":
@@ -203,8 +197,7 @@ def test_evaluate_on_a_damaged_run(finished, copy, capsys, name, damage):
 
 
 def test_the_offered_remedies_for_evaluate_work(finished, copy, capsys):
-    import train
-
+    from simclr_dali import training as train
     original = (copy / "backbone.safetensors").read_bytes()
     cut(copy / "backbone.safetensors")
     garbage(copy / "config.json")
@@ -223,8 +216,7 @@ def test_a_damaged_dali_state_of_a_mid_epoch_checkpoint(finished, tmp_path, hook
     import os
     import signal
 
-    import train
-
+    from simclr_dali import training as train
     def sigint(loss):
         os.kill(os.getpid(), signal.SIGINT)
         return loss
@@ -264,8 +256,7 @@ def data_files(finished, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_image_list(data_files, tmp_path, capsys, damage):
-    import train
-
+    from simclr_dali import training as train
     listing = Path(shutil.copy(data_files["list"], tmp_path / "images.txt"))
     DAMAGES[damage](listing)
     err = refused(capsys, train.main, ["--data", str(listing), "--out", str(tmp_path / "run"), *TINY_ARGS], tmp_path)
@@ -282,8 +273,7 @@ def test_a_damaged_image_list(data_files, tmp_path, capsys, damage):
 @pytest.mark.parametrize("damage", DAMAGES)
 @pytest.mark.parametrize("name", ["shard-000001.idx", "shard-000001.tar"])
 def test_a_damaged_shard_or_index(data_files, tmp_path, capsys, name, damage):
-    import train
-
+    from simclr_dali import training as train
     shards = Path(shutil.copytree(data_files["shards"], tmp_path / "shards"))
     DAMAGES[damage](shards / name)
     args = ["--data", f"wds:{shards / 'shard-*.tar'}", "--out", str(tmp_path / "run"), *TINY_ARGS]
@@ -308,8 +298,7 @@ def test_a_damaged_shard_or_index(data_files, tmp_path, capsys, name, damage):
 def test_an_image_damaged_inside_a_shard_is_one_sentence(data_files, tmp_path, capsys):
     """Past the index's checks (the first and last samples' tar headers), an image damaged inside a shard
     is found by DALI while training: one sentence naming the data and DALI's words."""
-    import train
-
+    from simclr_dali import training as train
     shards = Path(shutil.copytree(data_files["shards"], tmp_path / "shards"))
     with open(shards / "shard-000000.tar", "r+b") as tar:
         for line in (shards / "shard-000000.idx").read_text().splitlines()[2:-1]:  # every sample but the ends
@@ -330,8 +319,7 @@ def test_what_the_readers_say(tmp_path):
     """The sentences of readback's checks that the damaged runs above do not reach."""
     from safetensors.torch import save_file
 
-    from readback import Unreadable, check_safetensors, read_json, read_jsonl
-
+    from simclr_dali.readback import Unreadable, check_safetensors, read_json, read_jsonl
     weights = tmp_path / "w.safetensors"
     save_file({"w": torch.zeros(2, 3)}, str(weights))
     check_safetensors(weights, "fix", expect={"w": (2, 3)})

@@ -9,8 +9,8 @@ import torch
 from conftest import ROOT, make_folder, run_cli
 from safetensors.torch import load_file
 
-from checkpoint import Saved, resumed_batch
-from cli import UserError
+from simclr_dali.errors import UserError
+from simclr_dali.training.checkpoint import Saved, resumed_batch
 
 pytestmark = pytest.mark.slow  # two processes, stopped and resumed
 

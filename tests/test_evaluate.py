@@ -14,13 +14,15 @@ from conftest import make_folder, write_image
 from error_bounds import gamma, unit_roundoff
 from PIL import Image
 
-import evaluate
-import plots
-import train
-from evaluate import EvalConfig, evaluate_backbone, load_backbone
+from models.features import extract, knn_top1
 from pipelines.loader import eval_loader
 from pipelines.sources import load_folder, load_source
-from probes import KnnMonitor, balanced_subset, extract, knn_top1, top_k_accuracy
+from simclr_dali import training as train
+from simclr_dali.evaluation import evaluate, plots
+from simclr_dali.evaluation.backbone import load_backbone
+from simclr_dali.evaluation.evaluate import EvalConfig, evaluate_backbone
+from simclr_dali.evaluation.probes import balanced_subset, top_k_accuracy
+from simclr_dali.training.monitor import KnnMonitor
 
 CLASSES = ("ant", "bee", "cat", "dog", "eel")  # five, so that top-5 is reported
 TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",

@@ -3,11 +3,12 @@ sentence naming the flag, the value and what is allowed, exit 2, before any work
 each case only parses its arguments."""
 import pytest
 
-import benchmark
-import evaluate
-import train
-from pipelines import pack, preview, verify
+from pipelines import pack, verify
 from pipelines.augment import Augment
+from simclr_dali import training as train
+from simclr_dali.evaluation import evaluate
+from simclr_dali.tools import preview
+from simclr_dali.tools.benchmark import command as benchmark
 
 COMMANDS = {  # name: (parser, main, the arguments it needs besides the flag under test)
     "train.py": (train.build_parser, train.main, []),

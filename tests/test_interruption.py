@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ENV, ROOT, TINY, make_folder, nan, progress, run_cli, train_here
-from readback import check_manifest, manifest
 from safetensors.torch import load_file
 from test_bad_images import bad_folder  # noqa: F401  (a fixture)
+
+from simclr_dali.readback import check_manifest, manifest
 
 pytestmark = pytest.mark.slow  # training runs, signalled, killed and resumed
 
@@ -88,8 +89,7 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(bad_folder, 
 
 
 def test_kill_9_while_saving_leaves_the_last_checkpoint_whole(bad_folder, straight, tmp_path):
-    import checkpoint
-
+    from simclr_dali.training import checkpoint
     out = tmp_path / "run"
     proc = start_training(bad_folder, out)
     wait_for(lambda: logged_step(out, 4), proc)  # step 3 was checkpointed mid-epoch
@@ -115,8 +115,7 @@ class FakeAccelerator:
 
 
 def test_a_crash_at_any_point_of_a_save_leaves_a_whole_checkpoint(tmp_path, monkeypatch):
-    import checkpoint
-
+    from simclr_dali.training import checkpoint
     calls = {"n": 0, "crash_at": None}
 
     def crashing(fn):
@@ -185,8 +184,7 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(small_folder, tm
 def test_max_nonfinite_skips_steps_without_touching_the_weights(small_folder, tmp_path, hooks):
     from accelerate.utils import set_seed
 
-    import train
-
+    from simclr_dali import training as train
     out = tmp_path / "run"
     hooks.update({1: nan, 2: nan, 3: nan, 4: nan})  # every step of two epochs
     assert train_here("--data", str(small_folder), "--out", str(out), "--epochs", "2", "--max-nonfinite", "4") == 0
@@ -251,18 +249,17 @@ def test_an_output_folder_that_cannot_be_written_is_one_sentence(small_folder, t
 
 
 def test_a_full_disk_is_found_before_training(small_folder, tmp_path, monkeypatch, capsys):
-    import safeguards
-
+    from simclr_dali.training import checkpoint
     free = shutil.disk_usage(tmp_path)._replace(free=2**20)
-    monkeypatch.setattr(safeguards.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: free)
     with pytest.raises(SystemExit):
         train_here("--data", str(small_folder), "--out", str(tmp_path / "run"), "--epochs", "1")
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: output folder {tmp_path / 'run'} has 1 MiB free, but its checkpoints need about")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     linear = torch.nn.Linear(10, 10)  # 110 float32 weights: three checkpoints of weights + momentum, one export
-    assert safeguards.checkpoint_bytes(linear, "lars") == 440 * 7
-    assert safeguards.checkpoint_bytes(linear, "adamw") == 440 * 10
+    assert checkpoint.checkpoint_bytes(linear, "lars") == 440 * 7
+    assert checkpoint.checkpoint_bytes(linear, "adamw") == 440 * 10
 
 
 def test_sigint_stops_at_the_step_boundary_and_a_second_one_at_once(small_folder, tmp_path, hooks, capsys):

@@ -10,10 +10,11 @@ import torch
 from conftest import fixed_batch, make_folder, train_here
 from error_bounds import gamma, unit_roundoff
 
-import train
-from evaluate import EvalConfig
+from models.features import knn_top1
 from pipelines.sources import load_folder
-from probes import FinetuneSettings, finetune, finetune_augment, knn_top1, linear_probe_top1
+from simclr_dali import training as train
+from simclr_dali.evaluation.evaluate import EvalConfig
+from simclr_dali.evaluation.probes import FinetuneSettings, finetune, finetune_augment, linear_probe_top1
 
 
 def small_cfg(*args):
@@ -32,7 +33,7 @@ def test_a_step_moves_the_weights_and_steps_on_a_fixed_batch_lower_the_loss():
         if step == 0:  # timm zero-initialises each block's last BN, so the layers before it start at 0
             pushed = {n for n, p in model.named_parameters() if p.grad.abs().sum() > 0}
             assert len(pushed) > len(start) / 2
-        optimizer.found_inf = torch.tensor(0.0)  # as safeguards.FiniteGuard hands over its decision
+        optimizer.found_inf = torch.tensor(0.0)  # as finite.FiniteGuard hands over its decision
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -157,8 +158,8 @@ def test_the_linear_probe_separates_linearly_separable_features():
 
 
 def test_fine_tuning_changes_the_backbone(tmp_path):
-    from evaluate import load_backbone
     from pipelines.loader import eval_loader
+    from simclr_dali.evaluation.backbone import load_backbone
 
     folder = load_folder(str(make_folder(tmp_path / "images", per_class=8)), "all")
     backbone = load_backbone({"backbone": "test_resnet"}, None)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import fixed_batch, make_folder, panel_words, train_here
 
-import train
-from cli import UserError
 from models.ntxent import nt_xent_loss
+from simclr_dali import training as train
+from simclr_dali.errors import UserError
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_steps_under_bf16_autocast_lower_the_loss_on_a_fixed_batch():
             z = model(views).float()  # accelerate converts the forward's outputs to float32
         loss = nt_xent_loss(*z.chunk(2), cfg.temperature, operands=torch.bfloat16)
         loss.backward()
-        optimizer.found_inf = torch.tensor(0.0)  # as safeguards.FiniteGuard hands over its decision
+        optimizer.found_inf = torch.tensor(0.0)  # as finite.FiniteGuard hands over its decision
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         assert loss.dtype == torch.float32 and torch.isfinite(loss), losses

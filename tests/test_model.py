@@ -3,8 +3,8 @@ import timm
 import torch
 from torch import nn
 
-from cli import UserError
 from models.backbone import SimCLRModel, create_backbone
+from simclr_dali.errors import UserError
 
 
 @pytest.mark.parametrize("name,width", [("resnet18", 512), ("mobilenetv3_small_050", 1024)])

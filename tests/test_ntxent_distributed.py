@@ -18,7 +18,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-
 from error_bounds import NTXentBound  # noqa: E402
 
 from models.ntxent import nt_xent_loss, nt_xent_reference  # noqa: E402

@@ -7,12 +7,12 @@ import pytest
 from conftest import make_folder
 from PIL import Image
 
-import plots
-from pipelines import preview
 from pipelines.augment import Augment
-from pipelines.preview import CELL as PREVIEW_CELL
-from pipelines.preview import augmented_pairs
 from pipelines.sources import Source, load_folder
+from simclr_dali.evaluation import plots
+from simclr_dali.tools import preview
+from simclr_dali.tools.preview import CELL as PREVIEW_CELL
+from simclr_dali.tools.preview import augmented_pairs
 
 IDENTITY = Augment(crop_min_area=1.0, crop_min_ratio=1.0, crop_max_ratio=1.0, flip_p=0.0, jitter_p=0.0,
                    gray_p=0.0, blur_p=0.0)

@@ -21,12 +21,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from wds2idx import IndexCreator
 
-from cli import UserError
 from pipelines import loader as loader_module
 from pipelines import pack
 from pipelines.augment import Augment
 from pipelines.loader import SHUFFLE_BYTES, Shard, ShardReader, eval_loader, shuffle_buffer, train_loader
 from pipelines.sources import load_source
+from simclr_dali.errors import UserError
 
 CLASSES, PER_CLASS, SHARD, BATCH = 8, 64, 4, 16  # 512 samples in 128 class-sorted shards, 16 per class
 
@@ -206,8 +206,9 @@ def test_elastic_resume_of_shards_holds_at_epoch_boundaries(tmp_path, capsys):
     2 processes stopped mid-epoch, a resume on 1 is refused in one sentence, the epoch is finished on
     2 (--stop-after 1), and the run goes on from the boundary on 1. Every epoch trains on 32 different
     samples, none twice."""
-    import train
     from test_elastic import RUN, launch, seen_per_epoch
+
+    from simclr_dali import training as train
 
     spec = write_sorted_shards(tmp_path / "shards", classes=4, per_class=9, shard_size=4)  # 36: 4 steps of 8
     out, record = tmp_path / "run", tmp_path / "seen"

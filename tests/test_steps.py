@@ -10,7 +10,7 @@ from error_bounds import gamma, unit_roundoff
 from safetensors.torch import load_file
 from timm.optim import Lars, create_optimizer_v2
 
-from safeguards import GuardedLars
+from simclr_dali.training.optim import GuardedLars
 
 # test_resnet, batch 4: 5 steps per epoch on 22 images, 10 on 44
 RUN = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "4", "--warmup-epochs", "1", "--workers", "1"]
@@ -115,8 +115,7 @@ def host_reads(monkeypatch) -> dict:
 
 def train_here(folder, out, *args: str) -> int:
     """train.main in this process (RUN settings, logging every step unless `args` say otherwise)."""
-    import train
-
+    from simclr_dali import training as train
     return train.main(["--data", str(folder), "--out", str(out), *RUN, "--log-every", "1", *args])
 
 

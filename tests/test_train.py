@@ -7,8 +7,8 @@ import torch
 from conftest import CUDA, make_folder, progress, run_cli
 from safetensors.torch import load_file
 
-import train
-from cli import UserError
+from simclr_dali import training as train
+from simclr_dali.errors import UserError
 
 TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--warmup-epochs", "1",
         "--log-every", "1", "--workers", "1"]
@@ -114,8 +114,7 @@ def test_a_mistake_is_one_line_from_the_process_too(tmp_path):
 
 
 def test_evaluate_on_a_folder_that_is_not_a_run(tmp_path, capsys):
-    import evaluate
-
+    from simclr_dali.evaluation import evaluate
     with pytest.raises(SystemExit) as stop:
         evaluate.main(["--run", str(tmp_path)])
     err = capsys.readouterr().err

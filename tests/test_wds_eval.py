@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import make_folder, train_here
 
-import evaluate
 from pipelines import pack
 from pipelines.sources import load_folder, load_source
 from pipelines.webdataset import write_shards
+from simclr_dali.evaluation import evaluate
 
 pytestmark = pytest.mark.slow  # trains on shards
 

@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import Callable
 
-from cli import UserError
+from simclr_dali.errors import UserError
 
 KEY = "simclr/failures"  # how many processes of this run stopped on an error
 POLL_S = 1.0  # the watcher's period

@@ -7,20 +7,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
+import re
 import shutil
+import time
 from pathlib import Path
+from typing import Callable
 
-from cli import UserError
-from readback import (Unreadable, check_manifest, check_safetensors, check_torch_file, manifest, present, read_json,
-                      read_jsonl)
+from simclr_dali.errors import UserError
+from simclr_dali.readback import (
+    Unreadable,
+    check_manifest,
+    check_safetensors,
+    check_torch_file,
+    manifest,
+    present,
+    read_json,
+    read_jsonl,
+)
 
 
 def save_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_state: bytes | None = None) -> None:
     """Accelerate state + our progress (+ each process's DALI state mid-epoch), atomically: a crash,
     even kill -9, at any moment leaves a whole checkpoint that find_checkpoint finds, and the one
     before the newest stays beside it (checkpoint.prev), for when the newest is damaged later."""
-    from safeguards import fsync
-
     final, prev, tmp, drop = (out / name for name in (NEWEST, PREVIOUS, "checkpoint.tmp", "checkpoint.drop"))
     try:
         if accelerator.is_main_process and tmp.exists():
@@ -227,8 +237,6 @@ def resume(cfg, saved: Saved, out: Path, accelerator, model, steps_per_epoch: in
         if step % steps_per_epoch and wds:
             raise UserError(f"--resume: the checkpoint in {path} stops inside an epoch of tar shards, which DALI "
                             f"splits by process: finish that epoch on {before} process(es), then resume on {world}")
-    from safeguards import load_state_safely
-
     flag = "--resume-from" if cfg.resume_from else "--resume"
     shapes = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(model).state_dict().items()}
     try:
@@ -251,3 +259,89 @@ def unrestorable(saved: Saved, out: Path, rank: int, err: Exception) -> UserErro
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(".")
     return UserError(f"--resume: {saved.path / f'dali_{rank}.state'} is not a DALI pipeline state this version "
                      f"can restore ({reason}): {other_checkpoint(out, saved.path)}")
+
+
+# -- when to save ----------------------------------------------------------------------------------
+class SaveClock:
+    """--save-every-minutes: a checkpoint is due once that long has passed since the last one (0: at
+    every epoch end, as short runs want)."""
+
+    def __init__(self, minutes: float):
+        self.seconds, self.last = minutes * 60, time.monotonic()
+
+    def due(self, epoch_end: bool) -> bool:
+        return (self.seconds == 0 and epoch_end) or (self.seconds > 0 and time.monotonic() - self.last >= self.seconds)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+def fsync(*paths: Path) -> None:
+    """Flush files (and folders: their entries) to the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -- room on the output disk ----------------------------------------------------------------------
+def checkpoint_bytes(model, optimizer_name: str) -> int:
+    """About what the output folder must hold at the worst moment: while a checkpoint is written the
+    newest and the previous one stay, each holding the weights and the optimiser's state (one tensor
+    per weight for momentum, two for AdamW), plus the exported backbone."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_checkpoint = weights * (1 + (2 if optimizer_name == "adamw" else 1))
+    return 3 * per_checkpoint + weights
+
+
+def check_free_space(out: Path, need: int) -> None:
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise UserError(f"output folder {out} has {free / 2**20:.0f} MiB free, but its checkpoints need "
+                        f"about {need / 2**20:.0f} MiB: free some space or choose another --out")
+
+
+# -- checkpoint files that load without running code ---------------------------------------------
+def check_checkpoint_files(path: Path, rank: int) -> None:
+    """accelerate's load_state reads model.safetensors (no code) and optimizer.bin with
+    torch.load(weights_only=True), but registered objects (custom_checkpoint_*.pkl) with
+    weights_only=False, and it swallows any error on random_states_*.pkl. We register nothing, so a
+    custom pickle is refused here, and the random states are loaded once here the safe way."""
+    from accelerate.utils import load
+
+    customs = sorted(p.name for p in path.iterdir() if re.fullmatch(r"custom_checkpoint_\d+\.pkl", p.name))
+    if customs:
+        raise UserError(f"--resume: {path / customs[0]} is a pickle that would run code on loading "
+                        f"(written by an older version of train.py); refusing to load it")
+    states = path / f"random_states_{rank}.pkl"
+    if states.is_file():
+        try:
+            load(states, weights_only=True)
+        except Exception as err:
+            raise UserError(f"--resume: {states} does not hold plain random-number states "
+                            f"({type(err).__name__}); refusing to load it") from None
+
+
+def load_state_safely(accelerator, path: Path, remedy: Callable[[], str]) -> None:
+    """accelerator.load_state, with a refused pickle, or a file that passed checkpoint.check_checkpoint
+    and still does not load, reported in one sentence ending in `remedy()`."""
+    check_checkpoint_files(path, accelerator.process_index)
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError, EOFError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(".")
+        raise UserError(f"--resume: the checkpoint in {path} does not load ({reason}): {remedy()}") from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met a global it does not allow
+        from accelerate.utils import load
+
+        culprit = path
+        for file in sorted([*path.glob("*.bin"), *path.glob("*.pkl")]):
+            try:
+                load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                culprit = file
+                break
+        raise UserError(f"--resume: {culprit} holds more than tensors and plain data, and loading it "
+                        f"could run code; refusing to load it") from None

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, console, print_table, run_isolated
-from cli import Check, checked
+from simclr_dali.settings import Check, checked
+from simclr_dali.tools.benchmark.common import console, print_table, run_isolated, same_code_env
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def pipeline_section(args) -> list[dict]:
         data = bench_data(args, args.batch_size * (args.batches + 1), Path(tmp))
         console.print(f"pipeline: DALI vs torchvision, {args.image_size} px, batch {args.batch_size}, "
                       f"{args.workers} threads/workers ...")
-        row = run_isolated("bench.throughput:pipeline_measure", data=data, image_size=args.image_size,
+        row = run_isolated("simclr_dali.tools.benchmark.throughput:pipeline_measure", data=data, image_size=args.image_size,
                            batch_size=args.batch_size, workers=args.workers, repeats=args.repeats,
                            gpu=torch.cuda.is_available())
     row.update(image_size=args.image_size, batch_size=args.batch_size, workers=args.workers)
@@ -130,9 +130,15 @@ def model_measure(flags: list[str], repeats: int, budget_s: float, mixed_precisi
     counts against train.py's efficiency."""
     import torch
 
-    from bench.common import time_fn
     from models.ntxent import nt_xent_loss
-    from train import build_model, build_optimizer, make_accelerator, memory_format_and_compile, parse_args
+    from simclr_dali.tools.benchmark.common import time_fn
+    from simclr_dali.training import (
+        build_model,
+        build_optimizer,
+        make_accelerator,
+        memory_format_and_compile,
+        parse_args,
+    )
 
     os.environ["ACCELERATE_MIXED_PRECISION"] = mixed_precision  # what `accelerate launch` sets for train.py
     accelerator = make_accelerator()
@@ -160,7 +166,7 @@ def model_measure(flags: list[str], repeats: int, budget_s: float, mixed_precisi
 def model_section(args) -> list[dict]:
     console.print(f"model: {args.backbone} forward+backward+step, {args.image_size} px, batch {args.batch_size}, "
                   f"mixed precision {args.mixed_precision} ...")
-    row = run_isolated("bench.throughput:model_measure", flags=model_flags(args), repeats=args.repeats,
+    row = run_isolated("simclr_dali.tools.benchmark.throughput:model_measure", flags=model_flags(args), repeats=args.repeats,
                        budget_s=args.budget, mixed_precision=args.mixed_precision)
     row.update(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size)
     print_table(f"{args.backbone} + head + NT-Xent + step on synthetic views (images/s)",
@@ -174,10 +180,10 @@ def model_section(args) -> list[dict]:
 def train_measure(data: str, flags: list[str], workers: int, epochs: int, mixed_precision: str = "no") -> dict:
     """train.py itself on `data`; images/s of the epochs after the first (start-up and warm-up)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(ROOT / "train.py"), "--data", data, "--test-data", data, "--out", out, *flags,
+        cmd = [sys.executable, "-m", "simclr_dali.training", "--data", data, "--test-data", data, "--out", out, *flags,
                "--workers", str(workers), "--epochs", str(epochs), "--warmup-epochs", "1", "--log-every", "1000000"]
-        env = {**os.environ, "ACCELERATE_MIXED_PRECISION": mixed_precision}  # as `accelerate launch` sets it
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        env = same_code_env(ACCELERATE_MIXED_PRECISION=mixed_precision)  # as `accelerate launch` sets it
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             return {"status": "failed", "reason": (proc.stderr.strip().splitlines() or ["?"])[-1]}
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -197,7 +203,7 @@ def train_section(args) -> list[dict]:
         data = bench_data(args, args.batch_size * args.steps, Path(tmp))
         before = model_section(args)[0]
         console.print(f"train: train.py end to end, {args.epochs} epochs, mixed precision {args.mixed_precision} ...")
-        row = run_isolated("bench.throughput:train_measure", data=data, flags=model_flags(args), workers=args.workers,
+        row = run_isolated("simclr_dali.tools.benchmark.throughput:train_measure", data=data, flags=model_flags(args), workers=args.workers,
                            epochs=args.epochs, mixed_precision=args.mixed_precision)
         after = model_section(args)[0]
     models = [m["model_images_per_s"] for m in (before, after) if "model_images_per_s" in m]

@@ -1,33 +1,16 @@
-"""User-facing errors: one sentence on stderr, exit status 2, no traceback."""
+"""Settings declared once beside their dataclass field (`setting`: default, range, help from the comment),
+exposed as dashed flags, checked before any work starts, and read back from a run's config.json."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import inspect
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Callable
 
-
-class UserError(Exception):
-    """A mistake in the user's input (path, data, flag) that we can describe in one sentence."""
-
-
-def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Wrap a CLI entry point so that a UserError prints its sentence and exits with status 2."""
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return wrapper
+from simclr_dali.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -147,6 +130,27 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             action = parser.add_argument(flag, type=type(default), default=default,
                                          help=f"{text} (default: {default!r}{allowed})")
         action.check = f.metadata.get("check")
+
+
+def to_argv(obj) -> list[str]:
+    """The flags that give dataclass `obj`'s values where they differ from the field defaults (a
+    nested dataclass field, train.py's aug, spreads into its own flags): the command line that
+    add_dataclass_flags' parser reads back into an equal object, through the same checks."""
+    argv = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            argv += to_argv(value)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if value == default and type(value) is type(default):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
 
 
 def ordered_fields(*classes) -> tuple[tuple[str, str], ...]:

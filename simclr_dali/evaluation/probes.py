@@ -1,5 +1,5 @@
 """Evaluation protocols: frozen features (kNN, linear probe), semi-supervised fine-tuning on a
-class-balanced fraction of the labels, and the cheap online kNN monitor that train.py can run.
+class-balanced fraction of the labels. (The online kNN monitor of training is training/monitor.py.)
 
 Frozen protocols never give the backbone a gradient and run it in eval mode, so neither its weights
 nor its BatchNorm running statistics change (tests/test_evaluate.py checks both).
@@ -14,41 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cli import UserError
+from models.features import extract
+from simclr_dali.errors import UserError
 
 
 # -- frozen features --------------------------------------------------------------------------
-@torch.no_grad()
-def extract(model, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features (N, F) and labels (N,), in the loader's order; BatchNorm in eval mode."""
-    model.eval().to(device)
-    feats, labels = [], []
-    for images, y in loader:
-        feats.append(model(images.to(device)).float().cpu())
-        labels.append(y.view(-1).long().cpu())
-    return torch.cat(feats), torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_top1(train_x, train_y, test_x, test_y, k: int = 200, temperature: float = 0.1,
-             chunk: int = 1024, device: torch.device | str | None = None) -> float:
-    """Weighted kNN (cosine similarity, votes weighted by exp(sim / T)), top-1 accuracy, computed on
-    `device` (default: where the features are)."""
-    device = torch.device(device or train_x.device)
-    train_x, test_x = F.normalize(train_x.to(device), dim=1), F.normalize(test_x.to(device), dim=1)
-    train_y, test_y = train_y.to(device), test_y.to(device)
-    k = min(k, len(train_x))
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    correct = 0
-    for start in range(0, len(test_x), chunk):
-        sim = test_x[start:start + chunk] @ train_x.T  # (c, N_train)
-        top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(sim), classes, dtype=sim.dtype, device=device).scatter_add_(1, train_y[top_idx],
-                                                                           (top_sim / temperature).exp())
-        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
-    return correct / len(test_x)
-
-
 def linear_probe_top1(train_x, train_y, test_x, test_y, *, epochs: int = 100, lr: float = 1e-3,
                       weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0,
                       device: torch.device | str | None = None) -> float:
@@ -167,59 +137,3 @@ def finetune_epochs(requested: int, fraction: float, n_labelled: int, batch_size
     epochs = requested or (60 if fraction <= 0.01 else 30)
     per_epoch = n_labelled // min(batch_size, n_labelled)
     return max(epochs, math.ceil(min_steps / per_epoch))
-
-
-# -- online kNN monitor for train.py ----------------------------------------------------------
-def _concat(a, b):
-    """One Source holding a then b (so one DALI pipeline serves both), or None if they cannot mix."""
-    from pipelines.sources import Source
-
-    labels = np.concatenate([a.labels, b.labels])
-    if a.encoded and b.encoded:
-        return Source(a.name, labels, files=a.files + b.files, classes=a.classes)
-    if not a.encoded and not b.encoded and a.images.shape[1:] == b.images.shape[1:]:
-        return Source(a.name, labels, images=np.concatenate([a.images, b.images]), classes=a.classes)
-    return None
-
-
-class KnnMonitor:
-    """kNN top-1 of the current backbone on fixed subsets of the run's own train and test splits.
-
-    Feature extraction only (no gradients, eval mode, then the backbone's mode is restored). The DALI
-    eval pipeline is built on first use and kept: it is re-iterated each time rather than rebuilt,
-    so the monitor holds one small memory pool for the whole run.
-    """
-
-    def __init__(self, train_src, test_src, *, n_train: int, n_test: int, size: int, batch_size: int,
-                 workers: int, device_id: int | None, seed: int = 0, k: int = 200):
-        for src, what in ((train_src, "train"), (test_src, "test")):
-            if getattr(src, "shards", None) is not None:
-                raise UserError(f"--knn-every needs images it can pick one by one, but {src.name} is read from "
-                                f"tar shards; point --test-data at a folder, or leave --knn-every off")
-            if len(src) == 0 or (src.labels < 0).any():
-                raise UserError(f"--knn-every needs labelled images, but the {what} split of {src.name} "
-                                f"{'is empty' if len(src) == 0 else 'has images outside class sub-folders'}")
-        rng = np.random.default_rng(seed)
-        self.train = train_src.subset(np.sort(rng.permutation(len(train_src))[:n_train]))
-        self.test = test_src.subset(np.sort(rng.permutation(len(test_src))[:n_test]))
-        self.kwargs = dict(batch_size=batch_size, size=size, workers=workers, device_id=device_id)
-        self.k, self.loaders = k, None
-
-    def __len__(self) -> int:
-        return len(self.train) + len(self.test)
-
-    def __call__(self, backbone: nn.Module, device: torch.device) -> float:
-        from pipelines.loader import eval_loader
-
-        if self.loaders is None:
-            both = _concat(self.train, self.test)
-            sources = [both] if both is not None else [self.train, self.test]
-            self.loaders = [eval_loader(s, **self.kwargs) for s in sources]
-        was_training = backbone.training
-        try:
-            parts = [extract(backbone, loader, device) for loader in self.loaders]
-        finally:
-            backbone.train(was_training)
-        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        n = len(self.train)
-        return knn_top1(x[:n], y[:n], x[n:], y[n:], k=self.k, device=device)

@@ -11,9 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from cli import Check, checked
-
-from bench.common import PeakMemory, available_memory_bytes, console, print_table, run_isolated, time_fn
+from simclr_dali.settings import Check, checked
+from simclr_dali.tools.benchmark.common import (
+    PeakMemory,
+    available_memory_bytes,
+    console,
+    print_table,
+    run_isolated,
+    time_fn,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -21,6 +27,7 @@ def loss_measure(impl: str, n: int, dim: int, device: str, dtype: str, temperatu
                  repeats: int, budget_s: float) -> dict:
     """Forward + backward of nt_xent_loss on (n, dim) random views; runs inside a fresh process."""
     import torch
+
     from models.ntxent import nt_xent_loss
     dt = getattr(torch, dtype)
     tiny = [torch.randn(8, dim, device=device, dtype=dt, requires_grad=True) for _ in range(2)]
@@ -78,7 +85,7 @@ def loss_section(args: argparse.Namespace) -> list[dict]:
     peaks = {}  # the machine's own matmul rate per compute dtype: the ceiling for the loss rows
     for dtype in sorted({compute_dtype(i, d, device) for i in impls for d in args.dtypes}):
         console.print(f"loss: {dtype} matrix products on {device} ...")
-        peaks[dtype] = run_isolated("bench.loss:matmul_measure", dtype=dtype, device=device,
+        peaks[dtype] = run_isolated("simclr_dali.tools.benchmark.loss:matmul_measure", dtype=dtype, device=device,
                                     size=4096 if device == "cpu" else 8192, repeats=args.repeats, budget_s=args.budget)
     results = [{"impl": "matmul", "dtype": d, "device": device, **peak} for d, peak in peaks.items()]
     for n in args.sizes:
@@ -94,7 +101,7 @@ def loss_section(args: argparse.Namespace) -> list[dict]:
                                f"{available_memory_bytes(device) / 2**30:.1f} GiB available")
                 else:
                     console.print(f"loss: {impl} n={n} {dtype} on {device} ...")
-                    row.update(run_isolated("bench.loss:loss_measure", impl=impl, n=n, dim=args.dim, device=device,
+                    row.update(run_isolated("simclr_dali.tools.benchmark.loss:loss_measure", impl=impl, n=n, dim=args.dim, device=device,
                                             dtype=dtype, temperature=args.temperature,
                                             repeats=args.repeats, budget_s=args.budget))
                 results.append(row)

@@ -21,7 +21,6 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
 console = Console(stderr=True)
 
 
@@ -117,12 +116,22 @@ def _status_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def same_code_env(**extra: str) -> dict:
+    """The environment for a child Python process that imports this very copy of the project (a
+    checkout or an installed package) wherever it starts."""
+    import simclr_dali
+
+    here = str(Path(simclr_dali.__file__).resolve().parents[1])
+    path = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def run_isolated(func: str, timeout_s: float = 1800, **kwargs) -> dict:
     """Run `func` ("module:function") with **kwargs in a fresh Python process; its dict result, or a
     failure dict."""
-    cmd = [sys.executable, str(ROOT / "benchmark.py"), "_isolated", func, json.dumps(kwargs)]
+    cmd = [sys.executable, "-m", "simclr_dali.tools.benchmark", "_isolated", func, json.dumps(kwargs)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=same_code_env())
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout_s:.0f} s"}
     if proc.returncode != 0:

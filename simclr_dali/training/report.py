@@ -49,8 +49,9 @@ class Report:
     def start(self, cfg: dict, *, model, source, start_epoch: int, start_step: int = 0) -> None:
         if not self.main:
             return
-        from models.backbone import count_parameters
         from rich.markup import escape
+
+        from models.backbone import count_parameters
 
         resumed = ""
         if start_step % cfg["steps_per_epoch"]:
@@ -113,7 +114,7 @@ class Report:
             self.boundary_s = time.perf_counter() - self.t_end
 
     def step(self, loss: torch.Tensor, ok: torch.Tensor, lr: float, global_batch: int) -> None:
-        """Accumulates the loss of an applied step (`ok`: safeguards.FiniteGuard's decision) on the
+        """Accumulates the loss of an applied step (`ok`: finite.FiniteGuard's decision) on the
         device; nothing is read back here (see pending / logged)."""
         sums = torch.stack([torch.where(ok, loss.detach().float(), 0.0), ok.float()])
         self.window = sums if self.window is None else self.window + sums

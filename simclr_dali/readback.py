@@ -10,7 +10,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from cli import UserError
+from simclr_dali.errors import UserError
 
 
 class Unreadable(UserError):

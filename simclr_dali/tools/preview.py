@@ -1,7 +1,7 @@
 """See the augmentations: original images beside pairs of views from the training pipeline itself.
 
-    python -m pipelines.preview --data digits --out views.png
-    python -m pipelines.preview --data /images/train --image-size 224 --blur-p 0 --out views.png
+    simclr-preview --data digits --out views.png
+    simclr-preview --data /images/train --image-size 224 --blur-p 0 --out views.png
 
 The views come from `pipelines.loader.train_loader` with the same augmentation flags as train.py
 (one pair per epoch seed: pair p is what epoch p of a run with this --seed would draw for these
@@ -16,9 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import (Check, Parser, UserError, add_dataclass_flags, check_args, checked, dataclass_from_args,
-                 exit_on_user_error, ordered_fields)
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from simclr_dali.errors import UserError, exit_on_user_error
+from simclr_dali.settings import (
+    Check,
+    Parser,
+    add_dataclass_flags,
+    check_args,
+    checked,
+    dataclass_from_args,
+    ordered_fields,
+)
 
 CELL = 1.3  # inches per image
 
@@ -63,7 +71,7 @@ def draw(originals: list[np.ndarray], pairs: list, aug: Augment, size: int, out:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from plots import save, show
+    from simclr_dali.evaluation.plots import save, show
 
     rows = 1 + 2 * len(pairs)
     cols = len(originals)
@@ -107,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
 
-    from plots import display_image
     from pipelines.sources import load_source
+    from simclr_dali.evaluation.plots import display_image
 
     source = load_source(args.data, "train")
     if args.n > len(source):

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from cli import UserError, exit_on_user_error  # noqa: E402
+from simclr_dali.errors import UserError, exit_on_user_error  # noqa: E402
 
 DPI = 100
 STYLE = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
@@ -43,7 +43,7 @@ def save(fig, path: Path) -> Path:
 def read_metrics(path: Path, fix: str = "delete what is damaged") -> dict[str, list[dict]]:
     """Records of metrics.jsonl by kind, in step order; a step logged twice (a resume after a crash
     repeats the epoch it crashed in) keeps its last record. A last line cut short by a kill is left out."""
-    from readback import read_jsonl
+    from simclr_dali.readback import read_jsonl
 
     by_key = {}
     for record in read_jsonl(Path(path), fix):

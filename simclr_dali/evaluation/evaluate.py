@@ -1,0 +1,310 @@
+"""What the backbone learned: kNN and linear probe on frozen features, optional semi-supervised
+fine-tuning, each against the same architecture at random init; plots; frozen embeddings.
+
+    python evaluate.py --run runs/digits                      # kNN, linear probe, plots
+    python evaluate.py --run runs/digits --finetune --label-fraction 0.01
+    python evaluate.py --run runs/x --data /images/train --test-data /images/val
+    python evaluate.py --run runs/x --embed /images/catalogue --to catalogue.npy
+
+Features come from the run's exported backbone (backbone.safetensors) in eval mode, through a DALI
+pipeline without augmentation (resize, centre crop, normalise). The protocols are in probes.py, the
+pictures in plots.py.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.features import extract, knn_top1
+from simclr_dali.errors import UserError, exit_on_user_error
+from simclr_dali.evaluation.backbone import load_backbone, load_run
+from simclr_dali.evaluation.probes import linear_probe_top1
+from simclr_dali.settings import (
+    Parser,
+    add_dataclass_flags,
+    check_args,
+    dataclass_from_args,
+    recorded_settings,
+    setting,
+)
+from simclr_dali.training.checkpoint import write_json
+
+
+@dataclass
+class EvalConfig:
+    config: str = ""  # start from the settings an evaluation recorded (RUN/eval_config.json); flags given here override
+    run: str = ""  # the training run's output folder (holds config.json and backbone.safetensors)
+    data: str = ""  # training split to fit kNN and the probe on (default: the run's --data)
+    test_data: str = ""  # test split (default: the run's --test-data, or the data's own test split)
+    batch_size: int = setting(256, low=1)  # images per feature-extraction batch
+    workers: int = setting(2, low=1)  # DALI CPU threads
+    knn_k: int = setting(200, low=1)  # neighbours for the weighted kNN vote (capped at the train size)
+    knn_temperature: float = setting(0.1, low=0, above=True)  # kNN vote weight exp(cosine / T)
+    probe_epochs: int = setting(100, low=1)  # linear probe epochs over the cached features
+    probe_lr: float = setting(1e-3, low=0, above=True)  # linear probe AdamW learning rate
+    probe_weight_decay: float = setting(1e-4, low=0)  # linear probe weight decay
+    seed: int = setting(0, low=0)  # seeds the random-init backbone, the probe, the labelled subset and fine-tuning
+    finetune: bool = False  # also fine-tune backbone + linear head on a fraction of the labels
+    label_fraction: float = setting(0.1, low=0, high=1, above=True)  # fine-tuning: class-balanced fraction of the training labels (0.01, 0.1, 1.0)
+    finetune_epochs: int = setting(0, low=0)  # fine-tuning epochs (0 = the paper's: 60 at label fractions <= 0.01, 30 above)
+    finetune_min_steps: int = setting(100, low=0)  # fine-tuning: at least this many steps, however few the labels
+    finetune_batch_size: int = setting(256, low=1)  # fine-tuning: images per step (capped at the labelled subset)
+    finetune_lr: float = setting(0.05, low=0, above=True)  # fine-tuning: SGD Nesterov learning rate, cosine to zero
+    finetune_augment: bool = True  # fine-tuning: the pretraining's crop and flip (colour, gray, blur off)
+    plots: bool = True  # write PNGs beside the run: training curves, t-SNE map, retrieval grid
+    plot_points: int = setting(2000, low=1)  # most test images drawn in the t-SNE map
+    embed: str = ""  # a folder of images to embed with the frozen backbone instead of evaluating
+    to: str = ""  # with --embed: the .npy file for the (N, F) embeddings (paths go to FILE.paths.txt)
+
+
+# -- frozen scores -----------------------------------------------------------------------------
+def frozen_scores(train_x, train_y, test_x, test_y, cfg: EvalConfig, device=None) -> dict:
+    """kNN and linear probe on features (kept on the CPU), computed on `device`."""
+    return {"knn_top1": knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature, device=device),
+            "linear_top1": linear_probe_top1(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs,
+                                             device=device,
+                                             lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay,
+                                             seed=cfg.seed)}
+
+
+def evaluate_backbone(model, train_loader, test_loader, cfg: EvalConfig, device) -> dict:
+    """kNN and linear probe on the frozen features of `model`."""
+    return frozen_scores(*extract(model, train_loader, device), *extract(model, test_loader, device), cfg, device)
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def training_records(run: Path, cfg: EvalConfig) -> dict | None:
+    """metrics.jsonl by kind, for the training curves (None: no plots, or nothing logged yet)."""
+    from simclr_dali.evaluation import plots
+
+    if not cfg.plots or not (run / "metrics.jsonl").is_file():
+        return None
+    kinds = plots.read_metrics(run / "metrics.jsonl", "delete what is damaged, or pass --no-plots")
+    return kinds if kinds.get("step") or kinds.get("epoch") else None
+
+
+def labelled(source, what: str):
+    """The source, if it has images and (folders, lists, arrays) labels; tar shards' labels arrive with
+    their samples, and `labels_read` checks them once read."""
+    if len(source) == 0:
+        raise UserError(f"evaluation needs test images, but the {what} split of {source.name} is empty")
+    if source.shards is None and (source.labels < 0).any():
+        raise UserError(f"evaluation needs labels, but the {what} split of {source.name} has images "
+                        f"outside class sub-folders")
+    return source
+
+
+def labels_read(labels: torch.Tensor, source, what: str) -> None:
+    """Labels that came with tar-shard samples: each must have had a .cls component."""
+    missing = int((labels < 0).sum())
+    if missing:
+        raise UserError(f"evaluation needs labels, but {missing} of the {len(labels)} samples in the {what} "
+                        f"split of {source.name} have no .cls label")
+
+
+def build_parser() -> Parser:
+    parser = Parser(description="kNN, linear-probe and fine-tuning evaluation of a SimCLR run, plots, and "
+                                "frozen embeddings of a folder.")
+    add_dataclass_flags(parser, EvalConfig)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> EvalConfig:
+    parser = build_parser()
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default="")
+    recorded = first.parse_known_args(argv)[0].config
+    if recorded:
+        parser.set_defaults(**recorded_settings(recorded, EvalConfig, skip=frozenset({"config"})))
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    cfg = dataclass_from_args(EvalConfig, args)
+    if not cfg.run:
+        raise UserError("--run is required: the output folder of a training run")
+    if cfg.embed and not cfg.to:
+        raise UserError("--embed needs --to FILE.npy: where to write the embeddings")
+    if cfg.embed and not cfg.to.endswith(".npy"):
+        raise UserError(f"--to must name a .npy file, got {cfg.to}")
+    return cfg
+
+
+# -- fine-tuning, both backbones -----------------------------------------------------------------
+def run_finetune(cfg: EvalConfig, run_cfg: dict, run: Path, train_src, test_loader, n_classes: int,
+                 device_id, device) -> dict:
+    from simclr_dali.evaluation.probes import (
+        FinetuneSettings,
+        balanced_subset,
+        finetune,
+        finetune_augment,
+        finetune_epochs,
+    )
+
+    if getattr(train_src, "shards", None) is not None:
+        raise UserError(f"--finetune picks a labelled subset image by image, which tar shards ({train_src.name}) "
+                        f"do not allow: pass a folder or a list of images as --data")
+    index = balanced_subset(train_src.labels, cfg.label_fraction, cfg.seed)
+    subset = train_src.subset(index)
+    epochs = finetune_epochs(cfg.finetune_epochs, cfg.label_fraction, len(subset), cfg.finetune_batch_size,
+                             cfg.finetune_min_steps)
+    settings = FinetuneSettings(epochs=epochs, batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
+                                augment=finetune_augment(run_cfg.get("aug", {}), cfg.finetune_augment),
+                                image_size=run_cfg["image_size"], workers=cfg.workers, device_id=device_id,
+                                seed=cfg.seed)
+    scores = {}
+    for name, weights in (("simclr", run / "backbone.safetensors"), ("random_init", None)):
+        torch.manual_seed(cfg.seed)
+        scores[name] = finetune(load_backbone(run_cfg, weights), subset, n_classes, test_loader, settings, device)
+    counts = np.bincount(subset.labels)
+    return {"label_fraction": cfg.label_fraction, "n_labelled": len(subset),
+            "per_class": int(counts[counts > 0].min()), "epochs": epochs,
+            "batch_size": min(cfg.finetune_batch_size, len(subset)), "lr": cfg.finetune_lr,
+            "augment": ("random resized crop + flip as in pretraining; colour jitter, grayscale and blur off"
+                        if cfg.finetune_augment else "none (whole image resized to a square)"),
+            **scores["simclr"], "random_init": scores["random_init"]}
+
+
+# -- embeddings of a folder ----------------------------------------------------------------------
+def embed_images(run: Path, run_cfg: dict, folder: str, *, batch_size: int, workers: int, device: torch.device):
+    """Frozen embeddings (N, F) of every image under `folder`, in sorted path order, the paths, and the
+    files DALI could not decode (left out: [(path, reason)])."""
+    from pipelines.loader import eval_loader
+    from pipelines.sources import load_folder
+    from pipelines.verify import Screening
+
+    screen = Screening("skip", workers)
+    source = load_folder(folder, "all", screen)
+    loader = eval_loader(source, batch_size=batch_size, size=run_cfg["image_size"], workers=workers,
+                         device_id=(device.index or 0) if device.type == "cuda" else None)
+    x, _ = extract(load_backbone(run_cfg, run / "backbone.safetensors"), loader, device)
+    return x, list(source.files), screen.bad
+
+
+def embed_folder(cfg: EvalConfig, run: Path, run_cfg: dict, device) -> int:
+    """--embed: the embeddings to cfg.to (.npy) and their paths beside it (FILE.paths.txt)."""
+    from rich.console import Console
+
+    x, files, bad = embed_images(run, run_cfg, cfg.embed, batch_size=cfg.batch_size, workers=cfg.workers,
+                                 device=device)
+    to = Path(cfg.to)
+    paths = to.with_suffix(".paths.txt")
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        for final, write in ((to, lambda f: np.save(f, x.numpy().astype(np.float32))),
+                             (paths, lambda f: f.write("".join(p + "\n" for p in files).encode()))):
+            tmp = final.with_name(final.name + ".tmp")
+            with open(tmp, "wb") as f:
+                write(f)
+            tmp.replace(final)
+    except OSError as err:
+        raise UserError(f"cannot write the embeddings to {to}: {err.strerror}") from None
+    skipped = f"; {len(bad)} undecodable file(s) left out, e.g. {bad[0][0]}" if bad else ""
+    Console().print(f"{len(files)} images from {cfg.embed} -> {to} ({x.shape[0]} x {x.shape[1]} float32), "
+                    f"paths in {paths}{skipped}")
+    return 0
+
+
+# -- the command ------------------------------------------------------------------------------
+def print_table(results: dict, run_cfg: dict, data: str, cfg: EvalConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    n_train, n_test = results["n_train"], results["n_test"]
+    table = Table(title=f"{run_cfg['backbone']} on {data}: {n_train} train / {n_test} test")
+    table.add_column("protocol")
+    table.add_column("SimCLR", justify="right")
+    table.add_column("random init", justify="right")
+    pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
+    for key, name in (("knn_top1", f"kNN (k={min(cfg.knn_k, n_train)}) top-1"), ("linear_top1", "linear probe top-1")):
+        table.add_row(name, pct(results[key]), pct(results["random_init"][key]))
+    ft = results.get("finetune")
+    if ft:
+        what = f"fine-tune, {ft['label_fraction']:.0%} labels ({ft['n_labelled']} images)"
+        for k in ("top1", "top5"):
+            if ft[k] is not None:
+                table.add_row(f"{what} top-{k[-1]}", pct(ft[k]), pct(ft["random_init"][k]))
+    Console().print(table)
+
+
+def make_plots(run: Path, cfg: EvalConfig, feats: dict, train_src, test_src, results: dict,
+               records: dict | None) -> dict:
+    from simclr_dali.evaluation import plots
+
+    written = {}
+    if records is not None:
+        written["curves"] = plots.training_curves(run / "metrics.jsonl", run / "training_curves.png", records)
+    _, _, test_x, test_y = feats["simclr"]
+    maps = {"SimCLR": feats["simclr"][2], "random init": feats["random_init"][2]}
+    scores = {"SimCLR": results["knn_top1"], "random init": results["random_init"]["knn_top1"]}
+    written["embeddings"] = plots.embedding_map(maps, test_y.numpy(), test_src.classes, run / "embeddings.png",
+                                                scores=scores, max_points=cfg.plot_points, seed=cfg.seed)
+    train_x, train_y = feats["simclr"][:2]
+    if any(getattr(s, "shards", None) is not None for s in (train_src, test_src)):
+        return {k: str(v) for k, v in written.items()}  # no image-by-image access to draw the retrieval grid
+    written["retrieval"] = plots.retrieval_grid(test_x, test_y.numpy(), train_x, train_y.numpy(), test_src,
+                                                train_src, run / "retrieval.png", seed=cfg.seed)
+    return {k: str(v) for k, v in written.items() if v is not None}
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    if cfg.embed:
+        run = Path(cfg.run)
+        return embed_folder(cfg, run, load_run(run), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    evaluate_run(cfg)
+    return 0
+
+
+def evaluate_run(cfg: EvalConfig) -> dict:
+    """The run's backbone and the same architecture at random init, scored on frozen features (and
+    fine-tuned with --finetune); the table printed, eval.json and eval_config.json written (plots after
+    them). Returns what eval.json holds."""
+    from pipelines.loader import eval_loader
+    from pipelines.sources import load_source
+    from pipelines.verify import Screening
+
+    run = Path(cfg.run)
+    run_cfg = load_run(run)
+    records = training_records(run, cfg)
+    cuda = torch.cuda.is_available()
+    device, device_id = torch.device("cuda" if cuda else "cpu"), (0 if cuda else None)
+    data = cfg.data or run_cfg["data"]
+    test_data = cfg.test_data or (run_cfg.get("test_data", "") if not cfg.data else "")
+    screen = Screening("skip", cfg.workers)  # evaluate on what DALI can decode; skipped files are counted
+    train_src = labelled(load_source(data, "train", test_data or None, screen), "train")
+    test_src = labelled(load_source(data, "test", test_data or None, screen), "test")
+    kwargs = dict(batch_size=cfg.batch_size, size=run_cfg["image_size"], workers=cfg.workers, device_id=device_id)
+    train_loader, test_loader = eval_loader(train_src, **kwargs), eval_loader(test_src, **kwargs)  # kept, re-read
+
+    feats, results = {}, {}
+    for name, weights in (("simclr", run / "backbone.safetensors"), ("random_init", None)):
+        torch.manual_seed(cfg.seed)
+        model = load_backbone(run_cfg, weights)
+        feats[name] = (*extract(model, train_loader, device), *extract(model, test_loader, device))
+        labels_read(feats[name][1], train_src, "train")
+        labels_read(feats[name][3], test_src, "test")
+        results[name] = frozen_scores(*feats[name], cfg, device)
+    results = {**results.pop("simclr"), **results}
+    results.update(n_train=len(train_src), n_test=len(test_src), data=data, test_data=test_data, device=str(device))
+    if screen.bad:
+        results["skipped_files"] = [p for p, _ in screen.bad]
+    if cfg.finetune:
+        n_classes = max(len(train_src.classes), int(max(train_src.labels.max(), test_src.labels.max())) + 1)
+        results["finetune"] = run_finetune(cfg, run_cfg, run, train_src, test_loader, n_classes, device_id, device)
+    print_table(results, run_cfg, data, cfg)
+    write_json(run / "eval.json", results)
+    write_json(run / "eval_config.json", dataclasses.asdict(cfg))  # `evaluate.py --config` runs it again
+    if cfg.plots:  # after the numbers are safe on disk
+        results["plots"] = make_plots(run, cfg, feats, train_src, test_src, results, records)
+        write_json(run / "eval.json", results)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

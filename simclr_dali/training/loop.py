@@ -1,0 +1,309 @@
+"""SimCLR pretraining: DALI two-view pipeline -> timm backbone + head -> NT-Xent -> LARS.
+
+`main` reads as its phases: settings, the run's folder and checkpoint, data, model and optimiser, what
+the run records, the loop, the exported backbone. The loop is `train_epochs`, on one screen; what it
+does at its sync points (log, guard, save) is `Loop`'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from simclr_dali.training.checkpoint import (
+    Saved,
+    check_metrics,
+    export_backbone,
+    open_checkpoint,
+    prepare_out,
+    resume,
+    resumed_batch,
+    save_checkpoint,
+    unrestorable,
+    write_json,
+)
+from simclr_dali.training.config import Config, parse_command
+from simclr_dali.training.optim import build_optimizer, scaled_lr, warmup_epochs
+from simclr_dali.training.peers import one_voice
+from simclr_dali.training.peers import watch as watch_peers
+from simclr_dali.training.setup import (
+    batch_norm,
+    build_model,
+    dali_device_id,
+    load_train_source,
+    loss_operands,
+    make_accelerator,
+    make_monitor,
+    memory_format_and_compile,
+)
+
+
+@dataclass
+class Parts:
+    """What the phases before the loop settle; the loop reads them and changes none."""
+    cfg: Config
+    accelerator: object
+    out: Path
+    resuming: Saved | None
+    source: object = None
+    shard: object = None
+    device_id: int | None = None
+    workers: int = 1
+    steps_per_epoch: int = 0
+    monitor: object = None
+    model: object = None
+    optimizer: object = None
+    scheduler: object = None
+    channels_last: bool = False
+    global_batch: int = 0
+    operands: torch.dtype = torch.float32
+    loss_impl: str = "auto"
+    resolved: dict = dataclasses.field(default_factory=dict)
+
+
+def open_run(cfg: Config, given: set[str]) -> Parts:
+    """The accelerator, the output folder, the seed, and the checkpoint to resume from (read back whole
+    first), with the run's global batch spread over however many processes this invocation has."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg.log_with, cfg.out)
+    watch_peers(accelerator.num_processes)
+    out = Path(cfg.out)
+    prepare_out(cfg, out, accelerator)
+    set_seed(cfg.seed)
+    resuming = open_checkpoint(out, cfg.resume_from) if cfg.resume else None
+    if resuming is not None:
+        check_metrics(out)
+        cfg.batch_size = resumed_batch(resuming, accelerator.num_processes,
+                                       cfg.batch_size if "batch_size" in given else None)
+    return Parts(cfg, accelerator, out, resuming)
+
+
+def prepare_data(p: Parts):
+    """Each process reads its own shard; steps per epoch are equal on every process. Files DALI cannot
+    decode are screened first (skipped or refused, --on-bad-image). Returns the screening."""
+    from accelerate.utils import broadcast_object_list
+
+    from pipelines.loader import Shard, epoch_steps
+    from pipelines.verify import Screening
+
+    acc, world = p.accelerator, p.accelerator.num_processes
+    p.workers = p.cfg.workers or max(1, (os.cpu_count() or 1) // world)
+    screen = Screening(p.cfg.on_bad_image, p.workers, acc.is_main_process,
+                       share=lambda obj: broadcast_object_list([obj])[0])
+    p.source = load_train_source(p.cfg, world, screen)
+    p.shard, p.device_id = Shard(acc.process_index, world), dali_device_id(acc)
+    p.steps_per_epoch = epoch_steps(len(p.source), world, p.cfg.batch_size)
+    p.monitor = make_monitor(p.cfg, p.source, p.workers, p.device_id, screen)  # None unless --knn-every
+    if acc.is_main_process:
+        screen.write_skipped(p.out / "skipped.txt")
+    return screen
+
+
+def prepare_model(p: Parts, given: set[str]) -> str:
+    """Model (global BatchNorm where it applies), memory format, optimiser and schedule, prepared by
+    accelerate; what NT-Xent's products read and which implementation computes them. Returns how
+    BatchNorm normalises."""
+    from models.ntxent import resolve_impl
+    from simclr_dali.training.checkpoint import check_free_space, checkpoint_bytes
+
+    cfg, acc = p.cfg, p.accelerator
+    model = build_model(cfg)
+    if acc.is_main_process:  # room for the checkpoints, before the first step
+        check_free_space(p.out, checkpoint_bytes(model, cfg.optimizer))
+    bn = batch_norm(cfg.sync_bn, "sync_bn" in given, acc.num_processes, acc.device)
+    if bn.startswith("global"):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model, p.channels_last = memory_format_and_compile(model, cfg, acc.device)
+    p.global_batch = cfg.batch_size * acc.num_processes
+    optimizer, p.scheduler = build_optimizer(cfg, model, scaled_lr(cfg, p.global_batch), p.steps_per_epoch)
+    # The scheduler is not registered for checkpointing: its lr is a function of the step
+    # (step_update), and accelerate would load it back with pickle (weights_only=False).
+    p.model, p.optimizer = acc.prepare(model, optimizer)
+    p.operands = loss_operands(cfg.loss_precision, acc.mixed_precision)
+    p.loss_impl = resolve_impl(cfg.loss_impl, acc.device, p.operands)
+    return bn
+
+
+def record(p: Parts, bn: str, screen) -> None:
+    """config.json's settings and what the run worked out from them (DERIVED)."""
+    from pipelines.loader import placement
+
+    acc = p.accelerator
+    p.resolved = {**dataclasses.asdict(p.cfg), "world_size": acc.num_processes, "global_batch": p.global_batch,
+                  "scaled_lr": scaled_lr(p.cfg, p.global_batch), "steps_per_epoch": p.steps_per_epoch,
+                  "n_train": len(p.source), "dali_placement": placement(p.device_id),
+                  "loss_impl_resolved": p.loss_impl, "loss_operands": str(p.operands).removeprefix("torch."),
+                  "batch_norm": bn, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
+                  "channels_last_resolved": p.channels_last, "warmup_epochs_resolved": warmup_epochs(p.cfg),
+                  "scan": screen.summary() if screen.checked else None}
+
+
+def start_trackers(p: Parts, report) -> None:
+    """--log-with: accelerate's trackers (trackers.py), given the settings as flat scalars (others as
+    JSON text)."""
+    from simclr_dali.training.trackers import PROJECT, prepare_stores
+
+    if not p.cfg.log_with:
+        return
+    if p.accelerator.is_main_process:
+        prepare_stores(p.cfg.log_with, p.out)
+    flat = {**p.resolved, **{f"aug_{k}": v for k, v in p.resolved["aug"].items()}}
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat.items() if k != "aug"}
+    p.accelerator.init_trackers(PROJECT, config=flat)
+    report.tracker = p.accelerator.log
+
+
+class Loop:
+    """The loop's state between steps, and what it does at its sync points: the one host read of the
+    logged losses, the guard's counters and the flags every process must agree on; the loader of each
+    epoch; the checkpoint."""
+
+    def __init__(self, p: Parts, report, start_step: int, loader_state: bytes | None, argv):
+        from simclr_dali.training.checkpoint import SaveClock
+        from simclr_dali.training.finite import FiniteGuard
+        from simclr_dali.training.signals import StopSignal
+
+        self.p, self.report, self.loader_state, self.argv = p, report, loader_state, argv
+        self.step, self.saved = start_step, (start_step if p.cfg.resume else None)
+        self.guard = FiniteGuard(p.accelerator, p.model, p.optimizer, p.cfg.max_nonfinite)  # on the device
+        self.clock = SaveClock(p.cfg.save_every_minutes)
+        self.stop = StopSignal(p.accelerator)  # SIGINT / SIGTERM: checkpoint at the next step boundary, then exit
+
+    def sync(self, epoch_end: bool) -> tuple[bool, bool]:
+        """Log steps, saves and epoch ends only. Returns (stop, save)."""
+        from simclr_dali.training.report import read_back
+
+        report, guard, stop = self.report, self.guard, self.stop
+        logged, guarded, flags = read_back([report.pending(), guard.pending(), stop.pending(self.clock.due(epoch_end))])
+        skipped = guard.check(guarded, self.p.out, self.saved)  # raises past --max-nonfinite: nothing saved after
+        if skipped:
+            report.nonfinite(*skipped)
+        report.logged(self.step, logged, log=self.step % self.p.cfg.log_every == 0, epoch_end=epoch_end)
+        return stop.settle(flags)
+
+    def loader(self, epoch: int, done: int):
+        """This process's two-view batches of `epoch`, after the `done` steps a mid-epoch resume took."""
+        from pipelines.loader import train_loader
+
+        p, cfg = self.p, self.p.cfg
+        state = self.loader_state if done else None
+        try:
+            return train_loader(p.source, batch_size=cfg.batch_size, size=cfg.image_size, aug=cfg.aug, shard=p.shard,
+                                seed=cfg.seed, epoch=epoch, workers=p.workers, device_id=p.device_id,
+                                channels_last=p.channels_last, state=state, done=done)
+        except RuntimeError as err:  # DALI refused the saved state of a checkpoint without a file list
+            if state is None:
+                raise
+            raise unrestorable(p.resuming, p.out, p.accelerator.process_index, err) from None
+
+    def save(self, progress: dict, loader_state: bytes | None = None) -> None:
+        save_checkpoint(self.p.accelerator, self.p.out, progress, self.p.resolved, loader_state)
+        self.saved = self.step
+        self.clock.saved()
+
+    def knn(self, epoch: int) -> None:
+        """--knn-every, on the main process only (no collectives inside: the others go on to the
+        checkpoint's barrier)."""
+        p = self.p
+        if p.monitor is not None and (epoch + 1) % p.cfg.knn_every == 0 and p.accelerator.is_main_process:
+            backbone = p.accelerator.unwrap_model(p.model).backbone
+            self.report.knn(epoch, self.step, p.monitor(backbone, p.accelerator.device))
+
+
+def train_epochs(loop: Loop, start_epoch: int, last: int) -> int | None:
+    """Epochs start_epoch..last-1: one forward pass over both views, NT-Xent, backward, a step the guard
+    may skip on the device. Returns the exit status when a signal stopped it, else None."""
+    from models.ntxent import nt_xent_loss
+
+    p, report, stop = loop.p, loop.report, loop.stop
+    cfg, acc, steps = p.cfg, p.accelerator, p.steps_per_epoch
+    for epoch in range(start_epoch, last):
+        done = loop.step - epoch * steps  # steps of this epoch taken before a mid-epoch resume
+        loader = loop.loader(epoch, done)
+        p.model.train()
+        report.epoch_start(epoch, steps, done)
+        stopping = False
+        for view1, view2, _ in loader:
+            if loop.step == epoch * steps:
+                report.first_batch()
+            p.scheduler.step_update(loop.step)
+            views = torch.cat([view1, view2]).to(acc.device, non_blocking=True)
+            z = p.model(views)  # (2B, proj_dim): one pass, BN sees both views
+            loss = nt_xent_loss(*z.chunk(2), cfg.temperature, impl=p.loss_impl, operands=p.operands)
+            acc.backward(loss)
+            loop.step += 1
+            report.step(loss, loop.guard.step(loss, loop.step), p.optimizer.param_groups[0]["lr"], p.global_batch)
+            if loop.step % steps == 0:
+                break  # the epoch's end synchronises below
+            periodic = cfg.save_every_steps > 0 and loop.step % cfg.save_every_steps == 0
+            if loop.step % cfg.log_every == 0 or periodic or stop.now:
+                stopping, due = loop.sync(epoch_end=False)
+                if stopping or due or periodic:
+                    loop.save({"epoch": epoch - 1, "step": loop.step}, loader.state())
+                if stopping:
+                    break
+        del loader  # free the pipeline's threads before the next one starts
+        if loop.step % steps == 0:  # the epoch is whole
+            stopping, due = loop.sync(epoch_end=True)
+            loop.knn(epoch)
+            if stopping or due or epoch + 1 == last:
+                loop.save({"epoch": epoch, "step": loop.step})
+        if stopping:
+            report.interrupted(stop.message(loop.step, p.out, loop.argv, acc.num_processes))
+            return 128 + stop.signum
+    return None
+
+
+@one_voice  # several processes: the first to fail says why, the others stop quietly (peers.py)
+def main(argv: list[str] | None = None) -> int:
+    """The command (train.py, simclr-train): a mistake is one sentence and exit status 2."""
+    return train(argv)
+
+
+def train(argv: list[str] | None = None) -> int:
+    """One training invocation from its flags; a UserError propagates (the Python API raises it).
+    Returns the exit status: 0, or 128 + the signal that stopped it after its checkpoint."""
+    from simclr_dali.training.report import Report
+
+    cfg, given = parse_command(argv)
+    p = open_run(cfg, given)
+    screen = prepare_data(p)
+    bn = prepare_model(p, given)
+    record(p, bn, screen)
+
+    acc, steps = p.accelerator, p.steps_per_epoch
+    start_step, loader_state, history = (resume(cfg, p.resuming, p.out, acc, p.model, steps, p.source.shards is not None)
+                                         if p.resuming else (0, None, [[acc.num_processes, 0]]))
+    p.resolved["world_sizes"] = history  # [[processes, from step], ...]: a resume may change them
+    start_epoch = start_step // steps
+    report = Report(acc.is_main_process, p.out, acc.reduce, acc.device)
+    report.start(p.resolved, model=acc.unwrap_model(p.model), source=p.source, start_epoch=start_epoch,
+                 start_step=start_step)
+    report.rewind(start_step)  # a killed run may have logged steps after its last checkpoint
+    if acc.is_main_process:
+        write_json(p.out / "config.json", p.resolved)
+    start_trackers(p, report)
+
+    loop = Loop(p, report, start_step, loader_state, argv)
+    last = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
+    try:
+        status = train_epochs(loop, start_epoch, last)
+    except KeyboardInterrupt:  # a second signal: stop at once; the checkpoint on disk is whole
+        report.interrupted(loop.stop.abort_message(loop.step, p.out, loop.saved))
+        return 130
+    finally:
+        loop.stop.restore()
+    if status is not None:
+        acc.end_training()
+        return status
+
+    if acc.is_main_process:
+        export_backbone(acc.unwrap_model(p.model), p.out / "backbone.safetensors")
+    report.finish(done=last == cfg.epochs)
+    acc.end_training()
+    return 0

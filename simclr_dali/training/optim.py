@@ -1,0 +1,104 @@
+"""The optimiser and its schedule: timm's LARS (or SGD, AdamW) at the learning rate scaled by the global batch,
+warmup then cosine decay per step, and every step skippable on the device (the found_inf protocol) so that
+a non-finite step changes nothing (finite.FiniteGuard)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.optim import Lars
+from torch.optim.sgd import sgd
+
+
+def warmup_epochs(cfg) -> float:
+    """--warmup-epochs, or by default the paper's 10 capped at a tenth of the run (a 10-epoch run warms
+    up for 1: a long warmup in a short run leaves little time at the full learning rate)."""
+    return cfg.warmup_epochs if cfg.warmup_epochs >= 0 else min(10.0, cfg.epochs / 10)
+
+
+def scaled_lr(cfg, global_batch: int) -> float:
+    ratio = global_batch / 256
+    return cfg.lr * (ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio))
+
+
+def build_optimizer(cfg, model, lr: float, steps_per_epoch: int):
+    """timm's optimiser (biases and norm weights exempt from decay and LARS adaptation) and its
+    warmup + cosine schedule, stepped per iteration. Each can skip a step on the device (the found_inf
+    protocol, finite.FiniteGuard): torch's fused SGD and AdamW, and timm's LARS as GuardedLars."""
+    from timm.optim import Lars, create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    kwargs = {"momentum": cfg.momentum} if cfg.optimizer in ("lars", "sgd") else {"fused": True}
+    if cfg.optimizer == "sgd":  # timm's sgd is Nesterov's, which needs momentum
+        kwargs.update(fused=True, nesterov=cfg.momentum > 0)
+    optimizer = create_optimizer_v2(model, cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
+                                    filter_bias_and_bn=True, **kwargs)
+    if isinstance(optimizer, Lars):  # the same parameter groups and settings, skippable on the device
+        optimizer = GuardedLars(optimizer.param_groups, **optimizer.defaults)
+    zero_momentum(optimizer)
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(int(round(warmup_epochs(cfg) * steps_per_epoch)), total - 1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=0.0,
+                                  warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr,
+                                  warmup_prefix=True, t_in_epochs=False)
+    return optimizer, scheduler
+
+
+class GuardedLars(Lars):
+    """timm's LARS (same settings, same state, so checkpoints load either way) whose step honours the
+    `found_inf` / `grad_scale` protocol of torch's fused optimisers, as GradScaler and FiniteGuard set
+    it: where found_inf is 1 no weight and no momentum changes, and nothing is read back to the host.
+
+    The update is timm's: g' = trust * (g + wd * w) with trust = coeff |w| / (|g| + wd |w| + eps) (1
+    where either norm is 0; only for groups with weight decay, so biases and norm weights are exempt),
+    then SGD with momentum on g': buf = m * buf + (1 - dampening) g', w -= lr * buf (or Nesterov). The
+    SGD part is torch's fused kernel, which takes found_inf on the device and skips the whole update.
+    """
+    _step_supports_amp_scaling = True  # GradScaler hands over found_inf instead of reading it on the host
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        skip, scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._group_step(group, params, skip, scale)
+        return loss
+
+    def _group_step(self, group: dict, params: list, skip, scale) -> None:
+        grads = [p.grad for p in params]
+        if scale is not None:  # fp16: the trust ratio needs the true gradient
+            grads = torch._foreach_div(grads, scale)
+        wd = group["weight_decay"]
+        if wd != 0 or group["always_adapt"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            trust = group["trust_coeff"] * w_norm / (g_norm + w_norm * wd + group["eps"])
+            trust = torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)
+            if group["trust_clip"]:
+                trust = torch.clamp(trust / group["lr"], max=1.0)
+            grads = torch._foreach_add(grads, params, alpha=wd)
+            torch._foreach_mul_(grads, list(trust.unbind()))
+        bufs = []
+        if group["momentum"] != 0:
+            for p in params:  # zeros, not torch's first-step copy: a first step that is skipped must
+                # leave them defined, and m * 0 + g = g is that copy bit for bit
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(self.state[p]["momentum_buffer"])
+        sgd(params, grads, bufs, fused=True, found_inf=skip, weight_decay=0.0,
+            momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+            maximize=False)
+
+
+def zero_momentum(optimizer) -> None:
+    """Momentum buffers of torch's SGD set to zero before the first step: its fused kernel leaves them
+    uninitialised when that step is skipped (it allocates them empty, then skips)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) != 0:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))

@@ -1,0 +1,90 @@
+"""What a run is built from, each decided in one function: the accelerator, the data, the model, its
+memory format, what NT-Xent's products read, and how BatchNorm normalises."""
+from __future__ import annotations
+
+import torch
+
+from simclr_dali.errors import UserError
+from simclr_dali.training.config import Config
+
+
+def make_accelerator(log_with: str = "", out: str | None = None):
+    """accelerate's Accelerator, with --log-with's trackers (trackers.py). cpu=True is what makes several
+    CPU processes form a gloo group (plain Accelerator() on a CPU-only machine leaves each alone)."""
+    from accelerate import Accelerator
+
+    from simclr_dali.training.trackers import make_trackers
+
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with=make_trackers(log_with, out) if log_with else None,
+                       project_dir=out if log_with else None)
+
+
+def dali_device_id(accelerator) -> int | None:
+    """DALI's device: this process's GPU, or None for a CPU-only pipeline."""
+    return accelerator.local_process_index if accelerator.device.type == "cuda" else None
+
+
+def load_train_source(cfg: Config, world: int, screen=None):
+    from pipelines.sources import load_source
+
+    source = load_source(cfg.data, "train", cfg.test_data or None, screen=screen)
+    per_process = len(source) // world
+    if per_process < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {per_process} training images "
+                        f"each of the {world} process(es) reads from {cfg.data} ({len(source)} in all)")
+    return source
+
+
+def make_monitor(cfg: Config, source, workers: int, device_id: int | None, screen=None):
+    """The optional online kNN check (probes.KnnMonitor) on the run's own train and test splits."""
+    if not cfg.knn_every:
+        return None
+    from pipelines.sources import load_source
+    from simclr_dali.training.monitor import KnnMonitor
+
+    return KnnMonitor(source, load_source(cfg.data, "test", cfg.test_data or None, screen), n_train=cfg.knn_train,
+                      n_test=cfg.knn_test, size=cfg.image_size, batch_size=cfg.batch_size, workers=workers,
+                      device_id=device_id, seed=cfg.seed)
+
+
+def build_model(cfg: Config):
+    from models.backbone import SimCLRModel, create_backbone
+
+    return SimCLRModel(create_backbone(cfg.backbone, cfg.small_stem), cfg.proj_hidden, cfg.proj_dim)
+
+
+def memory_format_and_compile(model, cfg: Config, device: torch.device):
+    """(model, channels_last): channels-last where --channels-last says so (auto: on CUDA, what bf16
+    convolutions on tensor cores want; not on the CPU, where it measured no faster: README, Measured
+    throughput), then compiled in place with --compile (the state dict keeps its names, no _orig_mod.)."""
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    if channels_last:  # the views come channels-last from DALI (HWC), without a copy
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile()
+    return model, channels_last
+
+
+def loss_operands(precision: str, mixed_precision: str) -> torch.dtype:
+    """What NT-Xent's similarity products read: the run's 16-bit type under bf16/fp16 mixed precision
+    (--loss-precision auto), else float32. accelerate hands the loss float32 embeddings either way, so
+    without this the fused 16-bit kernels would never train."""
+    if precision == "auto" and mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.float32
+
+
+def batch_norm(sync_bn: bool, asked: bool, world: int, device: torch.device) -> str:
+    """How BatchNorm normalises, in a few words for config.json and the panel: over the global batch
+    (SyncBatchNorm) where several CUDA processes train, as the paper does, so that the two views of an
+    image never share one GPU's statistics; else per process, and why. --sync-bn asked for on CPU
+    processes is one sentence: torch's SyncBatchNorm runs on GPUs only."""
+    if world == 1:
+        return "per process (one process)"
+    if not sync_bn:
+        return "per process (--no-sync-bn)"
+    if device.type != "cuda":
+        if asked:
+            raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+        return f"per process ({world} CPU processes: SyncBatchNorm runs on GPUs only)"
+    return f"global (SyncBatchNorm over {world} processes)"
