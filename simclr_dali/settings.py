@@ -7,19 +7,18 @@ import dataclasses
 import inspect
 import json
 import re
-import sys
 from pathlib import Path
 
 from simclr_dali.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose own errors (an unknown flag, a value of the wrong type) are one sentence on stderr
-    and exit 2, like every UserError, without the usage block."""
+    """argparse whose own errors (an unknown flag, a value of the wrong type) are a UserError like any
+    other: one sentence on stderr and exit 2 from a command (exit_on_user_error), without the usage
+    block; raised to a caller of the Python API."""
 
     def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        raise UserError(message)
 
 
 @dataclasses.dataclass(frozen=True)

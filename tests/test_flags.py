@@ -1,4 +1,4 @@
-"""Every flag of every command against its declared range (cli.Check): a value outside it is one
+"""Every flag of every command against its declared range (simclr_dali.settings.Check): a value outside it is one
 sentence naming the flag, the value and what is allowed, exit 2, before any work starts. In-process:
 each case only parses its arguments."""
 import pytest
@@ -7,7 +7,7 @@ from pipelines import pack, verify
 from pipelines.augment import Augment
 from simclr_dali import training as train
 from simclr_dali.evaluation import evaluate
-from simclr_dali.tools import preview
+from simclr_dali.tools import export, preview
 from simclr_dali.tools.benchmark import command as benchmark
 
 COMMANDS = {  # name: (parser, main, the arguments it needs besides the flag under test)
@@ -15,7 +15,8 @@ COMMANDS = {  # name: (parser, main, the arguments it needs besides the flag und
     "evaluate.py": (evaluate.build_parser, evaluate.main, ["--run", "runs/none"]),
     "pipelines.verify": (verify.build_parser, verify.main, ["no/such/folder"]),
     "pipelines.pack": (pack.build_parser, pack.main, ["no/such/folder", "no/such/out"]),
-    "pipelines.preview": (preview.build_parser, preview.main, []),
+    "simclr-preview": (preview.build_parser, preview.main, []),
+    "simclr-export": (export.build_parser, export.main, ["--run", "runs/none"]),
     **{f"benchmark.py {name}": (lambda name=name: benchmark.build_parser().sections[name], benchmark.main, [name])
        for name in benchmark.SECTIONS},
 }
@@ -33,7 +34,7 @@ def flag_cases():
 
 
 def ordered_cases():
-    for command in ("train.py", "pipelines.preview"):
+    for command in ("train.py", "simclr-preview"):
         for low, high in Augment.ORDERED:
             yield pytest.param(command, low, high, id=f"{command} {low} > {high}")
 
@@ -50,7 +51,7 @@ def refuse(capsys, command: str, args: list[str]) -> str:
 
 def test_every_checked_flag_is_found():
     counts = {c: sum(1 for a in build()._actions if getattr(a, "check", None)) for c, (build, _, _) in COMMANDS.items()}
-    assert counts["train.py"] >= 35 and counts["evaluate.py"] >= 12 and counts["pipelines.preview"] >= 16
+    assert counts["train.py"] >= 35 and counts["evaluate.py"] >= 12 and counts["simclr-preview"] >= 16
     assert all(counts.values()), counts
 
 
