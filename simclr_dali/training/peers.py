@@ -32,18 +32,31 @@ LINGER_S = 2.0  # how much later than the failing process the others exit
 
 _store = None  # this run's torch.distributed store, once `watch` is called with several processes
 _failing = threading.Event()  # this process is stopping on an error of its own
+_finished = threading.Event()  # this process's command returned: the watcher stops
+_thread: threading.Thread | None = None
 
 
 def watch(world: int) -> None:
     """Start taking part: several processes share the default process group's store (call after the
     group exists, as accelerate's Accelerator makes it); alone, nothing to do."""
-    global _store
+    global _store, _thread
     if world < 2 or _store is not None:
         return
     import torch.distributed as dist
 
     _store = dist.distributed_c10d._get_default_store()
-    threading.Thread(target=_watcher, name="peers", daemon=True).start()
+    _finished.clear()
+    _thread = threading.Thread(target=_watcher, name="peers", daemon=True)
+    _thread.start()
+
+
+def finished() -> None:
+    """The command returned: stop the watcher and wait for it, so that it is not inside a call to the
+    store while the process exits and tears the store down (which aborts the process: "terminate called
+    without an active exception", seen at the end of whole runs on a loaded machine)."""
+    _finished.set()
+    if _thread is not None and _thread is not threading.current_thread():
+        _thread.join()
 
 
 def failing() -> bool:
@@ -69,8 +82,7 @@ def another_failed() -> bool:
 
 
 def _watcher() -> None:
-    while not _failing.is_set():
-        time.sleep(POLL_S)
+    while not _failing.is_set() and not _finished.wait(POLL_S):
         if another_failed() and not _failing.is_set():
             _leave(1, after=LINGER_S)  # waiting in a collective that would never return: its peer is gone
 
@@ -84,7 +96,9 @@ def one_voice(main: Callable[..., int | None]) -> Callable[..., int | None]:
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            status = main(*args, **kwargs)
+            finished()
+            return status
         except UserError as err:
             if failing():
                 print(f"error: {err}", file=sys.stderr)
