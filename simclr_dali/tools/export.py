@@ -146,7 +146,10 @@ def export(cfg: ExportConfig) -> tuple[Path, float | None]:
     out = Path(cfg.out) if cfg.out else run / "export" / FILES[cfg.format]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    if tmp.is_dir():  # left by an export that stopped half way
+        shutil.rmtree(tmp)
+    else:
+        tmp.unlink(missing_ok=True)
     size = run_cfg["image_size"]
     if cfg.format == "onnx":
         diff = write_onnx(backbone, tmp, size, cfg.opset, cfg.check)

@@ -60,6 +60,7 @@ class Parts:
     scheduler: object = None
     channels_last: bool = False
     global_batch: int = 0
+    lr: float = 0.0  # the base lr scaled by the global batch
     operands: torch.dtype = torch.float32
     loss_impl: str = "auto"
     resolved: dict = dataclasses.field(default_factory=dict)
@@ -120,7 +121,8 @@ def prepare_model(p: Parts, given: set[str]) -> str:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model, p.channels_last = memory_format_and_compile(model, cfg, acc.device)
     p.global_batch = cfg.batch_size * acc.num_processes
-    optimizer, p.scheduler = build_optimizer(cfg, model, scaled_lr(cfg, p.global_batch), p.steps_per_epoch)
+    p.lr = scaled_lr(cfg, p.global_batch)
+    optimizer, p.scheduler = build_optimizer(cfg, model, p.lr, p.steps_per_epoch)
     # The scheduler is not registered for checkpointing: its lr is a function of the step
     # (step_update), and accelerate would load it back with pickle (weights_only=False).
     p.model, p.optimizer = acc.prepare(model, optimizer)
@@ -135,7 +137,7 @@ def record(p: Parts, bn: str, screen) -> None:
 
     acc = p.accelerator
     p.resolved = {**dataclasses.asdict(p.cfg), "world_size": acc.num_processes, "global_batch": p.global_batch,
-                  "scaled_lr": scaled_lr(p.cfg, p.global_batch), "steps_per_epoch": p.steps_per_epoch,
+                  "scaled_lr": p.lr, "steps_per_epoch": p.steps_per_epoch,
                   "n_train": len(p.source), "dali_placement": placement(p.device_id),
                   "loss_impl_resolved": p.loss_impl, "loss_operands": str(p.operands).removeprefix("torch."),
                   "batch_norm": bn, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
