@@ -72,33 +72,47 @@ def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float) ->
 # --------------------------------------------------------------------------------------------
 class _NTXent(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, row_offset, half, temperature, impl, block, operand_dtype):
-        # z: (M, D) normalised, gathered; returns the mean loss of the 2*half local rows. The kernels
+    def forward(ctx, z, row_offset, half, temperature, impl, block, operand_dtype, rows=None, keep=None):
+        # z: (M, D) normalised, gathered; returns the mean loss of the R = 2*half local rows. The kernels
         # read z rounded to operand_dtype (fp32 accumulation regardless); the backward keeps that copy.
+        # rows, keep (SupCon): R local rows (any half), and a (R,) 0/1 weight of each row's log-sum-exp:
+        # the value is sum(keep * lse) / R - mean(pos); the gradient folds keep into the saved lse
+        # (lse - log keep: +inf where 0), so the kernels leave those rows' softmax out.
         stats, _ = _KERNELS[impl]()
         ctx.in_dtype = z.dtype
         zk = z.to(operand_dtype)
+        r = 2 * half if rows is None else rows
         with torch.autocast(z.device.type, enabled=False):
-            lse, pos = stats(zk, row_offset, half, 1.0 / temperature, block)
-        ctx.save_for_backward(zk, lse)
-        ctx.args = (row_offset, half, temperature, impl, block)
-        return (lse - pos).mean().to(z.dtype)
+            lse, pos = stats(zk, row_offset, half, 1.0 / temperature, block, r)
+        ctx.args = (row_offset, half, temperature, impl, block, r)
+        if keep is None:
+            ctx.save_for_backward(zk, lse)
+            return (lse - pos).mean().to(z.dtype)
+        ctx.save_for_backward(zk, lse - keep.log())
+        return ((lse * keep).sum() / r - pos.mean()).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         zk, lse = ctx.saved_tensors
-        row_offset, half, temperature, impl, block = ctx.args
+        row_offset, half, temperature, impl, block, r = ctx.args
         _, grad_fn = _KERNELS[impl]()
         with torch.autocast(zk.device.type, enabled=False):
-            acc = grad_fn(zk, lse, row_offset, half, 1.0 / temperature, block)  # (M, D) fp32
-        dz = acc.to(ctx.in_dtype) * (grad / (2 * half * temperature))  # d lse_i/dz_i = sum_j P_ij z_j / tau
-        return dz, None, None, None, None, None, None
+            acc = grad_fn(zk, lse, row_offset, half, 1.0 / temperature, block, r)  # (M, D) fp32
+        dz = acc.to(ctx.in_dtype) * (grad / (r * temperature))  # d lse_i/dz_i = sum_j P_ij z_j / tau
+        return dz, None, None, None, None, None, None, None, None
 
 
 @functools.cache
 def _triton_kernels():
     from models import ntxent_triton  # lazy: this module imports where triton is missing
     return ntxent_triton.triton_stats, ntxent_triton.triton_grad
+
+
+def _triton_kernels_cross():
+    if not _triton_installed():
+        raise ValueError("impl='triton' needs the triton package, which is not installed; use impl='tiled'")
+    from models import ntxent_triton
+    return ntxent_triton.triton_cross_stats, ntxent_triton.triton_cross_grad
 
 
 def _widened(kernel):

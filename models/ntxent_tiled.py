@@ -91,9 +91,10 @@ def _no_shift(inv_tau: float) -> bool:
 
 
 def tiled_stats(z: torch.Tensor, row_offset: int, half: int, inv_tau: float,
-                block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per local row: log-sum-exp over the columns != self, and the positive logit; each (2 * half,)."""
-    m, lo, hi = z.shape[0], row_offset, row_offset + 2 * half
+                block: int, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per local row: log-sum-exp over the columns != self, and the positive logit; each (R,), R = rows
+    (default 2 * half; the positive of local row i is (i + half) mod R)."""
+    m, lo, hi = z.shape[0], row_offset, row_offset + (2 * half if rows is None else rows)
     local, remote = _blocks(m, lo, hi, block)
     unshifted = _no_shift(inv_tau)
     ones = torch.ones(block, dtype=z.dtype, device=z.device)
@@ -126,14 +127,14 @@ def tiled_stats(z: torch.Tensor, row_offset: int, half: int, inv_tau: float,
 
 
 def tiled_grad(z: torch.Tensor, lse: torch.Tensor, row_offset: int, half: int, inv_tau: float,
-               block: int) -> torch.Tensor:
+               block: int, rows: int | None = None) -> torch.Tensor:
     """(M, D): sum_j W[k, j] z_j, W = [k local] P[k, j] + [j local] P[j, k] - 2 [positive pair, k local].
 
     P[i, j] = exp(s_ij - lse_i) is row i's softmax. W is symmetric, so tile (I, J) gives rows I their
     W[I, J] @ z_J and rows J their W[I, J]^T @ z_I; and since s is symmetric, P[j, k] = exp(s_kj - lse_j)
     comes from the same tile as P[k, j]. Rows of other ranks only receive the column-side term.
     """
-    m, lo, hi = z.shape[0], row_offset, row_offset + 2 * half
+    m, lo, hi = z.shape[0], row_offset, row_offset + (2 * half if rows is None else rows)
     local, remote = _blocks(m, lo, hi, block)
     unshifted = _no_shift(inv_tau)
     scale = torch.exp(-lse) if unshifted else None  # (R,) P[i, j] = exp(s_ij) * scale_i
@@ -167,4 +168,54 @@ def tiled_grad(z: torch.Tensor, lse: torch.Tensor, row_offset: int, half: int, i
     for other in outs[1:]:
         out += other
     out[lo:hi] -= 2 * z[lo:hi].roll(half, 0)  # positives: row side and column side
+    return out
+
+
+# -- rows against columns without gradient (MoCo's queue) ----------------------------------------
+def cross_stats(q: torch.Tensor, c: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor:
+    """(R,): per row of q (R, D), the log-sum-exp of q_i . c_j / tau over every row of c (K, D). No mask,
+    no symmetry: the columns are constants (MoCo's queue of keys), so each row block streams them alone."""
+    r, k = q.shape[0], c.shape[0]
+    unshifted = _no_shift(inv_tau)
+    ones = torch.ones(block, dtype=q.dtype, device=q.device)
+    starts = list(range(0, r, block))
+
+    def work(t: int, i0: int, acc: torch.Tensor, scratch: torch.Tensor) -> None:
+        i1 = min(i0 + block, r)
+        qi = q[i0:i1] * inv_tau  # (b, D)
+        for j0 in range(0, k, block):
+            j1 = min(j0 + block, k)
+            s = torch.mm(qi, c[j0:j1].T, out=_tile(scratch, 0, i1 - i0, j1 - j0))  # (b, b) logits
+            if unshifted:
+                acc[i0:i1].addmv_(s.exp_(), ones[:j1 - j0])
+            else:
+                acc[i0:i1] = torch.logaddexp(acc[i0:i1], torch.logsumexp(s, dim=1))
+
+    start = 0.0 if unshifted else float("-inf")
+    accs = torch.stack(_tasks(work, starts, lambda: torch.full((r,), start, dtype=q.dtype, device=q.device),
+                              q.device, block))
+    return accs.sum(0).log() if unshifted else torch.logsumexp(accs, dim=0)
+
+
+def cross_grad(q: torch.Tensor, c: torch.Tensor, lse: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor:
+    """(R, D): sum_j exp(q_i . c_j / tau - lse_i) c_j, the softmax-weighted columns of each row (the
+    caller scales by its row's gradient and 1 / tau). lse may be +inf for rows that take no gradient."""
+    r, k = q.shape[0], c.shape[0]
+    unshifted = _no_shift(inv_tau)
+    starts = list(range(0, r, block))
+
+    def work(t: int, i0: int, out: torch.Tensor, scratch: torch.Tensor) -> None:
+        i1 = min(i0 + block, r)
+        qi, li = q[i0:i1] * inv_tau, lse[i0:i1, None]
+        scale = torch.exp(-li) if unshifted else None
+        for j0 in range(0, k, block):
+            j1 = min(j0 + block, k)
+            s = torch.mm(qi, c[j0:j1].T, out=_tile(scratch, 0, i1 - i0, j1 - j0))
+            w = s.exp_().mul_(scale) if unshifted else s.sub_(li).exp_()  # P[I, J]
+            out[i0:i1].addmm_(w, c[j0:j1])
+
+    outs = _tasks(work, starts, lambda: torch.zeros_like(q), q.device, block)
+    out = outs[0]
+    for other in outs[1:]:
+        out += other
     return out

@@ -133,6 +133,65 @@ def _ntxent_bwd_kernel(
              mask=k_ok[:, None] & (d[None, :] < D))
 
 
+@triton.jit
+def _cross_fwd_kernel(
+    q_ptr,    # (R, D) normalised rows (MoCo's queries), row stride `stride_q`
+    c_ptr,    # (K, D) normalised columns without gradient (the queue of keys), row stride `stride_c`
+    lse_ptr,  # (R,) fp32 output: log-sum-exp of q_i . c_j / tau over all K columns
+    R, K, D, stride_q, stride_c,
+    inv_tau,  # fp32 scalar 1 / temperature
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TF32X3: tl.constexpr, DOT_FP32: tl.constexpr,  # as in _ntxent_fwd_kernel
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + rows[:, None] * stride_q + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # running max (finite: see _ntxent_fwd_kernel)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp(s - m_i)
+    for start in range(0, K, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < K
+        c = tl.load(c_ptr + cols[:, None] * stride_c + d[None, :], mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+        s = _dot(q, tl.trans(c), TF32X3, DOT_FP32) * inv_tau  # (BLOCK_M, BLOCK_N) fp32 logits
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _cross_bwd_kernel(
+    q_ptr,    # (R, D) normalised rows, as in the forward
+    c_ptr,    # (K, D) normalised columns without gradient
+    lse_ptr,  # (R,) fp32 log-sum-exp per row (+inf: the row takes no gradient)
+    out_ptr,  # (R, D) fp32 output: sum_j exp(s_ij - lse_i) c_j (scaled by the caller)
+    R, K, D, stride_q, stride_c, stride_out,
+    inv_tau,  # fp32 scalar 1 / temperature
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TF32X3: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # The columns take no gradient, so every output row is its own row's softmax against them: one
+    # program per row tile, no column side (unlike _ntxent_bwd_kernel).
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + rows[:, None] * stride_q + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, K, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < K
+        c = tl.load(c_ptr + cols[:, None] * stride_c + d[None, :], mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+        s = _dot(q, tl.trans(c), TF32X3, DOT_FP32) * inv_tau
+        w = tl.exp(tl.where(row_ok[:, None] & col_ok[None, :], s - lse[:, None], float("-inf")))
+        acc += _dot(w.to(c.dtype), c, TF32X3, DOT_FP32)
+    tl.store(out_ptr + rows[:, None] * stride_out + d[None, :], acc, mask=row_ok[:, None] & (d[None, :] < D))
+
+
 INTERPRETED = isinstance(_ntxent_fwd_kernel, _Interpreted) if _Interpreted else False
 
 
@@ -153,11 +212,12 @@ def _launch_args(z: torch.Tensor, block: tuple[int, int] | None) -> tuple[int, i
 
 
 def triton_stats(z: torch.Tensor, row_offset: int, half: int, inv_tau: float,
-                 block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per local row: log-sum-exp over columns != self and the positive logit, each (2 * half,) fp32."""
+                 block: tuple[int, int] | None = None, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per local row: log-sum-exp over columns != self and the positive logit, each (R,) fp32, R = rows
+    (default 2 * half)."""
     z = z.contiguous()
     bm, bn, block_d, fp32, warps, dot_fp32 = _launch_args(z, block)
-    m, r = z.shape[0], 2 * half
+    m, r = z.shape[0], 2 * half if rows is None else rows
     lse = torch.empty(r, dtype=torch.float32, device=z.device)
     pos = torch.empty(r, dtype=torch.float32, device=z.device)
     _ntxent_fwd_kernel[(triton.cdiv(r, bm),)](
@@ -167,12 +227,36 @@ def triton_stats(z: torch.Tensor, row_offset: int, half: int, inv_tau: float,
 
 
 def triton_grad(z: torch.Tensor, lse: torch.Tensor, row_offset: int, half: int, inv_tau: float,
-                block: tuple[int, int] | None = None) -> torch.Tensor:
+                block: tuple[int, int] | None = None, rows: int | None = None) -> torch.Tensor:
     """(M, D) fp32: sum_j W[k, j] z_j for every gathered row k (see the kernel); caller scales by g / (R tau)."""
     z = z.contiguous()
     bm, bn, block_d, fp32, warps, dot_fp32 = _launch_args(z, block)
     out = torch.empty(z.shape, dtype=torch.float32, device=z.device)
     _ntxent_bwd_kernel[(triton.cdiv(z.shape[0], bm),)](
-        z, lse, out, z.shape[0], 2 * half, z.shape[1], row_offset, half, z.stride(0), out.stride(0),
+        z, lse, out, z.shape[0], 2 * half if rows is None else rows, z.shape[1], row_offset, half, z.stride(0), out.stride(0),
+        float(inv_tau), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, TF32X3=fp32, DOT_FP32=dot_fp32, num_warps=warps)
+    return out
+
+
+def triton_cross_stats(q: torch.Tensor, c: torch.Tensor, inv_tau: float,
+                       block: tuple[int, int] | None = None) -> torch.Tensor:
+    """(R,) fp32: per row of q, the log-sum-exp of its logits against every row of c (no mask)."""
+    q, c = q.contiguous(), c.contiguous()
+    bm, bn, block_d, fp32, warps, dot_fp32 = _launch_args(q, block)
+    lse = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+    _cross_fwd_kernel[(triton.cdiv(q.shape[0], bm),)](
+        q, c, lse, q.shape[0], c.shape[0], q.shape[1], q.stride(0), c.stride(0), float(inv_tau),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, TF32X3=fp32, DOT_FP32=dot_fp32, num_warps=warps)
+    return lse
+
+
+def triton_cross_grad(q: torch.Tensor, c: torch.Tensor, lse: torch.Tensor, inv_tau: float,
+                      block: tuple[int, int] | None = None) -> torch.Tensor:
+    """(R, D) fp32: sum_j exp(s_ij - lse_i) c_j per row of q; the caller scales by its row gradient / tau."""
+    q, c = q.contiguous(), c.contiguous()
+    bm, bn, block_d, fp32, warps, dot_fp32 = _launch_args(q, block)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    _cross_bwd_kernel[(triton.cdiv(q.shape[0], bm),)](
+        q, c, lse.contiguous(), out, q.shape[0], c.shape[0], q.shape[1], q.stride(0), c.stride(0), out.stride(0),
         float(inv_tau), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, TF32X3=fp32, DOT_FP32=dot_fp32, num_warps=warps)
     return out

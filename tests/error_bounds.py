@@ -137,3 +137,67 @@ class NTXentBound:
         actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
         assert torch.isfinite(actual).all(), "a computed gradient is not finite"
         return ((actual - expected).abs() / self.grad_bound(expected)).max().item()
+
+
+# -- SupCon and MoCo (models/contrastive.py) ---------------------------------------------------------
+class SupConBound:
+    """NT-Xent's bound (its log-sum-exp and its kernel positive, which the SupCon path takes back out)
+    plus the two terms SupCon computes in PyTorch, first order in u:
+      partner logit z_i . z_p / tau, taken back out: e_logit of NT-Xent;
+      mean positive logit z_i . (S_y - z_i) / (tau c): S sums c + 1 unit rows (gamma_M per component,
+        each read with e_u), the subtraction u, the dot gamma_D, and by Cauchy-Schwarz
+        sum_d |z_id| sum_j |z_jd| <= c + 1 <= 2c, so 2 (2 e_u + gamma_M + gamma_D + 4u) / tau;
+      the three means over R anchors: gamma_{R+1} of 2 / tau + log M each.
+    Gradient, per row k: the kernels' part is NT-Xent's (keep = 0 rows only shrink W); the PyTorch
+    terms give row k at most (2 + 2 + 2) / (R tau) in norm (its partner, its class sum, its class
+    mates' weights 1/c_i summing to <= 2), each within (gamma_M + gamma_D + 2 e_u + 6u), then the
+    normalisation's Jacobian of norm 1 / ||z_k|| and its own error as in NTXentBound."""
+
+    def __init__(self, z: torch.Tensor, temperature: float, u: float = 2.0 ** -24, **kwargs):
+        self.ntxent = NTXentBound(z, temperature, u=u, **kwargs)
+        m, d = z.shape
+        r, tau = 2 * (kwargs.get("half") or m // 2), temperature
+        e_norm = gamma(d, u) / 2 + 2 * u
+        e_u = e_norm if kwargs.get("rows", "normalised") == "normalised" else u
+        e_logit = (2 * e_u + gamma(d, u) + 2 * u) / tau
+        e_pos = 2 * (2 * e_u + gamma(m, u) + gamma(d, u) + 4 * u) / tau
+        self.loss = self.ntxent.loss + e_logit + e_pos + 3 * gamma(r + 1, u) * (2 / tau + math.log(m))
+        extra = 6 * (gamma(m, u) + gamma(d, u) + 2 * e_u + 6 * u) / (r * tau)
+        extra = (extra + 2 * (gamma(d, u) + 2 * e_norm + 8 * u) * 6 / (r * tau)) / z.detach().double().norm(dim=1)
+        self.grads = self.ntxent.grads + extra
+
+    def grad_fraction(self, actual: torch.Tensor, expected: torch.Tensor) -> float:
+        actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+        assert torch.isfinite(actual).all(), "a computed gradient is not finite"
+        return ((actual - expected).abs() / self.grads[:, None]).max().item()
+
+
+class InfoNCEBound:
+    """MoCo's InfoNCE in float32: queries q (R, D) normalised in float32, keys likewise, the queue's unit
+    rows rounded to float32. As NTXentBound: logits within e_logit = (2 e_norm + gamma_D + 2u) / tau; the
+    log-sum-exp over K + 1 terms within e_logit + e_sum + (4 + 3 / tau + 2 log(K+1)) u; the loss adds the
+    positive's e_logit, logaddexp's few u |x| and the mean's gamma_{R+1}. Gradient per query: W = P - e_pos
+    sums to at most 2 in magnitude; each weight within e_P, the weighted sum within (4u + e_norm +
+    gamma_{K+17}), over R tau; then the normalisation's Jacobian as in NTXentBound."""
+
+    def __init__(self, q: torch.Tensor, queue_size: int, temperature: float, products: str = "fp32",
+                 u: float = 2.0 ** -24):
+        q = q.detach().double().cpu()
+        r, d = q.shape
+        k, tau = queue_size + 1, temperature
+        log_k = math.log(k)
+        x_max = 2 / tau + log_k
+        e_norm = gamma(d, u) / 2 + 2 * u
+        e_dot = gamma(3 * d, u) + 12 * u if products == "tf32x3" else gamma(d, u)
+        e_logit = (2 * e_norm + e_dot + 2 * u) / tau
+        e_sum = gamma(k + 16, u) + 5 * k * u + 4 * u / tau + exp_error(2 / tau, u)
+        e_lse = e_logit + e_sum + (4 + 3 / tau + 2 * log_k) * u
+        self.loss = e_lse + 2 * e_logit + 4 * u * x_max + gamma(r + 1, u) * x_max
+        e_p = math.expm1(e_logit + e_lse + exp_error(x_max, u) + 6 * u)
+        grads = (2 * e_p + 2 * (4 * u + e_norm + gamma(k + 17, u))) / (r * tau)
+        self.grads = (grads + 2 * (gamma(d, u) + 2 * e_norm + 8 * u) * 2 / (r * tau)) / q.norm(dim=1)
+
+    def grad_fraction(self, actual: torch.Tensor, expected: torch.Tensor) -> float:
+        actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+        assert torch.isfinite(actual).all(), "a computed gradient is not finite"
+        return ((actual - expected).abs() / self.grads[:, None]).max().item()
