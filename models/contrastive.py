@@ -119,7 +119,7 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor | None, labels: torch.Tensor,
         if impl == "reference":
             return _supcon_reference_rows(read, ids, offset, rows, temperature)
         sums = torch.zeros_like(read).index_add_(0, ids, read)  # (M, D) S per class id
-        count = torch.zeros(z.shape[0], dtype=dtype, device=z.device).index_add_(0, ids, torch.ones_like(y, dtype=dtype))
+        count = torch.zeros(z.shape[0], dtype=dtype, device=z.device).index_add_(0, ids, torch.ones_like(read[:, 0]))
         mine = read[offset:offset + rows]  # (R, D)
         positives = count[ids[offset:offset + rows]] - 1  # (R,) |P(i)|
         keep = (positives > 0).to(dtype)

@@ -232,8 +232,9 @@ def triton_grad(z: torch.Tensor, lse: torch.Tensor, row_offset: int, half: int, 
     z = z.contiguous()
     bm, bn, block_d, fp32, warps, dot_fp32 = _launch_args(z, block)
     out = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+    r = 2 * half if rows is None else rows
     _ntxent_bwd_kernel[(triton.cdiv(z.shape[0], bm),)](
-        z, lse, out, z.shape[0], 2 * half if rows is None else rows, z.shape[1], row_offset, half, z.stride(0), out.stride(0),
+        z, lse, out, z.shape[0], r, z.shape[1], row_offset, half, z.stride(0), out.stride(0),
         float(inv_tau), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, TF32X3=fp32, DOT_FP32=dot_fp32, num_warps=warps)
     return out
 
