@@ -217,7 +217,7 @@ def print_table(results: dict, run_cfg: dict, data: str, cfg: EvalConfig) -> Non
     n_train, n_test = results["n_train"], results["n_test"]
     table = Table(title=f"{run_cfg['backbone']} on {data}: {n_train} train / {n_test} test")
     table.add_column("protocol")
-    table.add_column("SimCLR", justify="right")
+    table.add_column(run_cfg.get("method", "simclr"), justify="right")
     table.add_column("random init", justify="right")
     pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
     for key, name in (("knn_top1", f"kNN (k={min(cfg.knn_k, n_train)}) top-1"), ("linear_top1", "linear probe top-1")):
@@ -291,7 +291,8 @@ def evaluate_run(cfg: EvalConfig) -> dict:
         labels_read(feats[name][3], test_src, "test")
         results[name] = frozen_scores(*feats[name], cfg, device)
     results = {**results.pop("simclr"), **results}
-    results.update(n_train=len(train_src), n_test=len(test_src), data=data, test_data=test_data, device=str(device))
+    results.update(method=run_cfg.get("method", "simclr"), n_train=len(train_src), n_test=len(test_src), data=data,
+                   test_data=test_data, device=str(device))
     if screen.bad:
         results["skipped_files"] = [p for p, _ in screen.bad]
     if cfg.finetune:

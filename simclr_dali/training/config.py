@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from models.methods import METHODS
 from pipelines.augment import Augment
 from simclr_dali.settings import (
     Parser,
@@ -34,11 +35,16 @@ class Config:
     batch_size: int = setting(256, low=1)  # images per process per step (each gives two views)
     lr: float = setting(0.3, low=0, above=True)  # base learning rate per 256 images, scaled by the global batch
     lr_scaling: str = setting("linear", choices=("linear", "sqrt"))  # linear: lr * B/256; sqrt: lr * sqrt(B/256)
-    optimizer: str = setting("lars", choices=("lars", "sgd", "adamw"))  # lars (timm), sgd or adamw
-    momentum: float = setting(0.9, low=0, high=1, below=True)  # momentum for lars and sgd (sgd: Nesterov momentum when above 0)
+    optimizer: str = setting("lars", choices=("lars", "sgd", "momentum", "adamw"))  # lars (timm), sgd (Nesterov), momentum (SGD with plain momentum) or adamw
+    momentum: float = setting(0.9, low=0, high=1, below=True)  # momentum for lars, sgd and momentum (sgd: Nesterov momentum when above 0)
     weight_decay: float = setting(1e-6, low=0)  # weight decay (biases and norm weights are exempt)
     warmup_epochs: float = setting(-1.0, low=0, off=-1.0, off_means="the default")  # linear warmup in epochs, then cosine decay to zero (-1: the paper's 10, at most a tenth of the run)
-    temperature: float = setting(0.1, low=0, above=True)  # NT-Xent tau
+    method: str = setting("simclr", choices=tuple(METHODS))  # simclr, supcon (needs labels), moco or byol; each brings its paper's defaults for the settings not given (README, Methods)
+    temperature: float = setting(0.1, low=0, above=True)  # tau of the contrastive loss (NT-Xent, SupCon, MoCo)
+    queue_size: int = setting(65536, low=1)  # MoCo: keys of earlier steps in the queue of negatives
+    target_momentum: float = setting(0.996, low=0, high=1)  # MoCo, BYOL: EMA coefficient m0 of the momentum network
+    momentum_schedule: str = setting("cosine", choices=("cosine", "constant"))  # MoCo, BYOL: m rises from m0 to 1 on a cosine over the run, or stays m0
+    pred_hidden: int = setting(4096, low=1)  # BYOL: hidden width of the predictor
     loss_impl: str = setting("auto", choices=("auto", "triton", "tiled", "reference"))  # NT-Xent implementation: auto, triton, tiled or reference
     loss_precision: str = setting("auto", choices=("auto", "fp32"))  # NT-Xent products: auto follows the mixed precision (bf16/fp16 operands, fp32 sums), or fp32
     channels_last: str = setting("auto", choices=("auto", "on", "off"))  # channels-last model and views: on, off, auto (on for CUDA, off on the CPU)
@@ -79,7 +85,10 @@ def parse_command(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     parser = build_parser()
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config", default="")
-    recorded = first.parse_known_args(argv)[0].config
+    first.add_argument("--method", default="simclr")
+    known = first.parse_known_args(argv)[0]
+    recorded = known.config
+    parser.set_defaults(**METHODS.get(known.method, METHODS["simclr"]).defaults)  # the method's paper values
     if recorded:  # a new run: --resume is an action of the recorded run, not one of its settings
         actions = frozenset({"resume", "resume_from", "config"})
         parser.set_defaults(**recorded_settings(recorded, Config, DERIVED, skip=actions))

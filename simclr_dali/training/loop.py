@@ -57,6 +57,7 @@ class Parts:
     monitor: object = None
     model: object = None
     optimizer: object = None
+    method: object = None  # the model unwrapped: the method's loss and after_step (models/methods.py)
     scheduler: object = None
     channels_last: bool = False
     global_batch: int = 0
@@ -128,6 +129,8 @@ def prepare_model(p: Parts, given: set[str]) -> str:
     p.model, p.optimizer = acc.prepare(model, optimizer)
     p.operands = loss_operands(cfg.loss_precision, acc.mixed_precision)
     p.loss_impl = resolve_impl(cfg.loss_impl, acc.device, p.operands)
+    p.method = acc.unwrap_model(p.model)  # its loss and after_step, outside DDP and compile
+    p.method.loss_options = {"impl": p.loss_impl, "operands": p.operands}
     return bn
 
 
@@ -218,28 +221,30 @@ class Loop:
 
 
 def train_epochs(loop: Loop, start_epoch: int, last: int) -> int | None:
-    """Epochs start_epoch..last-1: one forward pass over both views, NT-Xent, backward, a step the guard
-    may skip on the device. Returns the exit status when a signal stopped it, else None."""
-    from models.ntxent import nt_xent_loss
-
+    """Epochs start_epoch..last-1: one forward pass over both views, the method's loss, backward, a step
+    the guard may skip on the device, then what the method moves after a step (momentum networks, queue).
+    Returns the exit status when a signal stopped it, else None."""
     p, report, stop = loop.p, loop.report, loop.stop
     cfg, acc, steps = p.cfg, p.accelerator, p.steps_per_epoch
+    total = cfg.epochs * steps
     for epoch in range(start_epoch, last):
         done = loop.step - epoch * steps  # steps of this epoch taken before a mid-epoch resume
         loader = loop.loader(epoch, done)
         p.model.train()
         report.epoch_start(epoch, steps, done)
         stopping = False
-        for view1, view2, _ in loader:
+        for view1, view2, labels in loader:
             if loop.step == epoch * steps:
                 report.first_batch()
             p.scheduler.step_update(loop.step)
             views = torch.cat([view1, view2]).to(acc.device, non_blocking=True)
-            z = p.model(views)  # (2B, proj_dim): one pass, BN sees both views
-            loss = nt_xent_loss(*z.chunk(2), cfg.temperature, impl=p.loss_impl, operands=p.operands)
+            outputs = p.model(views)  # one pass over both views (BN sees both): (2B, proj_dim) for SimCLR
+            loss = p.method.loss(outputs, labels.view(-1).to(acc.device, non_blocking=True))
             acc.backward(loss)
             loop.step += 1
-            report.step(loss, loop.guard.step(loss, loop.step), p.optimizer.param_groups[0]["lr"], p.global_batch)
+            taken = loop.guard.step(loss, loop.step)
+            p.method.after_step(taken, loop.step / total)
+            report.step(loss, taken, p.optimizer.param_groups[0]["lr"], p.global_batch)
             if loop.step % steps == 0:
                 break  # the epoch's end synchronises below
             periodic = cfg.save_every_steps > 0 and loop.step % cfg.save_every_steps == 0

@@ -11,9 +11,11 @@ from torch.optim.sgd import sgd
 
 
 def warmup_epochs(cfg) -> float:
-    """--warmup-epochs, or by default the paper's 10 capped at a tenth of the run (a 10-epoch run warms
-    up for 1: a long warmup in a short run leaves little time at the full learning rate)."""
-    return cfg.warmup_epochs if cfg.warmup_epochs >= 0 else min(10.0, cfg.epochs / 10)
+    """--warmup-epochs, or by default the method's paper value (SimCLR's 10) capped at a tenth of the run
+    (a 10-epoch run warms up for 1: a long warmup in a short run leaves little time at the full rate)."""
+    from models.methods import METHODS
+
+    return cfg.warmup_epochs if cfg.warmup_epochs >= 0 else min(METHODS[getattr(cfg, "method", "simclr")].warmup, cfg.epochs / 10)
 
 
 def scaled_lr(cfg, global_batch: int) -> float:
@@ -28,9 +30,11 @@ def build_optimizer(cfg, model, lr: float, steps_per_epoch: int):
     from timm.optim import Lars, create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
-    kwargs = {"momentum": cfg.momentum} if cfg.optimizer in ("lars", "sgd") else {"fused": True}
+    kwargs = {"momentum": cfg.momentum} if cfg.optimizer in ("lars", "sgd", "momentum") else {"fused": True}
     if cfg.optimizer == "sgd":  # timm's sgd is Nesterov's, which needs momentum
         kwargs.update(fused=True, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "momentum":  # timm's name for SGD with plain (heavy-ball) momentum, as MoCo trains
+        kwargs.update(fused=True)
     optimizer = create_optimizer_v2(model, cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
                                     filter_bias_and_bn=True, **kwargs)
     if isinstance(optimizer, Lars):  # the same parameter groups and settings, skippable on the device

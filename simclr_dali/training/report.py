@@ -47,6 +47,7 @@ class Report:
 
     # -- start-up ---------------------------------------------------------------------------
     def start(self, cfg: dict, *, model, source, start_epoch: int, start_step: int = 0) -> None:
+        self.title = model.title
         if not self.main:
             return
         from rich.markup import escape
@@ -70,8 +71,9 @@ class Report:
                              f"{cfg['steps_per_epoch']} steps per epoch"),
             ("optimiser", f"{cfg['optimizer']}, lr {cfg['scaled_lr']:.4g} ({cfg['lr_scaling']} scaling), "
                           f"{cfg['warmup_epochs_resolved']:g} warmup epochs, cosine"),
-            ("loss", f"NT-Xent, tau {cfg['temperature']}, {cfg['loss_impl_resolved']} implementation, "
-                     f"{cfg['loss_operands']} products (fp32 sums)"),
+            ("method", cfg["method"]),
+            ("loss", model.describe() + (f", {cfg['loss_impl_resolved']} implementation, {cfg['loss_operands']} "
+                                         "products (fp32 sums)" if model.kernels else "")),
             ("epochs", f"{cfg['epochs']}{resumed}"),
             ("output", str(self.out)),
         ]
@@ -86,7 +88,7 @@ class Report:
         grid = Table.grid(padding=(0, 2))
         for key, value in rows:
             grid.add_row(f"[bold]{key}[/]", value)
-        self.console.print(Panel(grid, title="SimCLR", expand=False))
+        self.console.print(Panel(grid, title=model.title, expand=False))
         self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                                  TextColumn("lr {task.fields[lr]:.3g}"),
@@ -209,7 +211,7 @@ class Report:
         if not self.main:
             return
         self.progress.stop()
-        title = "SimCLR run" if done else "SimCLR run (stopped early: continue with --resume)"
+        title = f"{self.title} run" + ("" if done else " (stopped early: continue with --resume)")
         table = Table(title=title, show_header=False)
         seconds = time.perf_counter() - self.t_run
         rate = sorted(self.epoch_rates)[len(self.epoch_rates) // 2] if self.epoch_rates else 0.0

@@ -32,7 +32,22 @@ def load_train_source(cfg: Config, world: int, screen=None):
     if per_process < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {per_process} training images "
                         f"each of the {world} process(es) reads from {cfg.data} ({len(source)} in all)")
+    check_method_data(cfg, source, world)
     return source
+
+
+def check_method_data(cfg: Config, source, world: int) -> None:
+    """What a method asks of the data, in one sentence before any work: SupCon's labels (shards carry
+    theirs in the stream: models.methods.SupCon checks its first batch), a MoCo queue shorter than the data."""
+    from models.methods import METHODS
+
+    if METHODS[cfg.method].needs_labels and source.shards is None and (source.labels < 0).all():
+        raise UserError(f"--method {cfg.method} needs labels, and {cfg.data} has none: give it class sub-folders "
+                        f"(or CIFAR batches, or shards with .cls entries), or train with --method simclr")
+    if cfg.method == "moco" and cfg.queue_size > len(source) - cfg.batch_size * world:
+        raise UserError(f"--queue-size {cfg.queue_size} is at least as large as the {len(source)} training images "
+                        f"of {cfg.data} less a global batch: the queue would hold keys of the very images it is "
+                        f"compared with; pass --queue-size {max(1, (len(source) // 4))} or less")
 
 
 def make_monitor(cfg: Config, source, workers: int, device_id: int | None, screen=None):
@@ -48,9 +63,14 @@ def make_monitor(cfg: Config, source, workers: int, device_id: int | None, scree
 
 
 def build_model(cfg: Config):
-    from models.backbone import SimCLRModel, create_backbone
+    """The method's networks (models/methods.py) around a timm backbone: forward gives what its loss takes."""
+    from models.backbone import create_backbone
+    from models.methods import METHODS
 
-    return SimCLRModel(create_backbone(cfg.backbone, cfg.small_stem), cfg.proj_hidden, cfg.proj_dim)
+    return METHODS[cfg.method](create_backbone(cfg.backbone, cfg.small_stem), proj_hidden=cfg.proj_hidden,
+                               proj_dim=cfg.proj_dim, temperature=cfg.temperature, queue_size=cfg.queue_size,
+                               target_momentum=cfg.target_momentum, momentum_schedule=cfg.momentum_schedule,
+                               pred_hidden=cfg.pred_hidden, seed=cfg.seed)
 
 
 def memory_format_and_compile(model, cfg: Config, device: torch.device):
