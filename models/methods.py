@@ -161,14 +161,14 @@ class MoCo(_Momentum):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, taken: torch.Tensor | bool = True) -> None:
-        """keys (G, D) of every rank, in rank order, into the ring after the newest; nothing where the
-        step was not taken. Wraps around the end of the queue; of more keys than slots, the newest stay."""
-        size = self.queue.shape[0]
-        keys = keys[-size:].to(self.queue.dtype)
-        slots = (self.queue_next + torch.arange(keys.shape[0], device=keys.device)) % size
+        """keys (G, D) of every rank, in rank order, into the ring after the newest, as if one at a time;
+        nothing where the step was not taken. Of more keys than slots, the newest K stay."""
+        size, count = self.queue.shape[0], keys.shape[0]
+        offsets = torch.arange(count, device=keys.device)[-size:]  # distinct slots: index_copy_ stays deterministic
+        slots = (self.queue_next + offsets) % size
         taken = torch.as_tensor(taken, device=keys.device)
-        self.queue.index_copy_(0, slots, torch.where(taken, keys, self.queue[slots]))
-        self.queue_next.copy_((self.queue_next + keys.shape[0] * taken.long()) % size)
+        self.queue.index_copy_(0, slots, torch.where(taken, keys[-size:].to(self.queue.dtype), self.queue[slots]))
+        self.queue_next.copy_((self.queue_next + count * taken.long()) % size)
 
 
 class BYOL(_Momentum):

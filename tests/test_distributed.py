@@ -132,3 +132,29 @@ def test_one_process_meets_a_damaged_image_and_the_run_stops(tmp_path):
     root_cause = r.stderr[r.stderr.index("Root Cause"):]
     assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 2" in root_cause
     assert "rank      : 0 (local_rank: 0)" in r.stderr[:r.stderr.index("Root Cause")]  # it failed too
+
+
+@pytest.mark.parametrize("method", ["supcon", "moco", "byol"])
+def test_two_processes_train_each_method(data, method, tmp_path):
+    """SupCon reads its labels from the shards' .cls entries; MoCo's queue advances by the global batch
+    (the keys of both processes), and a one-process resume of its two-process run goes on filling it."""
+    from safetensors.torch import load_file
+
+    folder, shards = data
+    out = tmp_path / "run"
+    flags = ["--method", method, "--queue-size", "5", "--proj-hidden", "32", "--pred-hidden", "32"]
+    r = run_cli(*LAUNCH, "train.py", "--data", f"wds:{shards}" if method == "supcon" else str(folder),
+                "--out", str(out), *TINY, *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["method"], cfg["world_size"], cfg["global_batch"]) == (method, 2, 8)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "step"]
+    assert len(losses) == 2 * cfg["steps_per_epoch"] and all(math.isfinite(v) for v in losses)
+    if method != "moco":
+        return
+    assert load_file(str(out / "checkpoint" / "model.safetensors"))["queue_next"].item() == (4 * 8) % 5
+    r = run_cli("train.py", "--data", str(folder), "--out", str(out), *TINY, *flags, "--epochs", "3", "--batch-size", "8",
+                "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load_file(str(out / "checkpoint" / "model.safetensors"))["queue_next"].item() == (6 * 8) % 5

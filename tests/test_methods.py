@@ -110,8 +110,9 @@ def test_the_queue_wraps_around_and_skipped_steps_leave_it_alone():
     before = model.queue.clone()
     model.enqueue(keys[6:8], torch.tensor(False))
     assert torch.equal(model.queue, before) and model.queue_next.item() == 1
-    model.enqueue(keys)  # more keys than slots: the newest five stay, oldest first from slot 1 on
-    assert torch.equal(model.queue, torch.stack([keys[7], keys[3], keys[4], keys[5], keys[6]]))
+    model.enqueue(keys)  # more keys than slots: as if one at a time from slot 1 on, the newest five stay
+    assert torch.equal(model.queue, torch.stack([keys[4], keys[5], keys[6], keys[7], keys[3]]))
+    assert model.queue_next.item() == (1 + 8) % 5
 
 
 def test_moco_queues_one_key_per_image_after_the_step():
