@@ -12,7 +12,7 @@ Steps, each timed and reported passed or failed; a failed step does not stop the
   evaluate      evaluate.py on that run (features, kNN and linear probe on the device)
   pipeline      benchmark.py pipeline: DALI against torchvision with one worker per CPU core
   model+train   benchmark.py train per backbone: train.py against the model alone, same precision
-  loss          benchmark.py loss: every NT-Xent implementation in fp32 and bf16
+  loss          benchmark.py loss: every implementation of NT-Xent, SupCon and MoCo in fp32 and bf16
   auto          which implementation `auto` picks per dtype, against those timings
 A step passes when it ran and its outputs hold what they must; speed targets are judged apart (the targets
 table). Writes OUT/gpu_check.json (every figure, hardware, versions, commands), OUT/gpu_check.md (tables for
@@ -300,7 +300,11 @@ def step_model_train(check: Check, backbone: str) -> dict:
 def step_loss(check: Check) -> dict:
     p = check.plan
     rows = benchmark(check, "loss", "loss", "--sizes", *map(str, p.loss_sizes), "--dtypes", *p.loss_dtypes,
-                     "--budget", "10")
+                     "--budget", "10", "--losses", "ntxent")
+    # SupCon and MoCo on the same kernels: the largest size, 16-bit (what trains), fused and tiled
+    family = benchmark(check, "loss_family", "loss", "--sizes", str(max(p.loss_sizes)), "--dtypes",
+                       p.loss_dtypes[-1], "--budget", "10", "--losses", "supcon", "moco", "--impls", "tiled", "triton")
+    rows += [r for r in family if r["impl"] != "matmul"]  # each against its own run's matmul rate
     if p.device == "cuda":
         expect(any(r["impl"] == "triton" and r["status"] == "ok" for r in rows), "the Triton kernels were not measured")
     return {"rows": rows}
@@ -314,7 +318,8 @@ def step_auto(check: Check) -> dict:
 
     loss = next((s for s in check.steps if s.name == "loss" and s.status == "passed"), None)
     expect(loss is not None, "there are no loss timings to judge by (the loss step failed)")
-    rows = [r for r in loss.figures["rows"] if r["status"] == "ok" and r["impl"] != "matmul"]
+    rows = [r for r in loss.figures["rows"] if r["status"] == "ok" and r["impl"] != "matmul"
+            and r.get("loss", "ntxent") == "ntxent"]  # auto's choice is NT-Xent's; SupCon and MoCo are measured beside
     choices = []
     for dtype in check.plan.loss_dtypes:
         for n in check.plan.loss_sizes:

@@ -139,11 +139,13 @@ def write_markdown(report: dict, path: Path) -> None:
         for r in ok["loss"]["rows"]:
             if r["status"] == "ok" and r["impl"] == "matmul":
                 rows.append([f"matrix product {r['size']}^3, {r['dtype']} (the loss rows' ceiling)",
-                             f"`{steps['loss']['commands'][-1]}`", f"{_fmt(r['gflops'])} GFLOP/s", "", ""])
+                             f"`{steps['loss']['commands'][0]}`", f"{_fmt(r['gflops'])} GFLOP/s", "", ""])
             elif r["status"] == "ok":
-                share = r.get("fraction_of_matmul")
-                rows.append([f"NT-Xent fwd+bwd, {r['impl']}, N = {r['n']:,}, D = {r['dim']}, {r['dtype']}",
-                             f"`{steps['loss']['commands'][-1]}`", f"{r['median_s'] * 1e3:.3g} ms, "
+                share, kind = r.get("fraction_of_matmul"), r.get("loss", "ntxent")
+                name = {"ntxent": "NT-Xent", "supcon": "SupCon"}.get(kind) or f"MoCo (queue {r.get('queue', 0):,})"
+                command = steps["loss"]["commands"][0 if kind == "ntxent" else -1]
+                rows.append([f"{name} fwd+bwd, {r['impl']}, N = {r['n']:,}, D = {r['dim']}, {r['dtype']}",
+                             f"`{command}`", f"{r['median_s'] * 1e3:.3g} ms, "
                              f"{_fmt(r['gflops'])} GFLOP/s" + (f" ({share:.0%} of matmul)" if share else ""),
                              f"{r['peak_extra_mb']:.0f} MB extra", _fmt(r.get("speedup_vs_reference"))])
     if rows:

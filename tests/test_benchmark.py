@@ -13,7 +13,7 @@ def test_all_sections_write_their_json_keys(tmp_path):
     out = tmp_path / "all.json"
     r = run_cli("benchmark.py", "all", "--image-size", "32", "--batch-size", "8", "--batches", "2",
                 "--steps", "2", "--epochs", "2", "--workers", "1", "--repeats", "1", "--sizes", "32",
-                "--dim", "16", "--backbone", "test_resnet", "--json", str(out))
+                "--dim", "16", "--queue", "100", "--backbone", "test_resnet", "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     payload = json.loads(out.read_text())
     rows = {row["section"]: row for row in payload["results"] if row["section"] != "loss"}
@@ -29,15 +29,15 @@ def test_all_sections_write_their_json_keys(tmp_path):
     hw = payload["hardware"]
     assert hw["cpu_cores"] >= 1 and hw["versions"]["torch"] and hw["versions"]["nvidia-dali-cuda130"]
     assert hw["cpu"] and "triton" in hw["versions"] and "gpus" in hw
-    assert "NT-Xent forward+backward" in r.stdout  # the loss section's rich table
+    assert "Losses forward+backward" in r.stdout  # the loss section's rich table
 
     loss = [row for row in payload["results"] if row["section"] == "loss"]
     [matmul] = [row for row in loss if row["impl"] == "matmul"]  # the loss rows' ceiling: this machine's rate
     assert (matmul["status"], matmul["dtype"], matmul["size"]) == ("ok", "float32", 4096) and matmul["gflops"] > 0
     assert matmul["gflops"] == 2 * 4096 ** 3 / matmul["min_s"] / 1e9
-    rows = {row["impl"]: row for row in loss if row["impl"] != "matmul"}
-    assert set(rows) == {"reference", "tiled"}
-    for row in rows.values():
+    rows = {(row["loss"], row["impl"]): row for row in loss if row["impl"] != "matmul"}
+    assert set(rows) == {(lo, i) for lo in ("ntxent", "supcon", "moco") for i in ("reference", "tiled")}
+    for (kind, _), row in rows.items():
         assert row["status"] == "ok", row
         assert (row["n"], row["embeddings"], row["dim"], row["dtype"], row["device"]) == (32, 64, 16, "float32", "cpu")
         assert row["repeats"] == 1
@@ -45,8 +45,10 @@ def test_all_sections_write_their_json_keys(tmp_path):
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert isinstance(row["peak_extra_mb"], float) and row["peak_extra_mb"] >= 0  # 64 embeddings: under a page
         assert row["min_s"] <= row["median_s"]
-        flop = 4 * 64 ** 2 * 16  # the similarity tiles twice (half each, by symmetry) and the gradient product
+        # the similarity tiles twice (half each, by symmetry) and the gradient product; MoCo: 64 queries
+        # against 100 keys, the logits twice and the gradient product
+        flop = 6 * 64 * 100 * 16 if kind == "moco" else 4 * 64 ** 2 * 16
         assert row["gflops"] == flop / row["median_s"] / 1e9
         assert row["fraction_of_matmul"] == row["gflops"] / matmul["gflops"] > 0
         assert row["fraction_of_matmul_best"] >= row["fraction_of_matmul"]
-    assert rows["reference"]["speedup_vs_reference"] == 1.0
+    assert all(rows[kind, "reference"]["speedup_vs_reference"] == 1.0 for kind in ("ntxent", "supcon", "moco"))

@@ -74,7 +74,7 @@ def test_dry_run_writes_tables_for_the_readme(dry_run):
     assert "`python benchmark.py train --data $WORK/images --backbone test_resnet" in md  # the stand-in
     assert "(no GPU line ran)" in md and "not verified" not in md
     log = (out / "gpu_check.log").read_text()
-    assert log.count("\n$ ") == 6  # every command (pytest, train, evaluate, 3 benchmarks), with its output
+    assert log.count("\n$ ") == 7  # every command (pytest, train, evaluate, 4 benchmarks), with its output
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
 
 
