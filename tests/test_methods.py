@@ -139,8 +139,8 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(method):
         optimizer.step()
         optimizer.zero_grad()
     assert model.loss(model(views), labels).item() < first
-    # BYOL's predictor trains: every one of its weights has moved
-    assert all(not torch.equal(a, b) for a, b in zip(predictor, model.predictor.parameters()))
+    if method == "byol":  # the predictor trains: every one of its weights has moved
+        assert all(not torch.equal(a, b) for a, b in zip(predictor, model.predictor.parameters()))
 
 
 def test_supcon_refuses_a_batch_without_labels():
