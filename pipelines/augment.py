@@ -16,6 +16,7 @@ import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 
+from pipelines import EVAL_CROP
 from simclr_dali.settings import setting
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -215,8 +216,9 @@ def simclr_view(images, size: int, aug: Augment, layout: str = "CHW"):
     return normalize(views, mirror=fn.random.coin_flip(probability=aug.flip_p), layout=layout)
 
 
-def center_view(images, size: int, layout: str = "CHW"):
-    """The evaluation view: resize the shorter side to `size`, centre crop, normalise."""
-    images = fn.resize(images, resize_shorter=size)
+def center_view(images, size: int, layout: str = "CHW", crop: float = EVAL_CROP):
+    """The evaluation view: resize the shorter side to size / crop, centre crop size x size, normalise
+    (crop 1 keeps the whole resized image)."""
+    images = fn.resize(images, resize_shorter=math.floor(size / crop + 1e-6))
     return fn.crop_mirror_normalize(images, crop=[size, size], dtype=types.FLOAT, output_layout=layout,
                                     mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))

@@ -17,6 +17,7 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from pipelines import EVAL_CROP
 from pipelines.augment import Augment, center_view, decode, simclr_view
 from pipelines.sources import Source
 from pipelines.webdataset import IMAGE_EXTS, LABEL_BYTES, parse_labels
@@ -175,10 +176,10 @@ def two_view_pipeline(feeder, size: int, aug: Augment, gpu: bool, layout: str = 
 
 
 @pipeline_def
-def eval_pipeline(feeder, size: int, gpu: bool, layout: str = "CHW"):
+def eval_pipeline(feeder, size: int, gpu: bool, layout: str = "CHW", crop: float = EVAL_CROP):
     """No augmentation: (view, label)."""
     images, labels = read(feeder, gpu)
-    return center_view(images, size, layout), labels
+    return center_view(images, size, layout, crop), labels
 
 
 def layout_for(channels_last: bool) -> str:
@@ -270,11 +271,11 @@ def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, sh
 
 
 def eval_loader(source: Source, *, batch_size: int, size: int, workers: int,
-                device_id: int | None, channels_last: bool = False) -> Loader:
-    """Every image once, in order, as (view, label)."""
+                device_id: int | None, channels_last: bool = False, crop: float = EVAL_CROP) -> Loader:
+    """Every image once, in order, as (view, label): the central `crop` of each (augment.center_view)."""
     feeder = make_input(source, batch_size, Shard(), shuffle=False, drop_last=False)
     layout = layout_for(channels_last)
-    pipe = eval_pipeline(feeder, size, device_id is not None, layout, batch_size=batch_size,
+    pipe = eval_pipeline(feeder, size, device_id is not None, layout, crop, batch_size=batch_size,
                          num_threads=workers, device_id=device_id, seed=0)
     pipe.build()
     return Loader(pipe, feeder, ["view", "label"], layout=layout)

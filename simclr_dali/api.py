@@ -26,7 +26,8 @@ from simclr_dali.settings import to_argv
 def pretrain(config=None, **settings) -> Run:
     """Train in this process as `train.py` would with the flags that `config` (a training Config,
     default Config()) and `settings` (its field names, `aug=Augment(...)` included) differ from the
-    defaults by; returns the Run. A run stopped by a signal raises KeyboardInterrupt after its checkpoint."""
+    defaults by; a field left at its dataclass default is a flag left out, which the recipe and the
+    method set (README, Recipes and Methods). Returns the Run. A run stopped by a signal raises KeyboardInterrupt after its checkpoint."""
     from simclr_dali.training.config import Config
     from simclr_dali.training.loop import train
 

@@ -38,11 +38,14 @@ def test_the_readme_block_runs_as_it_stands(tmp_path):
 
 def test_settings_round_trip_through_the_command_line():
     cfg = Config(data="digits", epochs=3, lr=0.5, sync_bn=False, compile=True, log_with="tensorboard",
-                 aug=Augment(blur_p=0.0, jitter_strength=0.5))
+                 recipe="imagenet", aug=Augment(blur_p=0.0, jitter_strength=0.5))
     argv = to_argv(cfg)
     assert "--no-sync-bn" in argv and "--compile" in argv and ["--blur-p", "0.0"] == argv[argv.index("--blur-p"):][:2]
     assert "--data" not in argv  # digits is the default: only what differs is given
     assert train.parse_args(argv) == cfg
+    # a field left at the dataclass default is a flag left out: the recipe and the method set it
+    assert train.parse_args(to_argv(Config())) == train.parse_args([])
+    assert train.parse_args(to_argv(Config(method="moco"))).lr == 0.03
     ecfg = EvalConfig(run="runs/x", probe_epochs=7, plots=False)
     assert evaluate.parse_args(to_argv(ecfg)) == ecfg
 

@@ -25,13 +25,14 @@ SIMCLR = {"temperature": 0.1, "optimizer": "lars", "lr": 0.3, "weight_decay": 1e
     ("byol", {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "proj_hidden": 4096, "proj_dim": 256,
               "pred_hidden": 4096, "target_momentum": 0.996, "momentum_schedule": "cosine"})])
 def test_each_method_brings_its_paper_defaults(method, expected):
-    cfg = train.parse_args(["--method", method])
+    cfg = train.parse_args(["--method", method, "--image-size", "224"])  # the ImageNet recipe
     assert cfg.method == method
     assert {k: getattr(cfg, k) for k in expected} == expected
 
 
 def test_simclr_defaults_are_unchanged():
-    assert {k: getattr(train.parse_args([]), k) for k in SIMCLR} == SIMCLR
+    assert {k: getattr(train.parse_args(["--image-size", "224"]), k) for k in SIMCLR} == SIMCLR
+    assert {k: getattr(train.parse_args(["--recipe", "imagenet"]), k) for k in SIMCLR} == SIMCLR
     assert train.parse_args([]).method == "simclr"
 
 

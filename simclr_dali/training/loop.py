@@ -134,18 +134,21 @@ def prepare_model(p: Parts, given: set[str]) -> str:
     return bn
 
 
-def record(p: Parts, bn: str, screen) -> None:
+def record(p: Parts, bn: str, screen, given: set[str]) -> None:
     """config.json's settings and what the run worked out from them (DERIVED)."""
     from pipelines.loader import placement
+    from simclr_dali.training.recipes import recipe_record
 
-    acc = p.accelerator
+    acc, cfg = p.accelerator, p.cfg
+    values = {**dataclasses.asdict(cfg.aug), **dataclasses.asdict(cfg)}
     p.resolved = {**dataclasses.asdict(p.cfg), "world_size": acc.num_processes, "global_batch": p.global_batch,
                   "scaled_lr": p.lr, "steps_per_epoch": p.steps_per_epoch,
                   "n_train": len(p.source), "dali_placement": placement(p.device_id),
                   "loss_impl_resolved": p.loss_impl, "loss_operands": str(p.operands).removeprefix("torch."),
                   "batch_norm": bn, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                   "channels_last_resolved": p.channels_last, "warmup_epochs_resolved": warmup_epochs(p.cfg),
-                  "scan": screen.summary() if screen.checked else None}
+                  "scan": screen.summary() if screen.checked else None,
+                  **recipe_record(cfg.recipe, cfg.image_size, cfg.method, values, given)}
 
 
 def start_trackers(p: Parts, report) -> None:
@@ -281,7 +284,7 @@ def train(argv: list[str] | None = None) -> int:
     p = open_run(cfg, given)
     screen = prepare_data(p)
     bn = prepare_model(p, given)
-    record(p, bn, screen)
+    record(p, bn, screen, given)
 
     acc, steps = p.accelerator, p.steps_per_epoch
     start_step, loader_state, history = (resume(cfg, p.resuming, p.out, acc, p.model, steps, p.source.shards is not None)

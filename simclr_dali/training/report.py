@@ -71,6 +71,7 @@ class Report:
                              f"{cfg['steps_per_epoch']} steps per epoch"),
             ("optimiser", f"{cfg['optimizer']}, lr {cfg['scaled_lr']:.4g} ({cfg['lr_scaling']} scaling), "
                           f"{cfg['warmup_epochs_resolved']:g} warmup epochs, cosine"),
+            ("recipe", recipe_line(cfg)),
             ("method", cfg["method"]),
             ("loss", model.describe() + (f", {cfg['loss_impl_resolved']} implementation, {cfg['loss_operands']} "
                                          "products (fp32 sums)" if model.kernels else "")),
@@ -223,3 +224,10 @@ class Report:
             table.add_row(key, value)
         self.console.print(table)
 
+
+def recipe_line(cfg: dict) -> str:
+    """The panel's recipe row: which, why (auto), and what it set."""
+    name = cfg["recipe_resolved"]
+    why = f" (auto: {cfg['image_size']} px {'<=' if name == 'small' else '>'} 64)" if cfg["recipe"] == "auto" else ""
+    values = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in cfg["recipe_values"].items())
+    return f"{name}{why}" + (f": {values}" if values else "")
