@@ -14,7 +14,7 @@ from simclr_dali import training as train
 from simclr_dali.training.recipes import recipe_record, resolve
 
 IMAGENET = {"jitter_strength": 1.0, "blur_p": 0.5, "temperature": 0.1, "lr": 0.3, "weight_decay": 1e-6}
-SMALL = {"jitter_strength": 0.5, "blur_p": 0.0, "temperature": 0.5, "lr": 1.0, "weight_decay": 1e-4}
+SMALL = {"jitter_strength": 0.5, "blur_p": 0.0, "temperature": 0.2, "lr": 1.0, "weight_decay": 1e-4}
 
 
 def values(cfg) -> dict:
@@ -47,7 +47,7 @@ def test_flags_given_win_over_the_recipe_and_are_not_its_values():
     assert values(cfg) == {**SMALL, "jitter_strength": 0.8, "lr": 0.5, "blur_p": 0.3}
     flat = {**dataclasses.asdict(cfg.aug), **dataclasses.asdict(cfg)}
     assert recipe_record(cfg.recipe, cfg.image_size, cfg.method, flat, given)["recipe_values"] == {
-        "temperature": 0.5, "weight_decay": 1e-4}
+        "temperature": 0.2, "weight_decay": 1e-4}
 
 
 def test_other_methods_take_the_small_augmentations_and_keep_their_own_loss_and_optimiser():
