@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
-DEMO_FLAGS ?= --backbone resnet10t --image-size 32 --epochs 8 --batch-size 64 --lr 1.0 --warmup-epochs 1 --temperature 0.2
+DEMO_FLAGS ?= --backbone resnet10t --image-size 32 --epochs 8 --batch-size 64
 
 .PHONY: venv demo test test-fast bench clean
 
