@@ -202,4 +202,5 @@ def test_supcon_and_moco_train_end_to_end_and_name_the_method(small_folder, tmp_
         assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"])
     text = capsys.readouterr().out
     assert "SupCon (L_out" in text and "InfoNCE against a queue of 16 keys" in text
+    assert "recipe small (auto: 32 px <= 64): jitter_strength 0.5, blur_p 0" in " ".join(text.split())
 

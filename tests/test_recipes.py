@@ -63,6 +63,12 @@ def test_a_recorded_run_keeps_what_its_recipe_set(tmp_path):
     assert values(again) == values(cfg) and again.image_size == 224  # recorded values over the new recipe
 
 
+def test_a_run_from_a_recorded_config_gives_the_recorded_account():
+    recorded = {"recipe_resolved": "small", "recipe_values": {"jitter_strength": 0.5, "lr": 1.0}}
+    assert recipe_record("auto", 224, "simclr", {}, {"lr", "out"}, recorded) == {
+        "recipe_resolved": "small", "recipe_values": {"jitter_strength": 0.5}}
+
+
 def test_an_unknown_recipe_is_refused(capsys):
     with pytest.raises(SystemExit):
         train.main(["--recipe", "cifar"])

@@ -148,7 +148,8 @@ def record(p: Parts, bn: str, screen, given: set[str]) -> None:
                   "batch_norm": bn, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                   "channels_last_resolved": p.channels_last, "warmup_epochs_resolved": warmup_epochs(p.cfg),
                   "scan": screen.summary() if screen.checked else None,
-                  **recipe_record(cfg.recipe, cfg.image_size, cfg.method, values, given)}
+                  **recipe_record(cfg.recipe, cfg.image_size, cfg.method, values, given,
+                                  json.loads(Path(cfg.config).read_text()) if cfg.config else None)}
 
 
 def start_trackers(p: Parts, report) -> None:

@@ -37,8 +37,14 @@ def recipe_defaults(recipe: str, method: str) -> dict:
     return {**RECIPES[recipe], **(SMALL_SIMCLR if recipe == "small" and method == "simclr" else {})}
 
 
-def recipe_record(recipe: str, image_size: int, method: str, values: dict, given: set[str]) -> dict:
-    """config.json's account: the recipe resolved, and the values it set that no flag overrode."""
+def recipe_record(recipe: str, image_size: int, method: str, values: dict, given: set[str],
+                  recorded: dict | None = None) -> dict:
+    """config.json's account: the recipe resolved, and the values it set that no flag overrode. A run
+    from --config took its settings from the recorded run, so its account is that run's (less what a
+    flag given now overrides)."""
+    if recorded and "recipe_values" in recorded:
+        return {"recipe_resolved": recorded.get("recipe_resolved", resolve(recipe, image_size)),
+                "recipe_values": {k: v for k, v in recorded["recipe_values"].items() if k not in given}}
     resolved = resolve(recipe, image_size)
     return {"recipe_resolved": resolved,
             "recipe_values": {k: values[k] for k in recipe_defaults(resolved, method) if k not in given}}
