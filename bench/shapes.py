@@ -33,15 +33,18 @@ def outline(name: str, radius: float, turn: float) -> list[list[tuple[float, flo
         circle = polygon(48, radius, 0)
         if name == "circle":
             return [circle]
-        inner = polygon(48, radius * 0.55, 0) if name == "ring" else \
-            [(x + radius * 0.45 * math.cos(turn), y + radius * 0.45 * math.sin(turn)) for x, y in polygon(48, radius * 0.85, 0)]
-        return [circle, inner]
+        if name == "ring":
+            return [circle, polygon(48, radius * 0.55, 0)]
+        dx, dy = radius * 0.45 * math.cos(turn), radius * 0.45 * math.sin(turn)  # the bite out of the crescent
+        return [circle, [(x + dx, y + dy) for x, y in polygon(48, radius * 0.85, 0)]]
     if name in ("square", "triangle", "pentagon", "hexagon"):
         return [polygon({"square": 4, "triangle": 3, "pentagon": 5, "hexagon": 6}[name], radius, turn)]
     if name == "star":
         return [polygon(5, radius, turn, star=True)]
-    rotate = lambda pts: [(x * math.cos(turn) - y * math.sin(turn), x * math.sin(turn) + y * math.cos(turn))
-                          for x, y in pts]
+
+    def rotate(pts):
+        return [(x * math.cos(turn) - y * math.sin(turn), x * math.sin(turn) + y * math.cos(turn)) for x, y in pts]
+
     w = radius * 0.35
     if name == "cross":
         return [rotate([(-radius, -w), (radius, -w), (radius, w), (-radius, w)]),

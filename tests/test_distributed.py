@@ -154,7 +154,7 @@ def test_two_processes_train_each_method(data, method, tmp_path):
     if method != "moco":
         return
     assert load_file(str(out / "checkpoint" / "model.safetensors"))["queue_next"].item() == (4 * 8) % 5
-    r = run_cli("train.py", "--data", str(folder), "--out", str(out), *TINY, *flags, "--epochs", "3", "--batch-size", "8",
-                "--resume")
+    r = run_cli("train.py", "--data", str(folder), "--out", str(out), *TINY, *flags, "--epochs", "3",
+                "--batch-size", "8", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert load_file(str(out / "checkpoint" / "model.safetensors"))["queue_next"].item() == (6 * 8) % 5

@@ -295,8 +295,8 @@ def evaluate_run(cfg: EvalConfig) -> dict:
         labels_read(feats[name][3], test_src, "test")
         results[name] = frozen_scores(*feats[name], cfg, device)
     results = {**results.pop("simclr"), **results}
-    results.update(method=run_cfg.get("method", "simclr"), crop=cfg.crop, n_train=len(train_src), n_test=len(test_src), data=data,
-                   test_data=test_data, device=str(device))
+    results.update(method=run_cfg.get("method", "simclr"), crop=cfg.crop, n_train=len(train_src),
+                   n_test=len(test_src), data=data, test_data=test_data, device=str(device))
     if screen.bad:
         results["skipped_files"] = [p for p, _ in screen.bad]
     if cfg.finetune:

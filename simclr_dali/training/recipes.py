@@ -22,7 +22,8 @@ RECIPES = {
     "imagenet": {},
     "small": {"jitter_strength": 0.5, "blur_p": 0.0},  # appendix B.9; google-research/simclr --use_blur=False
 }
-SMALL_SIMCLR = {"temperature": 0.2, "lr": 1.0, "weight_decay": 1e-4}  # solo-learn; google-research/simclr's CIFAR-10 command
+# SimCLR's loss and optimiser at small sizes: solo-learn's temperature, google-research/simclr's CIFAR-10 lr and decay
+SMALL_SIMCLR = {"temperature": 0.2, "lr": 1.0, "weight_decay": 1e-4}
 
 
 def resolve(recipe: str, image_size: int) -> str:
