@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.06, help="SGD learning rate per 128 images (lightly's 0.06)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     width = backbone.num_features
     model = nn.Sequential(backbone, nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 128))
     criterion = NTXentLoss(temperature=0.5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * args.batch_size / 128, momentum=0.9,
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * args.batch_size / 128, momentum=0.9,
                                 weight_decay=5e-4)
     steps, warmup = args.epochs * len(loader), len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
