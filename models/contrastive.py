@@ -28,32 +28,18 @@ import torch
 import torch.nn.functional as F
 
 from models.ntxent import (
-    SIXTEEN_BIT,
     _block,
     _GatherRows,
     _NTXent,
     _triton_kernels_cross,
+    _widened,
     _world,
-    resolve_impl,
+    as_read,
+    gather,
+    kernel_operands,
+    precision,
 )
 from models.ntxent_tiled import cross_grad, cross_stats
-
-
-def _read(z: torch.Tensor, operands: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
-    """z as the products read it (rounded to 16-bit operands), the gradient straight through."""
-    return z + (z.to(operands).to(dtype) - z).detach() if operands in SIXTEEN_BIT else z
-
-
-def _resolved(z: torch.Tensor, impl: str, operands: torch.dtype | None) -> tuple[torch.dtype, torch.dtype, str]:
-    """(dtype of the sums, operands, implementation), checked as nt_xent_loss checks them."""
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    operands = operands or (z.dtype if z.dtype in SIXTEEN_BIT else dtype)
-    if operands not in (*SIXTEEN_BIT, torch.float32, torch.float64):
-        raise ValueError(f"operands must be torch.bfloat16, float16, float32 or None, got {operands}")
-    impl = resolve_impl(impl, z.device, operands)
-    if impl == "triton":
-        _triton_kernels_cross()  # a clear error where triton is missing
-    return dtype, operands, impl
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,9 +84,7 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor | None, labels: torch.Tensor,
                          f"and {tuple(labels.shape)}")
     if z1.shape[0] == 0:
         raise ValueError("SupCon needs at least one row, got an empty batch")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    dtype, operands, impl = _resolved(z1, impl, operands)
+    dtype, operands, impl = precision(z1, temperature, impl, operands)
     n, rows = z1.shape[0], z1.shape[0] * len(views)
     world, rank = _world(distributed)
     with torch.autocast(z1.device.type, enabled=False):
@@ -109,13 +93,9 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor | None, labels: torch.Tensor,
         image = rank * n + torch.arange(n, device=z.device)  # unlabelled (-1): a class per image
         y = torch.where(y >= 0, y, -2 - image).repeat(len(views))  # (R,) both views share their label
         if world > 1:
-            import torch.distributed as dist
-            z = _GatherRows.apply(z, world, rank)  # (RW, D), gradients back to every rank
-            parts = [torch.empty_like(y) for _ in range(world)]
-            dist.all_gather(parts, y)
-            y = torch.cat(parts)
+            z, y = _GatherRows.apply(z, world, rank), gather(y)  # (RW, D), gradients back to every rank
         offset = rank * rows
-        ids, read = _class_ids(y), _read(z, operands, dtype)
+        ids, read = _class_ids(y), as_read(z, operands, dtype)
         if impl == "reference":
             return _supcon_reference_rows(read, ids, offset, rows, temperature)
         sums = torch.zeros_like(read).index_add_(0, ids, read)  # (M, D) S per class id
@@ -126,10 +106,8 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor | None, labels: torch.Tensor,
         mean_pos = (mine * (sums[ids[offset:offset + rows]] - mine)).sum(1) / (temperature * positives.clamp(min=1))
         half = n if z2 is not None else 0  # the kernels' own positive (partner, or self), taken back out below
         partner = (mine * mine.roll(half, 0)).sum(1) / temperature
-        if impl == "triton" and operands == torch.float64:
-            operands = torch.float32
         lse_part = _NTXent.apply(z, offset, half, temperature, impl, _block(impl, block, z.device, z.shape[0]),
-                                 operands, rows, keep)  # sum(keep * lse) / R - mean(kernel's positive)
+                                 kernel_operands(impl, operands), rows, keep)  # sum(keep lse) / R - mean(its pos)
         return lse_part + partner.mean() - (keep * mean_pos).sum() / rows
 
 
@@ -140,14 +118,7 @@ def _reference_queue_lse(q: torch.Tensor, queue: torch.Tensor, temperature: floa
     return torch.logsumexp((q / temperature) @ queue.T, dim=1)  # (R,) builds (R, K)
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """16-bit operands widened exactly to float32 for torch's CPU products (as ntxent._widened)."""
-    return x.float() if x.dtype in SIXTEEN_BIT else x
-
-
-_CROSS = {"tiled": lambda: (lambda q, c, *args: cross_stats(_wide(q), _wide(c), *args),
-                            lambda q, c, *args: cross_grad(_wide(q), _wide(c), *args)),
-          "triton": _triton_kernels_cross}
+_CROSS = {"tiled": lambda: (_widened(cross_stats), _widened(cross_grad)), "triton": _triton_kernels_cross}
 
 
 class _QueueLSE(torch.autograd.Function):
@@ -184,19 +155,15 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
                          f"{tuple(k.shape)} and {tuple(queue.shape)}")
     if q.shape[0] == 0 or queue.shape[0] == 0:
         raise ValueError("MoCo needs at least one query and one queued key")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    dtype, operands, impl = _resolved(q, impl, operands)
+    dtype, operands, impl = precision(q, temperature, impl, operands)
     with torch.autocast(q.device.type, enabled=False):
-        qn = _read(F.normalize(q.to(dtype), dim=1), operands, dtype)  # (R, D)
+        qn = as_read(F.normalize(q.to(dtype), dim=1), operands, dtype)  # (R, D)
         kn = F.normalize(k.detach().to(dtype), dim=1).to(operands).to(dtype)
         cols = queue.detach().to(operands).to(dtype)
         positive = (qn * kn).sum(1) / temperature  # (R,)
         if impl == "reference":
             negatives = _reference_queue_lse(qn, cols, temperature)
         else:
-            if impl == "triton" and operands == torch.float64:
-                operands = torch.float32
-            negatives = _QueueLSE.apply(qn, cols, temperature, impl,
-                                        _block(impl, block, q.device, q.shape[0] + queue.shape[0]), operands)
+            negatives = _QueueLSE.apply(qn, cols, temperature, impl, _block(impl, block, q.device,
+                                        q.shape[0] + queue.shape[0]), kernel_operands(impl, operands))
         return (torch.logaddexp(positive, negatives) - positive).mean()

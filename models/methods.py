@@ -112,10 +112,9 @@ class _Momentum(SimCLR):
     def after_step(self, taken: torch.Tensor, progress: float) -> None:
         """target <- target + (1 - m) (online - target), where the step was taken (else unchanged)."""
         weight = taken.to(torch.float32) * (1 - self.momentum(progress))  # on the device: no host read
-        for target, online in zip(self.targets(), self.online()):
-            params = [p for p in target.parameters()]
-            sources = [p.detach() for p in online.parameters()]
-            torch._foreach_lerp_(params, sources, weight.to(params[0].dtype))
+        targets = [p for module in self.targets() for p in module.parameters()]
+        online = [p.detach() for module in self.online() for p in module.parameters()]
+        torch._foreach_lerp_(targets, online, weight.to(targets[0].dtype))
 
 
 class MoCo(_Momentum):
@@ -156,7 +155,7 @@ class MoCo(_Momentum):
     def after_step(self, taken: torch.Tensor, progress: float) -> None:
         super().after_step(taken, progress)
         if self.pending is not None:
-            self.enqueue(gather(self.pending), taken)
+            self.enqueue(ntxent.gather(self.pending), taken)
             self.pending = None
 
     @torch.no_grad()
@@ -205,16 +204,6 @@ def normalized_mse(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     with torch.autocast(p.device.type, enabled=False):
         cos = F.cosine_similarity(p.float(), t.float(), dim=1)
         return (2 - 2 * cos).mean()
-
-
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, in rank order (no gradient); x itself when alone."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 METHODS = {"simclr": SimCLR, "supcon": SupCon, "moco": MoCo, "byol": BYOL}

@@ -108,18 +108,19 @@ def _triton_kernels():
     return ntxent_triton.triton_stats, ntxent_triton.triton_grad
 
 
+@functools.cache
 def _triton_kernels_cross():
-    if not _triton_installed():
-        raise ValueError("impl='triton' needs the triton package, which is not installed; use impl='tiled'")
-    from models import ntxent_triton
+    from models import ntxent_triton  # as _triton_kernels: MoCo's queue against its rows
     return ntxent_triton.triton_cross_stats, ntxent_triton.triton_cross_grad
 
 
 def _widened(kernel):
     """A tiled kernel on 16-bit operands widened (exactly) to float32: torch's CPU products of 16-bit
     tensors return 16-bit results, where the Triton kernels accumulate and keep the products in float32.
-    The wide copy lives for one kernel call; what the backward keeps is the 16-bit operand."""
-    return lambda z, *args: kernel(z.float() if z.dtype in SIXTEEN_BIT else z, *args)
+    The wide copies live for one kernel call; what the backward keeps are the 16-bit operands."""
+    def wide(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype in SIXTEEN_BIT else x
+    return lambda *args: kernel(*map(wide, args))
 
 
 _KERNELS = {"tiled": lambda: (_widened(tiled_stats), _widened(tiled_grad)), "triton": _triton_kernels}
@@ -209,6 +210,44 @@ def _world(distributed: bool | None) -> tuple[int, int]:
     return dist.get_world_size(), dist.get_rank()
 
 
+def precision(z: torch.Tensor, temperature: float, impl: str,
+              operands: torch.dtype | None) -> tuple[torch.dtype, torch.dtype, str]:
+    """(dtype of the normalisation, sums and loss; what the products read; the implementation) for the
+    losses on these kernels (NT-Xent here, SupCon and MoCo in models/contrastive.py), checked."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    operands = operands or (z.dtype if z.dtype in SIXTEEN_BIT else dtype)
+    if operands not in (*SIXTEEN_BIT, torch.float32, torch.float64):
+        raise ValueError(f"operands must be torch.bfloat16, float16, float32 or None, got {operands}")
+    impl = resolve_impl(impl, z.device, operands)
+    if impl == "triton" and not _triton_installed():
+        raise ValueError("impl='triton' needs the triton package, which is not installed; use impl='tiled'")
+    return dtype, operands, impl
+
+
+def kernel_operands(impl: str, operands: torch.dtype) -> torch.dtype:
+    """What a kernel reads: Triton computes in fp32 at most."""
+    return torch.float32 if impl == "triton" and operands == torch.float64 else operands
+
+
+def as_read(z: torch.Tensor, operands: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """z as the products read it (rounded once to 16-bit operands), the gradient straight through: what
+    the full-matrix references and the PyTorch terms beside the kernels compute on."""
+    return z + (z.to(operands).to(dtype) - z).detach() if operands in SIXTEEN_BIT else z
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows in rank order, without gradient (labels, MoCo's keys); x itself when alone."""
+    world, _ = _world(None)
+    if world == 1:
+        return x
+    import torch.distributed as dist
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, *,
                  impl: str = "auto", block: int | tuple[int, int] | None = None,
                  distributed: bool | None = None, operands: torch.dtype | None = None) -> torch.Tensor:
@@ -227,15 +266,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, *
         raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1.shape[0] == 0:
         raise ValueError("NT-Xent needs at least one pair of views, got an empty batch")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    dtype = torch.promote_types(z1.dtype, torch.float32)  # normalisation, sums, the loss
-    operands = operands or (z1.dtype if z1.dtype in SIXTEEN_BIT else dtype)
-    if operands not in (*SIXTEEN_BIT, torch.float32, torch.float64):
-        raise ValueError(f"operands must be torch.bfloat16, float16, float32 or None, got {operands}")
-    impl = resolve_impl(impl, z1.device, operands)
-    if impl == "triton" and not _triton_installed():
-        raise ValueError("impl='triton' needs the triton package, which is not installed; use impl='tiled'")
+    dtype, operands, impl = precision(z1, temperature, impl, operands)
     n = z1.shape[0]
     world, rank = _world(distributed)
     block = _block(impl, block, z1.device, 2 * n * world)
@@ -245,8 +276,5 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, *
             z = _GatherRows.apply(z, world, rank)  # (2nW, D), per rank [z1_r; z2_r]
         offset = rank * 2 * n
         if impl == "reference":  # the same rounded operands (the gradient straight through), sums in dtype
-            rows = z + (z.to(operands).to(dtype) - z).detach() if operands in SIXTEEN_BIT else z
-            return _reference_rows(rows, offset, n, temperature)
-        if impl == "triton" and operands == torch.float64:
-            operands = torch.float32  # Triton computes in fp32 at most
-        return _NTXent.apply(z, offset, n, temperature, impl, block, operands)
+            return _reference_rows(as_read(z, operands, dtype), offset, n, temperature)
+        return _NTXent.apply(z, offset, n, temperature, impl, block, kernel_operands(impl, operands))

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,13 @@ def write_cifar(root: Path, kind: str = "cifar10", n: int = 20, seed: int = 0) -
 def panel_words(text: str) -> str:
     """What a rich panel or table says, as one line: box characters and line wrapping gone."""
     return " ".join(re.sub("[│╭╮╰╯─┏┓┗┛┃━┡┩╇┳┻╋┼├┤┬┴┌┐└┘]", " ", text).split())
+
+
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now (for a test's own process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):

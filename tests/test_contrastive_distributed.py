@@ -7,7 +7,6 @@ every rank's share). MoCo's loss involves no other rank; its queue is filled fro
 both ranks hold the same queue, the one a single process filling it with the whole batch holds.
 """
 import os
-import socket
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 from error_bounds import InfoNCEBound, SupConBound, max_abs_error
 
 pytestmark = pytest.mark.slow  # two processes over gloo
@@ -26,12 +26,6 @@ if not torch.cuda.is_available():  # the interpreter on CPU tensors (see test_nt
     CASES += [("triton", (16, 16), torch.float32)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, port, z1, z2, q, k, keys, out_dir):
     if "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -39,7 +33,8 @@ def _worker(rank, port, z1, z2, q, k, keys, out_dir):
     try:
         from models.backbone import create_backbone
         from models.contrastive import moco_loss, supcon_loss
-        from models.methods import MoCo, gather
+        from models.methods import MoCo
+        from models.ntxent import gather
 
         rows = slice(rank * N, (rank + 1) * N)
         results = {"supcon": []}
@@ -70,7 +65,7 @@ def ranks(tmp_path_factory):
     q, k = torch.randn(WORLD * N, DIM, generator=g), torch.randn(WORLD * N, DIM, generator=g)
     keys = [F.normalize(torch.randn(WORLD * 3, DIM, generator=g), dim=1) for _ in range(3)]
     out = str(tmp_path_factory.mktemp("ranks"))
-    mp.spawn(_worker, args=(_free_port(), z1, z2, q, k, keys, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), z1, z2, q, k, keys, out), nprocs=WORLD, join=True)
     return (z1, z2, q, k, keys), [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
 
 

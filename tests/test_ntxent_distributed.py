@@ -7,7 +7,6 @@ mean over its own 2n anchors, with negatives gathered from both ranks. Then
 so averaging parameter gradients over ranks (DDP, accelerate) gives the single-process gradient.
 """
 import os
-import socket
 import sys
 
 import torch
@@ -18,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from conftest import free_port  # noqa: E402
 from error_bounds import NTXentBound  # noqa: E402
 
 from models.ntxent import nt_xent_loss, nt_xent_reference  # noqa: E402
@@ -33,12 +33,6 @@ N_PER_RANK, DIM = 7, 13  # odd shapes catch offset and masking bugs
 CASES = [("reference", None, 0.1), ("tiled", 5, 0.1), ("tiled", None, 0.05), ("tiled", 3, 1.0)]
 if not torch.cuda.is_available():
     CASES += [("triton", (16, 16), 0.1), ("triton", (16, 16), 0.05)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, z1, z2, out_dir):
@@ -66,7 +60,7 @@ def two_ranks(tmp_path_factory):
     z1 = torch.randn(WORLD * N_PER_RANK, DIM, generator=g)
     z2 = torch.randn(WORLD * N_PER_RANK, DIM, generator=g) + 0.5 * z1
     out = str(tmp_path_factory.mktemp("ranks"))
-    mp.spawn(_worker, args=(_free_port(), z1, z2, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), z1, z2, out), nprocs=WORLD, join=True)
     return z1, z2, [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
 
 

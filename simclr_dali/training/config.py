@@ -6,7 +6,6 @@ import argparse
 from dataclasses import dataclass, field
 
 from models.methods import METHODS
-from simclr_dali.training.recipes import recipe_defaults, resolve
 from pipelines.augment import Augment
 from simclr_dali.settings import (
     Parser,
@@ -18,6 +17,7 @@ from simclr_dali.settings import (
     recorded_settings,
     setting,
 )
+from simclr_dali.training.recipes import RECIPES, recipe_defaults, resolve
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Config:
     momentum: float = setting(0.9, low=0, high=1, below=True)  # momentum for lars, sgd and momentum (sgd: Nesterov momentum when above 0)
     weight_decay: float = setting(1e-6, low=0)  # weight decay (biases and norm weights are exempt)
     warmup_epochs: float = setting(-1.0, low=0, off=-1.0, off_means="the default")  # linear warmup in epochs, then cosine decay to zero (-1: the paper's 10, at most a tenth of the run)
-    recipe: str = setting("auto", choices=("auto", "imagenet", "small"))  # defaults that fit the data, under the flags given: small (the paper's CIFAR-10 setting) for images of 64 px or less, imagenet above (auto), or either by name (README, Recipes)
+    recipe: str = setting("auto", choices=("auto", *RECIPES))  # defaults that fit the data, under the flags given: small (the paper's CIFAR-10 setting) for images of 64 px or less, imagenet above (auto), or either by name (README, Recipes)
     method: str = setting("simclr", choices=tuple(METHODS))  # simclr, supcon (needs labels), moco or byol; each brings its paper's defaults for the settings not given (README, Methods)
     temperature: float = setting(0.1, low=0, above=True)  # tau of the contrastive loss (NT-Xent, SupCon, MoCo)
     queue_size: int = setting(65536, low=1)  # MoCo: keys of earlier steps in the queue of negatives
@@ -95,7 +95,7 @@ def parse_command(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     recorded = known.config
     method = known.method if known.method in METHODS else "simclr"  # else the parser refuses it below
     parser.set_defaults(**METHODS[method].defaults)  # the method's paper values
-    if known.recipe in ("auto", "imagenet", "small") and known.image_size.isdigit():  # else refused below
+    if known.recipe in ("auto", *RECIPES) and known.image_size.isdigit():  # else refused below
         parser.set_defaults(**recipe_defaults(resolve(known.recipe, int(known.image_size)), method))
     if recorded:  # a new run: --resume is an action of the recorded run, not one of its settings
         actions = frozenset({"resume", "resume_from", "config"})

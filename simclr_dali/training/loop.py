@@ -243,7 +243,9 @@ def train_epochs(loop: Loop, start_epoch: int, last: int) -> int | None:
             p.scheduler.step_update(loop.step)
             views = torch.cat([view1, view2]).to(acc.device, non_blocking=True)
             outputs = p.model(views)  # one pass over both views (BN sees both): (2B, proj_dim) for SimCLR
-            loss = p.method.loss(outputs, labels.view(-1).to(acc.device, non_blocking=True))
+            if p.method.needs_labels:  # SupCon's; the other losses leave them where the loader put them
+                labels = labels.view(-1).to(acc.device, non_blocking=True)
+            loss = p.method.loss(outputs, labels)
             acc.backward(loss)
             loop.step += 1
             taken = loop.guard.step(loss, loop.step)

@@ -31,10 +31,10 @@ def build_optimizer(cfg, model, lr: float, steps_per_epoch: int):
     from timm.scheduler import CosineLRScheduler
 
     kwargs = {"momentum": cfg.momentum} if cfg.optimizer in ("lars", "sgd", "momentum") else {"fused": True}
+    if cfg.optimizer in ("sgd", "momentum"):  # momentum: timm's name for SGD with plain (heavy-ball) momentum
+        kwargs["fused"] = True
     if cfg.optimizer == "sgd":  # timm's sgd is Nesterov's, which needs momentum
-        kwargs.update(fused=True, nesterov=cfg.momentum > 0)
-    if cfg.optimizer == "momentum":  # timm's name for SGD with plain (heavy-ball) momentum, as MoCo trains
-        kwargs.update(fused=True)
+        kwargs["nesterov"] = cfg.momentum > 0
     optimizer = create_optimizer_v2(model, cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
                                     filter_bias_and_bn=True, **kwargs)
     if isinstance(optimizer, Lars):  # the same parameter groups and settings, skippable on the device
