@@ -191,7 +191,10 @@ def gaussian_blur(images, size: int, aug: Augment):
             window = cap  # every sigma gets the cap (3 taps below 35 px): one size for the batch
         else:
             window = dmath.min(2 * fn.cast(dmath.ceil(3.0 * sigma), dtype=types.INT32) + 1, cap)
-        if window == 3:  # a number: one 2-D filter, quicker on a CPU than gaussian_blur's per-image kernel set-up
+        # `window` is a number, or a DataNode (a size per sample) whose truth value DALI refuses: test its type
+        # first. A 3-tap window for the whole batch is one 2-D filter, quicker on a CPU than gaussian_blur's
+        # per-image kernel set-up.
+        if isinstance(window, int) and window == 3:
             kernel = gaussian_kernel(sigma, window)
             images = fn.filter(images, kernel.gpu() if images.device == "gpu" else kernel)
         else:

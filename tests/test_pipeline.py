@@ -269,6 +269,30 @@ def test_blur_matches_a_separable_gaussian_oracle(sigma, size, device):
     assert off_grid(img, expected, blur).max() > ROUND_TRIP  # and it did blur: the image itself is off the oracle
 
 
+@pytest.mark.parametrize("size,sigma", [(48, 0.3), (96, 1.0), (224, 2.0)])
+def test_a_random_sigma_blurs_with_a_window_per_sample_at_every_size(size, sigma, device):
+    """A sigma drawn per image gives a window per image (a DataNode), 2 ceil(3 sigma) + 1 capped at a tenth of the
+    side: 3 taps at 48 px, 9 at 96, 15 at 224. The range [sigma, sigma + 1e-4] keeps sigma known to the oracle, and a
+    draw still happens (a range of one value is a plain number, the path the test above takes)."""
+    from scipy.ndimage import correlate1d
+
+    spread = 1e-4
+    src = arrays(n=4, size=size)
+    aug = Augment(**{**IDENTITY.__dict__, "blur_p": 1.0, "blur_sigma_min": sigma, "blur_sigma_max": sigma + spread})
+    v1, _, y = first_epoch(src, aug, batch_size=4, size=size, device=device)[0]
+    window = min(2 * int(np.ceil(3 * (sigma + spread))) + 1, aug.blur_window(size))
+    x = np.arange(window) - window // 2
+    w = np.exp(-x ** 2 / (2 * sigma ** 2))
+    w /= w.sum()
+    img = src.images[y.view(-1).numpy()].astype(np.float64)
+    expected = correlate1d(correlate1d(img, w, axis=1, mode="mirror"), w, axis=2, mode="mirror")
+    # as above, plus the drawn sigma's distance from 1: normalised taps move by at most 2 spread / sigma in all (the
+    # derivative of a normalised Gaussian in sigma sums to at most 2 / sigma in absolute value), per pass of 255 levels
+    blur = 2 * gamma(2 * window + 6, U) * 255 + 2 * 255 * 2 * spread / sigma
+    assert off_grid(pixels(v1).numpy(), expected, blur).max() <= ROUND_TRIP
+    assert off_grid(img, expected, blur).max() > ROUND_TRIP
+
+
 @pytest.mark.parametrize("kind", ["arrays", "jpegs"])
 def test_checkpoint_mid_epoch_resumes_the_rest_bitwise(kind, device, tmp_path):
     """Loader.state() after some batches, given to a new pipeline, yields the rest of the epoch bit for
