@@ -144,9 +144,10 @@ class ShardReader:
 
     def read(self):
         # stick_to_shard: refilling the buffer after the part's last sample reads the part's first ones
-        # again (as its next epoch would), not the next process's part
+        # again (as its next epoch would), not the next process's part; extensions match whatever their case
+        # (`.JPEG` is an image, as in a folder: a case-sensitive ext gives the decoder empty samples)
         encoded, cls = fn.readers.webdataset(
-            paths=self.paths, index_paths=self.index_paths, ext=[IMAGE_EXTS, "cls"],
+            paths=self.paths, index_paths=self.index_paths, ext=[IMAGE_EXTS, "cls"], case_sensitive_extensions=False,
             missing_component_behavior="empty", shard_id=self.shard.index, num_shards=self.shard.count,
             random_shuffle=self.shuffle, initial_fill=self.buffer, stick_to_shard=True,
             pad_last_batch=not self.drop_last, name="Reader")

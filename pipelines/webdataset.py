@@ -4,13 +4,21 @@ shards are named `shard-NNNNNN.tar`; the held-out test shards that `pipelines.pa
 them, `test-NNNNNN.tar` (a `wds:` source's test split, never read for training).
 
 Index format (DALI's, version v1.2): a header `v1.2 N` then one line per sample listing each of its
-components as `ext offset size name`.
+components as `ext offset size name`. Shards written by any tool (the webdataset library, img2dataset,
+`tar -cf` on a folder) are indexed here (`index_tar`) where they come without one: written beside the
+shard, or in a cache folder where that folder cannot be written (`python -m pipelines.index` does it
+ahead).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
+import os
+import re
+import shlex
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +26,8 @@ import numpy as np
 from pipelines import IMAGE_EXTENSIONS
 from simclr_dali.errors import UserError
 
-IMAGE_EXTS = ";".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))  # DALI's ext: the folder source's list
+IMAGE_SUFFIXES = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # a component's ext, lower-cased
+IMAGE_EXTS = ";".join(sorted(IMAGE_SUFFIXES))  # DALI's ext (matched case-insensitively): the folder source's list
 LABEL_BYTES = 12  # .cls contents are padded to this many bytes on their way through DALI
 TRAIN_PREFIX, TEST_PREFIX = "shard-", "test-"  # file names of training and test shards
 
@@ -37,35 +46,49 @@ def index_path(shard: str) -> str:
     return str(Path(shard).with_suffix(".idx"))
 
 
-REINDEX = "write the shards again with 'python -m pipelines.pack', or index them with DALI's wds2idx"
+def index_command(shard: str) -> str:
+    """The command that writes our index of `shard`, replacing the one it has."""
+    return f"python -m pipelines.index {shlex.quote(str(shard))} --force"
+
+
+def reindex(shard: str) -> str:
+    """How a bad index is made good: the end of every sentence about one."""
+    return (f"write the shards again with 'python -m pipelines.pack', or index the shard again with "
+            f"'{index_command(shard)}'")
 
 
 def count_samples(index_file: str, shard: str) -> tuple[int, int]:
     """(samples, their encoded bytes) that a DALI webdataset index lists, after checking it whole: its
-    'v1.2 N' header, N lines of 'EXT OFFSET SIZE NAME' components, each inside its tar shard."""
+    'v1.2 N' header, N lines of 'EXT OFFSET SIZE NAME' components, each sample with an image, each component
+    inside its tar shard."""
     path, shard = Path(index_file), Path(shard)
+    again = reindex(str(shard))
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not a DALI webdataset index (it holds binary data): {REINDEX}") from None
+        raise UserError(f"{path} is not a DALI webdataset index (it holds binary data): {again}") from None
     header = lines[0].split()
     if len(header) != 2 or not header[0].startswith("v1") or not header[1].isdigit():
-        raise UserError(f"{path} is not a DALI webdataset index (its first line should be 'v1.2 N'): {REINDEX}")
+        raise UserError(f"{path} is not a DALI webdataset index (its first line should be 'v1.2 N'): {again}")
     count, entries = int(header[1]), [line for line in lines[1:] if line.strip()]
     if len(entries) != count or (count and lines[-1] != ""):
-        raise UserError(f"{path} is cut short ({len(entries)} of the {count} samples it announces): {REINDEX}")
+        raise UserError(f"{path} is cut short ({len(entries)} of the {count} samples it announces): {again}")
     end, nbytes = shard.stat().st_size, 0
     with open(shard, "rb") as tar:
         for number, line in enumerate(entries, start=2):
             parts = line.split()
             ok = parts and len(parts) % 4 == 0 and all(p.isdigit() for p in parts[1::4] + parts[2::4])
             if not ok:
-                raise UserError(f"line {number} of {path} is not 'EXT OFFSET SIZE NAME': {REINDEX}")
+                raise UserError(f"line {number} of {path} is not 'EXT OFFSET SIZE NAME': {again}")
+            if not any(ext.lower() in IMAGE_SUFFIXES for ext in parts[0::4]):  # DALI would hand the decoder b""
+                raise UserError(f"{path} lists sample {number - 1} of shard {shard} ({parts[3]}) without an image, as "
+                                f"DALI's wds2idx does where a sample's members are not next to each other in the tar: "
+                                f"index the shard with '{index_command(str(shard))}'")
             places = [(int(o), int(n)) for o, n in zip(parts[1::4], parts[2::4])]
             nbytes += sum(n for _, n in places)
             if max(o + n for o, n in places) > end:
                 raise UserError(f"{shard} is cut short: its index {path} places sample {number - 1} past its end "
-                                f"({end:,} bytes); {REINDEX}")
+                                f"({end:,} bytes); {again}")
             if number in (2, count + 1):  # the first and last samples: their tar headers where the index says
                 for offset, size in places:
                     tar.seek(offset - 512)
@@ -76,7 +99,7 @@ def count_samples(index_file: str, shard: str) -> tuple[int, int]:
                         header_ok = False
                     if not header_ok:
                         raise UserError(f"{shard} is damaged: there is no tar header where its index {path} "
-                                        f"places sample {number - 1}; {REINDEX}")
+                                        f"places sample {number - 1}; {again}")
     return count, nbytes
 
 
@@ -89,14 +112,106 @@ def find_shards(pattern: str) -> list[str]:
 
 
 def read_indexes(shards: list[str]) -> tuple[list[str], list[int], int]:
-    """The shards' index files (each checked whole), the samples in each and their encoded bytes in all."""
-    indexes = [index_path(s) for s in shards]
-    for shard, index in zip(shards, indexes):
-        if not Path(index).is_file():
-            raise UserError(f"shard {shard} has no index file {index}: write shards with "
-                            f"'python -m pipelines.pack', or index them with DALI's wds2idx")
+    """The shards' index files (each checked whole; a shard without one is indexed now), the samples in
+    each and their encoded bytes in all."""
+    indexes = [find_index(s) or str(write_index(s)[0]) for s in shards]
     counts, sizes = zip(*[count_samples(i, s) for s, i in zip(shards, indexes)])
     return indexes, list(counts), sum(sizes)
+
+
+# -- our indexer: DALI's format, samples grouped across the whole tar --------------------------------
+def index_tar(shard: str) -> tuple[str, int, int]:
+    """(index text, samples in it, samples left out for holding no image) of a tar shard.
+
+    A sample is every regular member with one key (the path up to the first dot of the file name, as the
+    webdataset library splits it: `dir/abc.seg.jpg` is key `dir/abc`, ext `seg.jpg`) wherever it lies in
+    the tar: DALI's wds2idx groups only adjacent members, and `tar -cf x.tar folder` writes them in the
+    folder's order. A sample without an image component is left out, since DALI would give the decoder
+    an empty tensor for it."""
+    samples: dict[str, dict[str, str]] = {}  # key -> ext -> "ext offset size name", in tar order
+    try:
+        with tarfile.open(shard, "r:") as tar:  # uncompressed only: DALI reads the offsets as they are
+            for member in tar:
+                base = member.name.rfind("/") + 1
+                dot = member.name.find(".", base)
+                if not member.isfile() or member.issparse() or dot <= base:  # dirs, links; `.hidden`, no ext
+                    continue
+                ext = member.name[dot + 1:]
+                if ext and not re.search(r"\s", ext):  # DALI's index is split on whitespace
+                    samples.setdefault(member.name[:dot], {})[ext] = (  # a later member of a tar replaces one
+                        f"{printable(ext)} {member.offset_data} {member.size} {printable(member.name)}")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise UserError(f"{shard} cannot be read as an uncompressed tar file ({err}): DALI reads only those") from None
+    lines = [" ".join(parts.values()) for parts in samples.values()
+             if any(ext.lower() in IMAGE_SUFFIXES for ext in parts)]
+    if not lines:
+        raise UserError(f"shard {shard} holds no images (members named KEY.EXT, EXT one of {IMAGE_EXTS}), so there "
+                        f"is nothing in it to train on")
+    return f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n", len(lines), len(samples) - len(lines)
+
+
+def printable(name: str) -> str:
+    """A member's name as the index's last field: one word of UTF-8 (DALI only reports it)."""
+    if name.isprintable() and " " not in name:  # nearly every name: no whitespace, nothing to escape
+        return name
+    return re.sub(r"\s", "_", name.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(home) if os.path.isabs(home) else Path.home() / ".cache") / "simclr-dali" / "wds-index"
+
+
+def cached_index_path(shard: str) -> Path:
+    """Where the index of a shard in a folder we cannot write goes: named by the shard's path, size and
+    modification time, so a shard written again is indexed again."""
+    stat = os.stat(shard)
+    ident = f"{os.path.realpath(shard)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8", "surrogateescape")
+    return cache_dir() / f"{Path(shard).stem}-{hashlib.sha256(ident).hexdigest()[:24]}.idx"
+
+
+def find_index(shard: str) -> str | None:
+    """The shard's index: ours in the cache (written only where its folder could not be), else the one
+    beside it; None where there is neither."""
+    for path in (cached_index_path(shard), Path(index_path(shard))):
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def write_atomically(text: str, path: Path) -> None:
+    """A temporary file of a unique name, then a rename: processes indexing one shard at once never
+    read each other's half-written index."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the other users of a shared data set
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_index(shard: str) -> tuple[Path, int, int]:
+    """Indexes a shard (index_tar) beside it, or in the cache where its folder cannot be written:
+    (where, samples, samples left out for holding no image)."""
+    text, count, left_out = index_tar(shard)
+    beside = Path(index_path(shard))
+    try:
+        write_atomically(text, beside)
+        return beside, count, left_out
+    except OSError:  # a read-only folder (or file system): the cache
+        pass
+    cached = cached_index_path(shard)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(text, cached)
+    except OSError as err:
+        raise UserError(f"shard {shard} has no index file {beside}, and neither its folder nor the cache "
+                        f"{cached.parent} can be written ({err.strerror}): set XDG_CACHE_HOME to a folder you can "
+                        f"write") from None
+    return cached, count, left_out
 
 
 def parse_labels(padded: np.ndarray) -> np.ndarray:

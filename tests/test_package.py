@@ -18,7 +18,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 COMMANDS = ("simclr-train", "simclr-evaluate", "simclr-benchmark", "simclr-export", "simclr-preview",
-            "simclr-plots", "simclr-verify", "simclr-pack")
+            "simclr-plots", "simclr-verify", "simclr-pack", "simclr-index")
 
 
 def run(*args, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
