@@ -10,17 +10,24 @@ from torch import nn
 from simclr_dali.errors import UserError
 
 
-def create_backbone(name: str, small_stem: bool = False) -> nn.Module:
+def create_backbone(name: str, small_stem: bool = False, image_size: int | None = None) -> nn.Module:
     """`timm.create_model(name, num_classes=0)`: pooled features of size `model.num_features`.
 
-    `small_stem` swaps a ResNet-style stem (7x7 stride-2 conv + max-pool) for a 3x3 stride-1 conv
+    `image_size` reaches the models built for one input size (timm's `fixed_input_size`: ViTs, Swin, MaxViT, ...,
+    whose position embeddings or windows follow it), as their `img_size`; the others take any size and no such
+    argument. `small_stem` swaps a ResNet-style stem (7x7 stride-2 conv + max-pool) for a 3x3 stride-1 conv
     without pooling, the usual choice for 32-pixel images.
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UserError(f"unknown backbone {name!r}: not a timm model name{hint}")
-    model = timm.create_model(name, pretrained=False, num_classes=0)
+    sized = {"img_size": image_size} if image_size and fixed_input_size(name) else {}
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **sized)
+    except (AssertionError, ValueError) as err:  # timm's own checks, such as a size its patches do not divide
+        raise UserError(f"timm cannot build {name} for {image_size} px images ({err or type(err).__name__}): pick "
+                        f"another --image-size or backbone") from None
     if small_stem:
         conv = getattr(model, "conv1", None)
         if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
@@ -29,6 +36,14 @@ def create_backbone(name: str, small_stem: bool = False) -> nn.Module:
         model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model
+
+
+def fixed_input_size(name: str) -> bool:
+    """Whether timm builds `name` for one input size (its pretrained config says so)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    return bool(cfg and cfg.fixed_input_size)
 
 
 class ProjectionHead(nn.Sequential):
@@ -50,6 +65,12 @@ class SimCLRModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
+
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's own exemptions from weight decay (a ViT's position embedding and class token), by their
+        names here: timm's optimiser factory asks the model it is given, which is this one."""
+        names = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {f"backbone.{name}" for name in names}
 
 
 def feature_width(backbone: nn.Module) -> int:

@@ -122,7 +122,10 @@ class MoCo(_Momentum):
     momentum key and a queue of `queue_size` keys of earlier steps."""
     needs_labels = False
     defaults = {"temperature": 0.2, "optimizer": "momentum", "lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 0.0,
-                "queue_size": 65536, "target_momentum": 0.999, "momentum_schedule": "constant"}
+                "queue_size": 65536, "target_momentum": 0.999, "momentum_schedule": "constant",
+                # MoCo v2's views (its code's aug_plus): crops from 0.2 of the area, jitter 0.4/0.4/0.4/0.1 (SimCLR's
+                # at strength 0.5), the rest SimCLR's
+                "crop_min_area": 0.2, "jitter_strength": 0.5}
 
     def __init__(self, backbone: nn.Module, proj_hidden: int = 0, proj_dim: int = 128, temperature: float = 0.2,
                  target_momentum: float = 0.999, momentum_schedule: str = "constant", queue_size: int = 65536,
@@ -175,7 +178,10 @@ class BYOL(_Momentum):
     of the other view; symmetric, no negatives."""
     needs_labels = False
     defaults = {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "proj_hidden": 4096, "proj_dim": 256,
-                "pred_hidden": 4096, "target_momentum": 0.996, "momentum_schedule": "cosine"}
+                "pred_hidden": 4096, "target_momentum": 0.996, "momentum_schedule": "cosine",
+                # BYOL's asymmetric views (its Table 6): jitter 0.4/0.4/0.2/0.1 (strength 0.5, saturation halved
+                # again), blur with probability 1.0 on view 1 and 0.1 on view 2, solarisation 0.0 and 0.2
+                "jitter_strength": 0.5, "jitter_saturation": 0.4, "blur_p": [1.0, 0.1], "solarize_p": [0.0, 0.2]}
 
     def __init__(self, backbone: nn.Module, proj_hidden: int = 0, proj_dim: int = 256, temperature: float = 0.1,
                  target_momentum: float = 0.996, momentum_schedule: str = "cosine", pred_hidden: int = 4096, **_):

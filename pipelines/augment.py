@@ -1,15 +1,16 @@
 """The SimCLR augmentation graph, written once for both devices.
 
 `simclr_view` is one augmented view: random resized crop, colour jitter (with probability),
-random grayscale, Gaussian blur (with probability), then flip + normalise fused in
-crop_mirror_normalize. Flip commutes with the colour and blur steps, so fusing it at the end gives
+random grayscale, Gaussian blur (with probability), solarisation (with probability, BYOL), then flip +
+normalise fused in crop_mirror_normalize; `two_views` gives view 1 and view 2, each with its own
+settings. Flip commutes with the colour, blur and solarisation steps, so fusing it at the end gives
 the paper's distribution. Random decisions are DALI's own random operators (CPU argument inputs),
 so they follow the pipeline seed on either device.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import nvidia.dali.fn as fn
@@ -17,42 +18,75 @@ import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 
 from pipelines import EVAL_CROP
+from simclr_dali.errors import UserError
 from simclr_dali.settings import setting
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
+PerView = float | tuple[float, float]  # one value for both views, or (view 1, view 2)
+
+
 @dataclass
 class Augment:
-    crop_min_area: float = setting(0.08, low=0, high=1, above=True)  # random resized crop: smallest fraction of the image area kept
-    crop_max_area: float = setting(1.0, low=0, high=1, above=True)  # random resized crop: largest fraction of the image area kept
-    crop_min_ratio: float = setting(3 / 4, low=0, above=True)  # random resized crop: smallest aspect ratio
-    crop_max_ratio: float = setting(4 / 3, low=0, above=True)  # random resized crop: largest aspect ratio
-    flip_p: float = setting(0.5, low=0, high=1)  # probability of a horizontal flip
-    jitter_strength: float = setting(1.0, low=0)  # colour jitter s: brightness, contrast, saturation 0.8s; hue 0.2s
-    jitter_p: float = setting(0.8, low=0, high=1)  # probability that colour jitter is applied
-    gray_p: float = setting(0.2, low=0, high=1)  # probability of converting a view to grayscale
-    blur_p: float = setting(0.5, low=0, high=1)  # probability of Gaussian blur (0 switches blur off, as for CIFAR)
-    blur_sigma_min: float = setting(0.1, low=0, above=True)  # Gaussian blur: smallest sigma, in pixels
-    blur_sigma_max: float = setting(2.0, low=0, above=True)  # Gaussian blur: largest sigma, in pixels
-    blur_kernel_frac: float = setting(0.1, low=0, high=1, above=True)  # Gaussian blur: kernel side as a fraction of the output side
+    """The augmentations of the two views. Every setting is one value for both views, or a pair (view 1, view 2)
+    where a method's paper makes them differ (BYOL's blur and solarisation); `views()` splits them."""
+    crop_min_area: PerView = setting(0.08, low=0, high=1, above=True)  # random resized crop: smallest fraction of the image area kept
+    crop_max_area: PerView = setting(1.0, low=0, high=1, above=True)  # random resized crop: largest fraction of the image area kept
+    crop_min_ratio: PerView = setting(3 / 4, low=0, above=True)  # random resized crop: smallest aspect ratio
+    crop_max_ratio: PerView = setting(4 / 3, low=0, above=True)  # random resized crop: largest aspect ratio
+    flip_p: PerView = setting(0.5, low=0, high=1)  # probability of a horizontal flip
+    jitter_strength: PerView = setting(1.0, low=0)  # colour jitter strength s, which scales the four ranges below
+    jitter_brightness: PerView = setting(0.8, low=0)  # colour jitter: brightness factor in [1 - b s, 1 + b s] (b, at s = 1)
+    jitter_contrast: PerView = setting(0.8, low=0)  # colour jitter: contrast factor in [1 - c s, 1 + c s] (c, at s = 1)
+    jitter_saturation: PerView = setting(0.8, low=0)  # colour jitter: saturation factor in [1 - a s, 1 + a s] (a, at s = 1)
+    jitter_hue: PerView = setting(0.2, low=0, high=0.5)  # colour jitter: hue turned by up to h s of a full turn (h, at s = 1)
+    jitter_p: PerView = setting(0.8, low=0, high=1)  # probability that colour jitter is applied
+    gray_p: PerView = setting(0.2, low=0, high=1)  # probability of converting a view to grayscale
+    blur_p: PerView = setting(0.5, low=0, high=1)  # probability of Gaussian blur (0 switches blur off, as for CIFAR)
+    blur_sigma_min: PerView = setting(0.1, low=0, above=True)  # Gaussian blur: smallest sigma, in pixels
+    blur_sigma_max: PerView = setting(2.0, low=0, above=True)  # Gaussian blur: largest sigma, in pixels
+    blur_kernel_frac: PerView = setting(0.1, low=0, high=1, above=True)  # Gaussian blur: kernel side as a fraction of the output side
+    solarize_p: PerView = setting(0.0, low=0, high=1)  # probability of solarisation: levels of 128 and above inverted (BYOL)
 
     ORDERED = (("crop_min_area", "crop_max_area"), ("crop_min_ratio", "crop_max_ratio"),
                ("blur_sigma_min", "blur_sigma_max"))  # each (smallest, largest) pair in order (cli.check_args)
 
+    def __post_init__(self):  # flags and config.json give lists: one value, or a pair where the views differ
+        for f in fields(self):
+            setattr(self, f.name, per_view(getattr(self, f.name)))
+
+    def views(self) -> tuple["Augment", "Augment"]:
+        """(view 1, view 2), each holding one value per setting."""
+        def view(i: int) -> Augment:
+            return Augment(**{f.name: v[i] if isinstance(v, (tuple, list)) else v
+                              for f in fields(self) for v in [getattr(self, f.name)]})
+        return view(0), view(1)
+
     def jitter_ranges(self) -> dict[str, tuple[float, float]]:
-        """Ranges of the colour_twist factors. DALI takes hue in degrees: 0.2s of a turn = 72s deg."""
+        """Ranges of one view's colour_twist factors (torchvision's ColorJitter(b s, c s, a s, h s)). DALI takes hue
+        in degrees: h s of a turn = 360 h s degrees."""
         s = self.jitter_strength
-        return {"brightness": (max(0.0, 1 - 0.8 * s), 1 + 0.8 * s),
-                "contrast": (max(0.0, 1 - 0.8 * s), 1 + 0.8 * s),
-                "saturation": (max(0.0, 1 - 0.8 * s), 1 + 0.8 * s),
-                "hue": (-0.2 * s * 360.0, 0.2 * s * 360.0)}
+        return {"brightness": (max(0.0, 1 - self.jitter_brightness * s), 1 + self.jitter_brightness * s),
+                "contrast": (max(0.0, 1 - self.jitter_contrast * s), 1 + self.jitter_contrast * s),
+                "saturation": (max(0.0, 1 - self.jitter_saturation * s), 1 + self.jitter_saturation * s),
+                "hue": (-self.jitter_hue * s * 360.0, self.jitter_hue * s * 360.0)}
 
     def blur_window(self, size: int) -> int:
-        """An odd kernel side, about blur_kernel_frac of the output side (at least 3)."""
+        """An odd kernel side, about blur_kernel_frac of the output side (at least 3), for one view."""
         k = max(3, int(round(self.blur_kernel_frac * size)))
         return k if k % 2 == 1 else k + 1
+
+
+def per_view(values) -> PerView:
+    """Flag or recorded values as a setting: one value (or two equal ones) for both views, else (view 1, view 2)."""
+    if not isinstance(values, (tuple, list)):
+        return values
+    if not 1 <= len(values) <= 2:
+        raise UserError(f"an augmentation setting takes one value (both views) or two (view 1, view 2), "
+                        f"got {len(values)}: {' '.join(map(str, values))}")
+    return values[0] if len(values) == 1 or values[0] == values[1] else tuple(values)
 
 
 def decode(encoded, gpu: bool):
@@ -202,6 +236,26 @@ def gaussian_blur(images, size: int, aug: Augment):
     return images
 
 
+SOLARIZE_THRESHOLD = 128  # BYOL's solarisation inverts intensities of 0.5 and above: 128 and above in uint8
+
+
+def solarize(images):
+    """Levels of SOLARIZE_THRESHOLD and above inverted (x -> 255 - x), torchvision's solarize on uint8: one table
+    lookup per pixel, the same on either device."""
+    levels = range(256)
+    return fn.lookup_table(images, keys=list(levels), values=[x if x < SOLARIZE_THRESHOLD else 255 - x for x in levels],
+                           dtype=types.UINT8)
+
+
+def random_solarize(images, aug: Augment):
+    """Solarisation with probability solarize_p (conditional execution: the others cost nothing)."""
+    if aug.solarize_p <= 0:
+        return images
+    if fn.random.coin_flip(probability=aug.solarize_p, dtype=types.BOOL):
+        images = solarize(images)
+    return images
+
+
 def normalize(images, mirror=0, layout: str = "CHW"):
     """uint8 HWC -> float32 CHW (or HWC, for channels-last models) with ImageNet statistics, optionally
     mirrored (fused)."""
@@ -210,13 +264,22 @@ def normalize(images, mirror=0, layout: str = "CHW"):
 
 
 def simclr_view(images, size: int, aug: Augment, layout: str = "CHW"):
-    """One independently augmented view (N, 3, size, size), or (N, size, size, 3) for layout HWC."""
+    """One independently augmented view (N, 3, size, size), or (N, size, size, 3) for layout HWC, with one view's
+    settings (Augment.views): crop, colour jitter, grayscale, blur, solarisation, then flip fused into the
+    normalisation (flip commutes with the pixel-wise and symmetric steps)."""
     views = fn.random_resized_crop(images, size=[size, size],
                                    random_area=[aug.crop_min_area, aug.crop_max_area],
                                    random_aspect_ratio=[aug.crop_min_ratio, aug.crop_max_ratio])
     views = color_jitter_and_gray(views, aug)
     views = gaussian_blur(views, size, aug)
+    views = random_solarize(views, aug)
     return normalize(views, mirror=fn.random.coin_flip(probability=aug.flip_p), layout=layout)
+
+
+def two_views(images, size: int, aug: Augment, layout: str = "CHW"):
+    """View 1 and view 2 of each image, each with its own settings where they differ."""
+    first, second = aug.views()
+    return simclr_view(images, size, first, layout), simclr_view(images, size, second, layout)
 
 
 def center_view(images, size: int, layout: str = "CHW", crop: float = EVAL_CROP):

@@ -7,34 +7,37 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, Augment
 from pipelines.sources import Source
 
 
 def simclr_transform(size: int, aug: Augment):
-    """The paper's augmentations as torchvision spells them (PIL image -> normalised tensor)."""
+    """One view's augmentations (`aug` holds one value per setting: Augment.views) as torchvision spells them
+    (PIL image -> normalised tensor)."""
     from torchvision import transforms as T
 
-    s = aug.jitter_strength
+    jitter = [getattr(aug, f"jitter_{k}") * aug.jitter_strength for k in ("brightness", "contrast", "saturation", "hue")]
     steps = [
         T.RandomResizedCrop(size, scale=(aug.crop_min_area, aug.crop_max_area),
                             ratio=(aug.crop_min_ratio, aug.crop_max_ratio)),
         T.RandomHorizontalFlip(aug.flip_p),
-        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=aug.jitter_p),
+        T.RandomApply([T.ColorJitter(*jitter)], p=aug.jitter_p),
         T.RandomGrayscale(aug.gray_p),
     ]
     if aug.blur_p > 0:
         steps.append(T.RandomApply([T.GaussianBlur(aug.blur_window(size), (aug.blur_sigma_min, aug.blur_sigma_max))],
                                    p=aug.blur_p))
+    if aug.solarize_p > 0:
+        steps.append(T.RandomSolarize(SOLARIZE_THRESHOLD, p=aug.solarize_p))
     steps += [T.ToTensor(), T.Normalize([m / 255 for m in IMAGENET_MEAN], [s_ / 255 for s_ in IMAGENET_STD])]
     return T.Compose(steps)
 
 
 class TwoViews(Dataset):
-    """Decode once (PIL), augment twice."""
+    """Decode once (PIL), augment twice, each view with its settings."""
 
     def __init__(self, source: Source, size: int, aug: Augment):
-        self.source, self.transform = source, simclr_transform(size, aug)
+        self.source, self.transforms = source, [simclr_transform(size, view) for view in aug.views()]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -47,7 +50,8 @@ class TwoViews(Dataset):
                 image = f.convert("RGB")
         else:
             image = Image.fromarray(self.source.images[i])
-        return self.transform(image), self.transform(image), int(self.source.labels[i])
+        first, second = self.transforms
+        return first(image), second(image), int(self.source.labels[i])
 
 
 def torchvision_loader(source: Source, *, batch_size: int, size: int, aug: Augment, workers: int,

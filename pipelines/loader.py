@@ -17,8 +17,8 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipelines import EVAL_CROP
-from pipelines.augment import Augment, center_view, decode, simclr_view
+from pipelines import EVAL_CROP, eval_crop
+from pipelines.augment import Augment, center_view, decode, two_views
 from pipelines.sources import Source
 from pipelines.webdataset import IMAGE_EXTS, LABEL_BYTES, parse_labels
 from simclr_dali.errors import UserError
@@ -171,9 +171,9 @@ def read(data, gpu: bool):
 
 @pipeline_def(enable_conditionals=True)
 def two_view_pipeline(feeder, size: int, aug: Augment, gpu: bool, layout: str = "CHW"):
-    """Decode once, augment twice: (view1, view2, label)."""
+    """Decode once, augment twice (each view with its settings): (view1, view2, label)."""
     images, labels = read(feeder, gpu)
-    return simclr_view(images, size, aug, layout), simclr_view(images, size, aug, layout), labels
+    return *two_views(images, size, aug, layout), labels
 
 
 @pipeline_def
@@ -272,8 +272,10 @@ def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, sh
 
 
 def eval_loader(source: Source, *, batch_size: int, size: int, workers: int,
-                device_id: int | None, channels_last: bool = False, crop: float = EVAL_CROP) -> Loader:
-    """Every image once, in order, as (view, label): the central `crop` of each (augment.center_view)."""
+                device_id: int | None, channels_last: bool = False, crop: float | None = None) -> Loader:
+    """Every image once, in order, as (view, label): the central `crop` of each (augment.center_view); by default
+    the whole image at 32 px and below, else the central 87.5% (pipelines.eval_crop)."""
+    crop = eval_crop(size) if crop is None else crop
     feeder = make_input(source, batch_size, Shard(), shuffle=False, drop_last=False)
     layout = layout_for(channels_last)
     pipe = eval_pipeline(feeder, size, device_id is not None, layout, crop, batch_size=batch_size,

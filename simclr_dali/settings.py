@@ -12,10 +12,24 @@ from pathlib import Path
 from simclr_dali.errors import UserError
 
 
+class Formatter(argparse.HelpFormatter):
+    """argparse's help, with a per-view flag's values shown as `X [X2]` (one value, or one per view)."""
+
+    def _format_args(self, action, default_metavar):
+        if getattr(action, "per_view", False):
+            name = self._metavar_formatter(action, default_metavar)(1)[0]
+            return f"{name} [{name}2]"
+        return super()._format_args(action, default_metavar)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose own errors (an unknown flag, a value of the wrong type) are a UserError like any
     other: one sentence on stderr and exit 2 from a command (exit_on_user_error), without the usage
     block; raised to a caller of the Python API."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UserError(message)
@@ -91,10 +105,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
             if value is not None and not check.ok(value):
                 raise UserError(f"{action.option_strings[0] if action.option_strings else action.dest} must be "
                                 f"{check.allowed()}, got {value}")
-    for low, high in ordered:
-        if getattr(args, low) > getattr(args, high):
-            raise UserError(f"--{low.replace('_', '-')} {getattr(args, low)} is above --{high.replace('_', '-')} "
-                            f"{getattr(args, high)}: the smallest value must not exceed the largest")
+    for low, high in ordered:  # per view where a setting has one (a list: view 1, view 2)
+        lows, highs = (v if isinstance(v, (list, tuple)) else [v] for v in (getattr(args, low), getattr(args, high)))
+        for i in range(max(len(lows), len(highs))):
+            smallest, largest = lows[min(i, len(lows) - 1)], highs[min(i, len(highs) - 1)]
+            if smallest > largest:
+                raise UserError(f"--{low.replace('_', '-')} {smallest} is above --{high.replace('_', '-')} {largest}"
+                                f": the smallest value must not exceed the largest")
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -112,8 +129,11 @@ def field_comments(cls) -> dict[str, str]:
     return comments
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One dashed flag per dataclass field: `lr_scaling` -> `--lr-scaling`, bools as on/off pairs."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                        per_view: bool = False, notes: dict[str, str] | None = None) -> None:
+    """One dashed flag per dataclass field: `lr_scaling` -> `--lr-scaling`, bools as on/off pairs; its help shows
+    the parser's default (set_defaults changes it) and the field's note, if any (where other defaults come from).
+    per_view: each takes one value (both views) or two (view 1, view 2), and gives a list."""
     helps = field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -126,8 +146,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         else:
             check = f.metadata.get("check")
             allowed = f"; {check.allowed()}" if check else ""
-            action = parser.add_argument(flag, type=type(default), default=default,
-                                         help=f"{text} (default: {default!r}{allowed})")
+            note = f"; {notes[f.name]}" if notes and f.name in notes else ""
+            action = parser.add_argument(flag, type=type(default), default=default, nargs="+" if per_view else None,
+                                         help=f"{text} (default: %(default)r{' here' if note else ''}{note}{allowed})")
+            action.per_view = per_view
         action.check = f.metadata.get("check")
 
 
@@ -147,8 +169,9 @@ def to_argv(obj) -> list[str]:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             argv.append(flag if value else "--no-" + flag[2:])
-        else:
-            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+        else:  # a tuple: one value per view
+            argv += [flag, *(repr(v) if isinstance(v, float) else str(v) for v in
+                             (value if isinstance(value, tuple) else [value]))]
     return argv
 
 
@@ -218,7 +241,8 @@ def recorded_settings_of(values, cls, path: str, name: str) -> dict:
     if unknown:
         raise UserError(f"--config {path} holds {', '.join(repr(f'{name}.{k}') for k in unknown)}, which this "
                         f"version of the command does not know (written by another version?): remove them")
-    return {k: _typed(v, fields[k], path, f"{name}.{k}") for k, v in values.items()}
+    return {k: [_typed(x, fields[k], path, f"{name}.{k}") for x in v] if isinstance(v, list) else
+            _typed(v, fields[k], path, f"{name}.{k}") for k, v in values.items()}  # a list: one value per view
 
 
 def _typed(value, default, path: str, name: str):

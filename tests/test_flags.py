@@ -1,6 +1,8 @@
 """Every flag of every command against its declared range (simclr_dali.settings.Check): a value outside it is one
 sentence naming the flag, the value and what is allowed, exit 2, before any work starts. In-process:
 each case only parses its arguments."""
+import sys
+
 import pytest
 
 from pipelines import pack, verify
@@ -72,3 +74,48 @@ def test_a_smallest_value_above_the_largest_is_one_sentence(capsys, command, low
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_argparse_errors_are_one_sentence_too(capsys, command):
     assert "unrecognized arguments: --no-such-flag" in refuse(capsys, command, ["--no-such-flag"])
+
+
+# -- the help tells the truth ----------------------------------------------------------------------------------
+def help_of(parser, flag: str) -> str:
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    return " ".join((action.help % {"default": action.default}).split())
+
+
+def test_the_help_names_every_data_form_and_accelerate():
+    parser = train.build_parser()
+    for form in ("'digits'", "a folder of images", "'list:FILE'", "'wds:PATTERN'", "'cifar10:PATH'", "'cifar100:PATH'"):
+        assert form in help_of(parser, "--data"), form
+    assert "any form --data takes" in help_of(parser, "--test-data")
+    assert "accelerate launch [--num_processes N] [--mixed_precision bf16] train.py" in parser.format_help()
+
+
+def test_a_default_that_a_method_or_recipe_sets_gives_every_value():
+    parser = train.build_parser()
+    assert help_of(parser, "--lr").startswith("base learning rate per 256 images, scaled by the global batch (default: "
+                                              "1.0 here; by method: supcon 0.4, moco 0.03, byol 0.2, else 0.3; small "
+                                              "recipe 1 for simclr; with an optimiser not the method's own: lars 0.3, "
+                                              "sgd 0.03, momentum 0.03, adamw 0.00015;")
+    blur = help_of(parser, "--blur-p")
+    assert "(default: 0.0 here; by method: byol 1/0.1 (per view), else 0.5; small recipe 0;" in blur
+    assert "by method: supcon 0.1, moco 0.2, else 0.1; small recipe 0.2 for simclr" in help_of(parser, "--temperature")
+    assert "(default: 128 here; by method: byol 256, else 128; at least 1)" in help_of(parser, "--proj-dim")
+
+
+def test_the_help_shows_the_defaults_of_the_method_and_size_given(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_command(["--method", "moco", "--image-size", "224", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert stop.value.code == 0
+    assert "global batch (default: 0.03 here;" in text and "area kept (default: 0.2 here;" in text
+
+
+@pytest.mark.slow
+def test_the_usage_line_names_the_command_under_python_m(monkeypatch):
+    """`python -m simclr_dali.training` (and `accelerate launch -m`, which runs it so) has __main__.py as argv[0]."""
+    from conftest import run_cli
+
+    r = run_cli("-m", "simclr_dali.training", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m simclr_dali.training [-h]"), r.stdout[:200]
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    assert train.build_parser().format_usage().startswith("usage: train.py [-h]")

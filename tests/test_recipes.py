@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines import eval_crop
 from pipelines.loader import eval_loader
 from pipelines.sources import load_folder
 from simclr_dali import training as train
@@ -48,6 +49,14 @@ def test_flags_given_win_over_the_recipe_and_are_not_its_values():
     flat = {**dataclasses.asdict(cfg.aug), **dataclasses.asdict(cfg)}
     assert recipe_record(cfg.recipe, cfg.image_size, cfg.method, flat, given)["recipe_values"] == {
         "temperature": 0.2, "weight_decay": 1e-4}
+
+
+def test_an_optimiser_not_the_methods_own_replaces_the_recipes_lr_and_decay_and_the_account_says_so():
+    cfg, given = train.parse_command(["--image-size", "32", "--optimizer", "adamw"])
+    assert values(cfg) == {**SMALL, "lr": 1.5e-4, "weight_decay": 0.1}
+    flat = {**dataclasses.asdict(cfg.aug), **dataclasses.asdict(cfg)}
+    assert recipe_record(cfg.recipe, cfg.image_size, cfg.method, flat, given)["recipe_values"] == {
+        "jitter_strength": 0.5, "blur_p": 0.0, "temperature": 0.2}
 
 
 def test_other_methods_take_the_small_augmentations_and_keep_their_own_loss_and_optimiser():
@@ -103,3 +112,11 @@ def test_the_evaluation_view_keeps_the_central_fraction(framed):
     # the usual 87.5%: 64 -> 36 px (a 4.5 px frame), the central 32 keep 2.5 px of it
     assert red_share(view(0.875)) == pytest.approx(1 - (27 / 32) ** 2, abs=0.05)
     assert red_share(view(0.5)) == 0  # 64 px kept as they are, the central 32 cut out: green only
+
+
+def test_the_evaluation_view_is_the_whole_image_at_32_px_and_below(framed):
+    """google-research/simclr turns test cropping off at 32 px and below (CIFAR), and so does eval_loader's default:
+    the 4 px frame of the whole image, resized 64 -> 32, not the 2.5 px that the central 87.5% keeps."""
+    assert eval_crop(24) == eval_crop(32) == 1.0 and eval_crop(33) == eval_crop(224) == 0.875
+    view = next(iter(eval_loader(framed, batch_size=1, size=32, workers=1, device_id=None)))[0]
+    assert red_share(view) == pytest.approx(1 - (24 / 32) ** 2, abs=0.05)

@@ -79,6 +79,7 @@ def test_evaluate_writes_every_key(two_epochs, folder):
     assert r.returncode == 0, r.stderr
     result = json.loads((two_epochs / "eval.json").read_text())
     assert result["n_train"] == 22 and result["n_test"] == 2 and result["device"][:4] == ("cuda" if CUDA else "cpu")
+    assert result["crop"] == 1.0  # a 32 px run is evaluated on whole images, as google-research/simclr does
     for scores in (result, result["random_init"]):
         for key in ("knn_top1", "linear_top1"):
             assert 0 <= scores[key] <= 1

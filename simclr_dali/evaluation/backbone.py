@@ -14,7 +14,8 @@ def load_backbone(run_cfg: dict, weights: Path | None):
 
     from models.backbone import create_backbone
 
-    model = create_backbone(run_cfg["backbone"], run_cfg.get("small_stem", False))
+    model = create_backbone(run_cfg["backbone"], run_cfg.get("small_stem", False),
+                             run_cfg.get("image_size"))
     if weights is not None:
         model.load_state_dict(load_file(str(weights)))
     return model
@@ -36,7 +37,8 @@ def load_run(run: Path) -> dict:
     weights = run / "backbone.safetensors"
     if not weights.is_file():
         raise UserError(f"{run} has no backbone.safetensors yet: training has not finished")
-    model = create_backbone(run_cfg["backbone"], run_cfg.get("small_stem", False))
+    model = create_backbone(run_cfg["backbone"], run_cfg.get("small_stem", False),
+                             run_cfg.get("image_size"))
     try:
         check_safetensors(weights, "", expect={k: tuple(v.shape) for k, v in model.state_dict().items()},
                           what=f"the run's {run_cfg['backbone']}")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from models.features import extract, knn_top1
-from pipelines import EVAL_CROP
+from pipelines import eval_crop
 from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.evaluation.backbone import load_backbone, load_run
 from simclr_dali.evaluation.probes import linear_probe_top1
@@ -45,7 +45,7 @@ class EvalConfig:
     test_data: str = ""  # test split (default: the run's --test-data, or the data's own test split)
     batch_size: int = setting(256, low=1)  # images per feature-extraction batch
     workers: int = setting(2, low=1)  # DALI CPU threads
-    crop: float = setting(EVAL_CROP, low=0, high=1, above=True)  # evaluation view: the central fraction kept (shorter side resized to S / crop, then an S x S centre crop, the usual protocol); 1 keeps the whole resized image
+    crop: float = setting(-1.0, low=0, high=1, above=True, off=-1.0, off_means="auto")  # evaluation view: the central fraction kept (shorter side resized to S / crop, then an S x S centre crop); 1 keeps the whole image; -1 (auto): 1 at 32 px and below, as google-research/simclr evaluates CIFAR, else 0.875, the usual protocol
     knn_k: int = setting(200, low=1)  # neighbours for the weighted kNN vote (capped at the train size)
     knn_temperature: float = setting(0.1, low=0, above=True)  # kNN vote weight exp(cosine / T)
     probe_epochs: int = setting(100, low=1)  # linear probe epochs over the cached features
@@ -172,8 +172,13 @@ def run_finetune(cfg: EvalConfig, run_cfg: dict, run: Path, train_src, test_load
 
 
 # -- embeddings of a folder ----------------------------------------------------------------------
+def resolved_crop(crop: float, image_size: int) -> float:
+    """--crop, or for auto (-1) the evaluation view's crop at the run's image size (pipelines.eval_crop)."""
+    return eval_crop(image_size) if crop == -1 else crop
+
+
 def embed_images(run: Path, run_cfg: dict, folder: str, *, batch_size: int, workers: int, device: torch.device,
-                 crop: float = EVAL_CROP):
+                 crop: float = -1.0):
     """Frozen embeddings (N, F) of every image under `folder`, in sorted path order, the paths, and the
     files DALI could not decode (left out: [(path, reason)])."""
     from pipelines.loader import eval_loader
@@ -183,7 +188,8 @@ def embed_images(run: Path, run_cfg: dict, folder: str, *, batch_size: int, work
     screen = Screening("skip", workers)
     source = load_folder(folder, "all", screen)
     loader = eval_loader(source, batch_size=batch_size, size=run_cfg["image_size"], workers=workers,
-                         device_id=(device.index or 0) if device.type == "cuda" else None, crop=crop)
+                         device_id=(device.index or 0) if device.type == "cuda" else None,
+                         crop=resolved_crop(crop, run_cfg["image_size"]))
     x, _ = extract(load_backbone(run_cfg, run / "backbone.safetensors"), loader, device)
     return x, list(source.files), screen.bad
 
@@ -193,7 +199,7 @@ def embed_folder(cfg: EvalConfig, run: Path, run_cfg: dict, device) -> int:
     from rich.console import Console
 
     x, files, bad = embed_images(run, run_cfg, cfg.embed, batch_size=cfg.batch_size, workers=cfg.workers,
-                                 device=device)
+                                 device=device, crop=cfg.crop)
     to = Path(cfg.to)
     paths = to.with_suffix(".paths.txt")
     try:
@@ -282,8 +288,9 @@ def evaluate_run(cfg: EvalConfig) -> dict:
     screen = Screening("skip", cfg.workers)  # evaluate on what DALI can decode; skipped files are counted
     train_src = labelled(load_source(data, "train", test_data or None, screen), "train")
     test_src = labelled(load_source(data, "test", test_data or None, screen), "test")
+    crop = resolved_crop(cfg.crop, run_cfg["image_size"])
     kwargs = dict(batch_size=cfg.batch_size, size=run_cfg["image_size"], workers=cfg.workers, device_id=device_id,
-                  crop=cfg.crop)
+                  crop=crop)
     train_loader, test_loader = eval_loader(train_src, **kwargs), eval_loader(test_src, **kwargs)  # kept, re-read
 
     feats, results = {}, {}
@@ -295,7 +302,7 @@ def evaluate_run(cfg: EvalConfig) -> dict:
         labels_read(feats[name][3], test_src, "test")
         results[name] = frozen_scores(*feats[name], cfg, device)
     results = {**results.pop("simclr"), **results}
-    results.update(method=run_cfg.get("method", "simclr"), crop=cfg.crop, n_train=len(train_src),
+    results.update(method=run_cfg.get("method", "simclr"), crop=crop, n_train=len(train_src),
                    n_test=len(test_src), data=data, test_data=test_data, device=str(device))
     if screen.bad:
         results["skipped_files"] = [p for p, _ in screen.bad]

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from models.backbone import fixed_input_size
+from pipelines import eval_crop
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.settings import Parser, add_dataclass_flags, check_args, dataclass_from_args, setting
@@ -86,9 +88,10 @@ def write_onnx(backbone: torch.nn.Module, path: Path, size: int, opset: int, che
         return compare("ONNX", got, backbone(x))
 
 
-def write_timm(backbone: torch.nn.Module, path: Path, run_cfg: dict, check: bool) -> float | None:
+def write_timm(backbone: torch.nn.Module, path: Path, run_cfg: dict, check: bool, crop: float) -> float | None:
     """timm's own save_for_hf: model.safetensors and a config.json whose pretrained_cfg holds the
-    preprocessing (mean, std, input size, crop 1.0), so that timm.data.resolve_data_config finds it."""
+    preprocessing (mean, std, input size, the evaluation view's crop), so that timm.data.resolve_data_config
+    finds it; a model built for one input size (a ViT) records it as its img_size."""
     from timm.models import save_for_hf
 
     if run_cfg.get("small_stem"):
@@ -97,9 +100,10 @@ def write_timm(backbone: torch.nn.Module, path: Path, run_cfg: dict, check: bool
                         f"--format torchscript, or load it with simclr_dali.Run(RUN).backbone()")
     size = run_cfg["image_size"]
     data = {"input_size": (3, size, size), "mean": tuple(v / 255 for v in IMAGENET_MEAN),
-            "std": tuple(v / 255 for v in IMAGENET_STD), "crop_pct": 1.0, "crop_mode": "center",
+            "std": tuple(v / 255 for v in IMAGENET_STD), "crop_pct": crop, "crop_mode": "center",
             "interpolation": "bilinear"}
-    save_for_hf(backbone, str(path), safe_serialization=True, data_config=data)
+    sized = {"img_size": size} if fixed_input_size(run_cfg["backbone"]) else None
+    save_for_hf(backbone, str(path), safe_serialization=True, data_config=data, model_args=sized)
     config = json.loads((path / "config.json").read_text())
     pretrained = config["pretrained_cfg"]
     for key in ("origin_url", "license", "paper_ids", "paper_name", "notes", "hf_hub_id"):  # timm's weights', not these
@@ -134,6 +138,17 @@ def write_torchscript(backbone: torch.nn.Module, path: Path, size: int, check: b
         return compare("TorchScript", loaded(x), backbone(x))
 
 
+def evaluation_crop(run: Path, size: int) -> float:
+    """The crop evaluate.py used on this run (its eval.json), else the one it would use (pipelines.eval_crop)."""
+    from simclr_dali.readback import Unreadable, read_json
+
+    file = run / "eval.json"
+    try:
+        return float(read_json(file, "", need=("crop",))["crop"]) if file.is_file() else eval_crop(size)
+    except Unreadable:  # a damaged eval.json: the rule
+        return eval_crop(size)
+
+
 def export(cfg: ExportConfig) -> tuple[Path, float | None]:
     """Writes the export (beside it first, then moved in place) and returns (path, check difference)."""
     from simclr_dali.evaluation.backbone import load_backbone, load_run
@@ -155,7 +170,7 @@ def export(cfg: ExportConfig) -> tuple[Path, float | None]:
         diff = write_onnx(backbone, tmp, size, cfg.opset, cfg.check)
         as_umask_allows(tmp)
     elif cfg.format == "timm":
-        diff = write_timm(backbone, tmp, run_cfg, cfg.check)
+        diff = write_timm(backbone, tmp, run_cfg, cfg.check, evaluation_crop(run, size))
     else:
         diff = write_torchscript(backbone, tmp, size, cfg.check)
     if out.is_dir() and not out.is_symlink():

@@ -2,20 +2,24 @@
 
     simclr-preview --data digits --out views.png
     simclr-preview --data /images/train --image-size 224 --blur-p 0 --out views.png
+    simclr-preview --data /images/train --image-size 224 --method byol --out byol.png   # BYOL's two views
 
-The views come from `pipelines.loader.train_loader` with the same augmentation flags as train.py
-(one pair per epoch seed: pair p is what epoch p of a run with this --seed would draw for these
-images, had they formed the whole data set), de-normalised for display. The "original" row is the
+The views come from `pipelines.loader.train_loader` with the same augmentation flags and defaults as
+train.py (the method's and the recipe's; one pair per epoch seed: pair p is what epoch p of a run with
+this --seed would draw for these images, had they formed the whole data set), de-normalised for display. The "original" row is the
 raw source image (the decoded file or the array), so crops show where they came from.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.methods import METHODS
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
 from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.settings import (
@@ -27,6 +31,7 @@ from simclr_dali.settings import (
     dataclass_from_args,
     ordered_fields,
 )
+from simclr_dali.training.recipes import RECIPES, resolve
 
 CELL = 1.3  # inches per image
 
@@ -57,10 +62,20 @@ def augmented_pairs(source, aug: Augment, *, size: int, seed: int, pairs: int,
 
 
 def describe(aug: Augment, size: int) -> str:
-    parts = [f"{size} px crop of {aug.crop_min_area:g}-{aug.crop_max_area:g} of the area, "
-             f"ratio {aug.crop_min_ratio:.2f}-{aug.crop_max_ratio:.2f}", f"flip {aug.flip_p:g}",
-             f"jitter s={aug.jitter_strength:g} p={aug.jitter_p:g}", f"gray {aug.gray_p:g}",
-             f"blur p={aug.blur_p:g} sigma {aug.blur_sigma_min:g}-{aug.blur_sigma_max:g}"]
+    """The settings in a line; where the views differ, view 1's and view 2's (`1.0/0.1`)."""
+    def v(name: str, form: str = "g") -> str:
+        value = getattr(aug, name)
+        return "/".join(format(x, form) for x in value) if isinstance(value, tuple) else format(value, form)
+
+    jitter = "/".join(dict.fromkeys(  # torchvision's ColorJitter(brightness, contrast, saturation, hue), per view
+        "-".join(f"{getattr(view, f'jitter_{k}') * view.jitter_strength:g}"
+                 for k in ("brightness", "contrast", "saturation", "hue")) for view in aug.views()))
+    parts = [f"{size} px crop of {v('crop_min_area')}-{v('crop_max_area')} of the area, "
+             f"ratio {v('crop_min_ratio', '.2f')}-{v('crop_max_ratio', '.2f')}", f"flip {v('flip_p')}",
+             f"jitter {jitter} p={v('jitter_p')}", f"gray {v('gray_p')}",
+             f"blur p={v('blur_p')} sigma {v('blur_sigma_min')}-{v('blur_sigma_max')}"]
+    if aug.solarize_p != 0:
+        parts.append(f"solarize p={v('solarize_p')}")
     return ", ".join(parts)
 
 
@@ -101,13 +116,34 @@ def build_parser() -> Parser:
             help="picks the images and seeds the augmentations (default: 0)")
     checked(parser, "--n", type=int, default=8, check=Check(low=1), help="images to show (default: 8)")
     checked(parser, "--pairs", type=int, default=2, check=Check(low=1), help="augmented pairs per image (default: 2)")
-    add_dataclass_flags(parser.add_argument_group("augmentations (as train.py)"), Augment)
+    checked(parser, "--method", default="simclr", check=Check(choices=tuple(METHODS)),
+            help="whose views: each method's as train.py gives them (default: simclr)")
+    checked(parser, "--recipe", default="auto", check=Check(choices=("auto", *RECIPES)),
+            help="the recipe's augmentations, as train.py (default: auto: small up to 64 px, else imagenet)")
+    add_dataclass_flags(parser.add_argument_group("augmentations (as train.py: one value for both views, or two)"),
+                        Augment, per_view=True)
     return parser
+
+
+def view_defaults(argv: list[str] | None) -> dict:
+    """The augmentation defaults train.py would take for the --method, --recipe and --image-size given."""
+    from simclr_dali.training.config import layered_defaults
+
+    first = argparse.ArgumentParser(add_help=False)
+    for flag, default in (("--method", "simclr"), ("--recipe", "auto"), ("--image-size", "32")):
+        first.add_argument(flag, default=default)
+    known = first.parse_known_args(argv)[0]
+    if known.method not in METHODS or known.recipe not in ("auto", *RECIPES) or not known.image_size.isdigit():
+        return {}  # the parser refuses them
+    names = {f.name for f in dataclasses.fields(Augment)}
+    values = layered_defaults(known.method, resolve(known.recipe, int(known.image_size)))
+    return {k: v for k, v in values.items() if k in names}
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    parser.set_defaults(**view_defaults(argv))
     args = parser.parse_args(argv)
     check_args(parser, args, ordered_fields(Augment))
     aug = dataclass_from_args(Augment, args)

@@ -3,7 +3,10 @@ before any work starts, recorded in config.json and re-runnable with --config.""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from models.methods import METHODS
 from pipelines.augment import Augment
@@ -19,12 +22,14 @@ from simclr_dali.settings import (
 )
 from simclr_dali.training.recipes import RECIPES, recipe_defaults, resolve
 
+OPTIMIZERS = ("lars", "sgd", "momentum", "adamw")
+
 
 @dataclass
 class Config:
     config: str = ""  # start from the settings a run recorded (its config.json); flags given here override them
-    data: str = "digits"  # 'digits', a folder of images, a list from pipelines.verify, 'cifar10:PATH', 'cifar100:PATH'
-    test_data: str = ""  # a separate folder for evaluation (else a folder keeps 10% aside)
+    data: str = "digits"  # 'digits', a folder of images (class sub-folders give labels), 'list:FILE' (an image list from pipelines.verify), 'wds:PATTERN' (tar shards, e.g. 'wds:/data/shard-*.tar'), 'cifar10:PATH' or 'cifar100:PATH'
+    test_data: str = ""  # separate test data for evaluation, in any form --data takes (else a folder keeps 10% aside, shards their test-*.tar)
     out: str = "runs/simclr"  # output folder: config, metrics, checkpoint, backbone weights
     backbone: str = "resnet18"  # any timm model name
     small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32-pixel images
@@ -36,10 +41,10 @@ class Config:
     batch_size: int = setting(256, low=1)  # images per process per step (each gives two views)
     lr: float = setting(0.3, low=0, above=True)  # base learning rate per 256 images, scaled by the global batch
     lr_scaling: str = setting("linear", choices=("linear", "sqrt"))  # linear: lr * B/256; sqrt: lr * sqrt(B/256)
-    optimizer: str = setting("lars", choices=("lars", "sgd", "momentum", "adamw"))  # lars (timm), sgd (Nesterov), momentum (SGD with plain momentum) or adamw
+    optimizer: str = setting("lars", choices=OPTIMIZERS)  # lars (timm), sgd (Nesterov), momentum (SGD with plain momentum) or adamw
     momentum: float = setting(0.9, low=0, high=1, below=True)  # momentum for lars, sgd and momentum (sgd: Nesterov momentum when above 0)
     weight_decay: float = setting(1e-6, low=0)  # weight decay (biases and norm weights are exempt)
-    warmup_epochs: float = setting(-1.0, low=0, off=-1.0, off_means="the default")  # linear warmup in epochs, then cosine decay to zero (-1: the paper's 10, at most a tenth of the run)
+    warmup_epochs: float = setting(-1.0, low=0, off=-1.0, off_means="the default")  # linear warmup in epochs, then cosine decay to zero (-1: the method's paper value, 10 for SimCLR and BYOL, 12 for SupCon, 0 for MoCo, at most a tenth of the run)
     recipe: str = setting("auto", choices=("auto", *RECIPES))  # defaults that fit the data, under the flags given: small (the paper's CIFAR-10 setting) for images of 64 px or less, imagenet above (auto), or either by name (README, Recipes)
     method: str = setting("simclr", choices=tuple(METHODS))  # simclr, supcon (needs labels), moco or byol; each brings its paper's defaults for the settings not given (README, Methods)
     temperature: float = setting(0.1, low=0, above=True)  # tau of the contrastive loss (NT-Xent, SupCon, MoCo)
@@ -75,28 +80,93 @@ DERIVED = frozenset({"world_size", "world_sizes", "global_batch", "scaled_lr", "
                      "recipe_values"})
 
 
-def build_parser() -> Parser:
-    parser = Parser(description="SimCLR pretraining with DALI, timm and accelerate.")
-    add_dataclass_flags(parser, Config, skip=("aug",))
-    add_dataclass_flags(parser.add_argument_group("augmentations"), Augment)
+def program_name() -> str:
+    """The command as the usage line names it: train.py, simclr-train, or `python -m simclr_dali.training`, whose
+    argv[0] is its __main__.py (also under `accelerate launch -m`)."""
+    name = Path(sys.argv[0]).name
+    if name != "__main__.py":
+        return name
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name.removesuffix('.__main__') if spec else 'simclr_dali.training'}"
+
+
+LAUNCH = ("Several processes (GPUs, machines) and mixed precision come from accelerate: `accelerate launch "
+          "[--num_processes N] [--mixed_precision bf16] train.py ...` (README: Scaling out).")
+
+
+def build_parser(method: str = "simclr", recipe: str = "auto", image_size: int | None = None,
+                 optimizer: str | None = None) -> Parser:
+    """The flags, their defaults those of this method, recipe and optimiser (what --help shows), and where a default
+    depends on them, every value it takes."""
+    parser = Parser(prog=program_name(), epilog=LAUNCH,
+                    description="SimCLR pretraining with DALI, timm and accelerate. A default that a method, a "
+                                "recipe or an optimiser sets is shown for the flags given with --help: "
+                                "`--method moco --image-size 224 --help` shows MoCo's at 224 px.")
+    notes = layer_notes()
+    add_dataclass_flags(parser, Config, skip=("aug",), notes=notes)
+    add_dataclass_flags(parser.add_argument_group("augmentations (one value for both views, or two: view 1 and "
+                                                  "view 2)"), Augment, per_view=True, notes=notes)
+    parser.set_defaults(**layered_defaults(method, resolve(recipe, image_size or Config.image_size), optimizer))
     return parser
+
+
+def layered_defaults(method: str, recipe: str, optimizer: str | None = None) -> dict:
+    """The defaults under the flags, in order: the method's paper values, the (resolved) recipe's, then, for an
+    optimiser other than the method's own, that optimiser's learning rate and weight decay: the method's and the
+    recipe's are for the method's own optimiser (LARS's 0.3 would be 2,000 times AdamW's)."""
+    from simclr_dali.training.optim import OPTIMIZER_DEFAULTS
+
+    values = {**METHODS[method].defaults, **recipe_defaults(recipe, method)}
+    if optimizer and optimizer != values.get("optimizer", Config.optimizer):
+        values.update(OPTIMIZER_DEFAULTS[optimizer])
+    return values
+
+
+def layer_notes() -> dict[str, str]:
+    """For --help: each setting that a method or a recipe sets, and every value they (and an optimiser other than
+    the method's own) give it; --help's `default` is this command line's."""
+    from simclr_dali.training.optim import OPTIMIZER_DEFAULTS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.name != "aug"}
+    defaults.update({f.name: f.default for f in dataclasses.fields(Augment)})
+    notes = {}
+    for name, default in defaults.items():
+        methods = [f"{m} {shown(c.defaults[name])}" for m, c in METHODS.items() if name in c.defaults]
+        recipes = [f"{r} recipe {shown(values[name])}" + ("" if name in RECIPES[r] else " for simclr")
+                   for r in RECIPES for values in [recipe_defaults(r, "simclr")] if name in values]
+        if not methods and not recipes:
+            continue
+        optimizers = [f"{o} {shown(v[name])}" for o, v in OPTIMIZER_DEFAULTS.items() if name in v]
+        parts = ["by method: " + ", ".join([*methods, f"else {shown(default)}"]) if methods else "",
+                 ", ".join(recipes), "with an optimiser not the method's own: " + ", ".join(optimizers)
+                 if optimizers else ""]
+        notes[name] = "; ".join(p for p in parts if p)
+    return notes
+
+
+def shown(value) -> str:
+    """A default as --help shows it: numbers in short form, a pair per view as V1/V2."""
+    if isinstance(value, (list, tuple)):
+        return "/".join(map(shown, value)) + " (per view)"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def parse_command(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     """The settings (a recorded run's, with --config, under the flags given) and the names of those
     given on the command line."""
-    parser = build_parser()
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config", default="")
     first.add_argument("--method", default="simclr")
     first.add_argument("--recipe", default="auto")
     first.add_argument("--image-size", default=str(Config().image_size))
+    first.add_argument("--optimizer", default=None)
     known = first.parse_known_args(argv)[0]
     recorded = known.config
     method = known.method if known.method in METHODS else "simclr"  # else the parser refuses it below
-    parser.set_defaults(**METHODS[method].defaults)  # the method's paper values
-    if known.recipe in ("auto", *RECIPES) and known.image_size.isdigit():  # else refused below
-        parser.set_defaults(**recipe_defaults(resolve(known.recipe, int(known.image_size)), method))
+    recipe = known.recipe if known.recipe in ("auto", *RECIPES) else "auto"  # else refused below
+    size = int(known.image_size) if known.image_size.isdigit() else None  # else refused below
+    optimizer = known.optimizer if known.optimizer in OPTIMIZERS else None  # else refused below
+    parser = build_parser(method, recipe, size, optimizer)
     if recorded:  # a new run: --resume is an action of the recorded run, not one of its settings
         actions = frozenset({"resume", "resume_from", "config"})
         parser.set_defaults(**recorded_settings(recorded, Config, DERIVED, skip=actions))

@@ -10,6 +10,14 @@ from timm.optim import Lars
 from torch.optim.sgd import sgd
 
 
+# Each optimiser's learning rate (per 256 images, scaled by the global batch) and weight decay, from the paper that
+# trains with it: what a run gets when it names an optimiser other than its method's own (models/methods.py), whose
+# values were chosen for that one. LARS: SimCLR [C §2.3]; momentum (heavy-ball SGD) and sgd (Nesterov): MoCo v2 [M1
+# §4]; AdamW: MoCo v3's ViT setting, lr 1.5e-4 per 256 and weight decay 0.1 (Chen, Xie, He 2021, §4 and appendix).
+OPTIMIZER_DEFAULTS = {"lars": {"lr": 0.3, "weight_decay": 1e-6}, "sgd": {"lr": 0.03, "weight_decay": 1e-4},
+                      "momentum": {"lr": 0.03, "weight_decay": 1e-4}, "adamw": {"lr": 1.5e-4, "weight_decay": 0.1}}
+
+
 def warmup_epochs(cfg) -> float:
     """--warmup-epochs, or by default the method's paper value (SimCLR's 10) capped at a tenth of the run
     (a 10-epoch run warms up for 1: a long warmup in a short run leaves little time at the full rate)."""

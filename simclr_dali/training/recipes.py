@@ -47,5 +47,6 @@ def recipe_record(recipe: str, image_size: int, method: str, values: dict, given
         return {"recipe_resolved": recorded.get("recipe_resolved", resolve(recipe, image_size)),
                 "recipe_values": {k: v for k, v in recorded["recipe_values"].items() if k not in given}}
     resolved = resolve(recipe, image_size)
+    set_here = recipe_defaults(resolved, method)  # less what a flag or a later layer (an optimiser's) replaced
     return {"recipe_resolved": resolved,
-            "recipe_values": {k: values[k] for k in recipe_defaults(resolved, method) if k not in given}}
+            "recipe_values": {k: values[k] for k, v in set_here.items() if k not in given and values[k] == v}}

@@ -67,8 +67,9 @@ def build_model(cfg: Config):
     from models.backbone import create_backbone
     from models.methods import METHODS
 
-    return METHODS[cfg.method](create_backbone(cfg.backbone, cfg.small_stem), proj_hidden=cfg.proj_hidden,
-                               proj_dim=cfg.proj_dim, temperature=cfg.temperature, queue_size=cfg.queue_size,
+    backbone = create_backbone(cfg.backbone, cfg.small_stem, cfg.image_size)
+    return METHODS[cfg.method](backbone, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+                               temperature=cfg.temperature, queue_size=cfg.queue_size,
                                target_momentum=cfg.target_momentum, momentum_schedule=cfg.momentum_schedule,
                                pred_hidden=cfg.pred_hidden, seed=cfg.seed)
 
