@@ -45,6 +45,7 @@ def test_dry_run_figures_come_from_the_paths_they_name(dry_run):
     assert f["tests"] == {"passed": 3}  # flip on the CPU; auto against float64 for fp32 and bf16
     train = f["train"]
     assert (train["dali_placement"], train["device"], train["mixed_precision"]) == ("cpu", "cpu", "bf16")
+    assert train["image_size"] == f["pipeline"]["image_size"] == 224  # the GPU run's size: the imagenet recipe, blur on
     assert train["steps"] == 2 * train["steps_per_epoch"] == 8 and train["backbone"] == "test_resnet"
     assert (train["loss_impl"], train["loss_operands"]) == ("tiled", "bfloat16") and train["images_per_s"] > 0
     assert f["evaluate"]["device"] == "cpu" and f["evaluate"]["n_test"] == 4  # 10% of 40 kept aside
