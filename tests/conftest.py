@@ -94,6 +94,17 @@ def make_folder(root: Path, classes=("cat", "dog", "fox"), per_class=8, size=(40
 
 
 @pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one process-wide state, whose mixed precision the first Accelerator fixes (a later
+    one with another silently trains in the first's): start and leave each test with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "images")
 

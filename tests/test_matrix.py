@@ -123,16 +123,6 @@ def data(tmp_path_factory) -> dict:
             "webdataset": f"wds:{root / 'wds' / '*.tar'}", "tar": f"wds:{root / 'tar' / '*.tar'}"}
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """accelerate keeps one process-wide state, whose mixed precision the first Accelerator fixes."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def resolved(cfg: dict, key: str):
     return cfg["aug"][key[4:]] if key.startswith("aug.") else cfg[key]
 

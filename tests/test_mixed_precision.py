@@ -14,17 +14,6 @@ from simclr_dali.errors import UserError
 
 
 @pytest.fixture
-def fresh_accelerate():
-    """accelerate keeps one process-wide state, whose mixed precision the first Accelerator fixes (a later
-    one with another silently trains in the first's): start and leave each test with none."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture
 def losses(monkeypatch) -> list:
     """(embeddings' dtype, operands) of every NT-Xent call a run makes."""
     import models.ntxent
