@@ -6,6 +6,7 @@ import json
 import pytest
 import timm
 import torch
+from conftest import make_folder
 from safetensors.torch import load_file
 
 from models.backbone import create_backbone
@@ -83,18 +84,19 @@ def test_a_vit_trains_at_64_px_evaluates_and_exports_for_timm(tmp_path):
     from simclr_dali.evaluation import evaluate
     from simclr_dali.tools import export
 
-    out = tmp_path / "vit"
-    assert train.main(["--data", "digits", "--backbone", VIT, "--image-size", "64", "--batch-size", "16",
-                       "--epochs", "1", "--stop-after", "1", "--log-every", "1", "--workers", "1",
-                       "--optimizer", "adamw", "--out", str(out)]) == 0
+    folder, out = make_folder(tmp_path / "images", per_class=4, size=(80, 60)), tmp_path / "vit"  # 11 train, 1 test
+    assert train.main(["--data", str(folder), "--backbone", VIT, "--image-size", "64", "--batch-size", "4",
+                       "--epochs", "1", "--log-every", "1", "--workers", "1", "--optimizer", "adamw",
+                       "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["image_size"], cfg["optimizer"], cfg["lr"], cfg["weight_decay"]) == (64, "adamw", 1.5e-4, 0.1)
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1]["step"] == cfg["steps_per_epoch"] == 1437 // 16
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == cfg["steps_per_epoch"] == 2 and all(r["loss"] > 0 for r in records)
     weights = load_file(str(out / "backbone.safetensors"))
     assert weights["pos_embed"].shape == (1, 17, 192)
     timm.create_model(VIT, num_classes=0, img_size=64).load_state_dict(weights)  # strict: every key
-    assert evaluate.main(["--run", str(out), "--batch-size", "64", "--probe-epochs", "2", "--no-plots"]) == 0
+    assert evaluate.main(["--run", str(out), "--batch-size", "4", "--workers", "1", "--probe-epochs", "2",
+                          "--knn-k", "5", "--no-plots"]) == 0
     assert json.loads((out / "eval.json").read_text())["crop"] == 0.875  # above 32 px: the central 87.5%
     assert export.main(["--run", str(out), "--format", "timm"]) == 0
     loaded = timm.create_model(f"local-dir:{out / 'export' / 'timm'}", pretrained=True, num_classes=0)
