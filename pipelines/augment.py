@@ -19,7 +19,7 @@ import nvidia.dali.types as types
 
 from pipelines import EVAL_CROP
 from simclr_dali.errors import UserError
-from simclr_dali.settings import setting
+from simclr_dali.settings import setting, tracks_given
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -28,6 +28,7 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 PerView = float | tuple[float, float]  # one value for both views, or (view 1, view 2)
 
 
+@tracks_given
 @dataclass
 class Augment:
     """The augmentations of the two views. Every setting is one value for both views, or a pair (view 1, view 2)

@@ -10,10 +10,12 @@ settings dataclasses, a `Run` pointing at a run's folder, numpy and torch result
     scores = run.evaluate(probe_epochs=20) # kNN and linear probe, as evaluate.py writes them to eval.json
 
 Settings pass through the command line's own parser and checks, so a value the flags would refuse is
-the same one-sentence UserError here (raised, not printed).
+the same one-sentence UserError here (raised, not printed). A field set is a value given, as a flag is, even
+where it equals the field's default: `Config(method="moco", lr=0.3)` trains at 0.3, not MoCo's 0.03.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -24,14 +26,20 @@ from simclr_dali.settings import to_argv
 
 
 def pretrain(config=None, **settings) -> Run:
-    """Train in this process as `train.py` would with the flags that `config` (a training Config,
-    default Config()) and `settings` (its field names, `aug=Augment(...)` included) differ from the
-    defaults by; a field left at its dataclass default is a flag left out, which the recipe and the
-    method set (README, Recipes and Methods). Returns the Run. A run stopped by a signal raises KeyboardInterrupt after its checkpoint."""
+    """Train in this process as `train.py` would with the fields of `config` (a training Config, default
+    Config()) that its caller set, and `settings` (more field names, `aug=Augment(...)` included) over them: a
+    value set is a value given, equal to the field's default or not, and what was not set the method and the
+    recipe decide (README, Settings). Returns the Run. A run stopped by a signal raises KeyboardInterrupt after
+    its checkpoint."""
     from simclr_dali.training.config import Config
     from simclr_dali.training.loop import train
 
-    cfg = dataclasses.replace(config or Config(), **settings)
+    cfg = copy.copy(config or Config())
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for name, value in settings.items():
+        if name not in names:
+            raise TypeError(f"pretrain() got an unexpected setting {name!r}")
+        setattr(cfg, name, value)
     status = train(to_argv(cfg))
     if status:
         raise KeyboardInterrupt(f"training stopped by a signal; its checkpoint is in {Path(cfg.out) / 'checkpoint'}"

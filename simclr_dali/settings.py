@@ -3,10 +3,12 @@ exposed as dashed flags, checked before any work starts, and read back from a ru
 from __future__ import annotations
 
 import argparse
+import copy as copylib
 import dataclasses
 import inspect
 import json
 import re
+import weakref
 from pathlib import Path
 
 from simclr_dali.errors import UserError
@@ -78,6 +80,55 @@ class Check:
         if self.high is not None:
             out.append(self.high if self.below else self.high + step)
         return [kind(v) for v in out if v != self.off]
+
+
+_GIVEN: dict[int, set[str]] = {}  # id(settings object) -> the fields its caller set (kept out of its __dict__)
+
+
+def tracks_given(cls):
+    """Class decorator for a settings dataclass: each instance remembers the fields its caller set, in the
+    constructor or by assignment afterwards, whether or not the value equals the field's default (`given`).
+    A value passed is a value given: `Config(method="moco", lr=0.3)` trains at 0.3, not at MoCo's 0.03.
+    copy.copy and copy.deepcopy keep what was given; `dataclasses.replace` passes every field again, so every
+    field of its copy counts as given (copy and assign instead)."""
+    init, names = cls.__init__, [f.name for f in dataclasses.fields(cls)]
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        set_given(self, set(names[:len(args)]) | set(kwargs))
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if id(self) in _GIVEN and name in names:
+            _GIVEN[id(self)].add(name)
+
+    def __copy__(self):
+        new = cls.__new__(cls)
+        new.__dict__.update(self.__dict__)
+        set_given(new, given(self) or ())
+        return new
+
+    def __deepcopy__(self, memo):
+        new = memo[id(self)] = cls.__new__(cls)
+        new.__dict__.update({k: copylib.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        set_given(new, given(self) or ())
+        return new
+
+    cls.__init__, cls.__setattr__, cls.__copy__, cls.__deepcopy__ = __init__, __setattr__, __copy__, __deepcopy__
+    return cls
+
+
+def given(obj) -> set[str] | None:
+    """The fields of a settings object that its caller set (tracks_given), or None where it does not track them."""
+    return _GIVEN.get(id(obj))
+
+
+def set_given(obj, names) -> None:
+    """Records which fields of `obj` count as given (also for an object built from a command line, whose
+    constructor is passed every field, given or not); forgotten when `obj` is."""
+    if id(obj) not in _GIVEN:
+        weakref.finalize(obj, _GIVEN.pop, id(obj), None)
+    _GIVEN[id(obj)] = {f.name for f in dataclasses.fields(obj)} & set(names)
 
 
 def setting(default, **check):
@@ -154,17 +205,19 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
 
 
 def to_argv(obj) -> list[str]:
-    """The flags that give dataclass `obj`'s values where they differ from the field defaults (a
-    nested dataclass field, train.py's aug, spreads into its own flags): the command line that
-    add_dataclass_flags' parser reads back into an equal object, through the same checks."""
-    argv = []
+    """The flags that give dataclass `obj`'s given fields (tracks_given: what its caller set, equal to the
+    field's default or not; for an object that does not track them, the fields that differ from the
+    defaults); a nested dataclass field, train.py's aug, spreads into its own flags. It is the command line
+    that add_dataclass_flags' parser reads back into an equal object, through the same checks, with the
+    given values over every layer of defaults."""
+    argv, chosen = [], given(obj)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             argv += to_argv(value)
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if value == default and type(value) is type(default):
+        if f.name not in chosen if chosen is not None else (value == default and type(value) is type(default)):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
@@ -185,36 +238,48 @@ def dataclass_from_args(cls, args: argparse.Namespace, **extra):
     return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
 
 
-def given_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The settings named on the command line (not left at their defaults): parsed once more with
-    every default suppressed, so that only what was given lands in the namespace."""
+def given_values(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """The settings named on the command line (not left at their defaults) and their values: parsed with
+    every default suppressed, so that only what was given lands in the namespace. --help is left to the
+    full parse, which shows the defaults these choose."""
+    import sys
+
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
     defaults, parser_defaults = {action: action.default for action in parser._actions}, parser._defaults
     for action in defaults:
         action.default = argparse.SUPPRESS
     parser._defaults = {}  # set_defaults (a recorded run's settings) lands here
     try:
-        return set(vars(parser.parse_args(argv)))
+        return vars(parser.parse_args(argv))
     finally:
         parser._defaults = parser_defaults
         for action, default in defaults.items():
             action.default = default
 
 
-def recorded_settings(path: str, cls, derived: frozenset[str] = frozenset(), skip: frozenset[str] = frozenset()) -> dict:
-    """The settings a run recorded (its config.json), as parser defaults for `cls`'s flags: a nested
-    dataclass field (train.py's aug) spreads into its own fields. `derived` keys (what the run worked
-    out, such as its world size) and `skip` keys (actions, such as --resume) are not settings and are
-    left out; any other key this version does not know, or a value of the wrong type, is one sentence."""
+def read_recorded(path: str, flag: str = "--config") -> dict:
+    """A JSON file of settings that a command wrote (config.json, eval_config.json), or one sentence naming
+    `flag` and the file."""
     file = Path(path)
     try:
         recorded = json.loads(file.read_text())
     except FileNotFoundError:
-        raise UserError(f"--config {path}: no such file") from None
+        raise UserError(f"{flag} {path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"--config {path} is not a JSON file of settings ({type(err).__name__}): pass a "
+        raise UserError(f"{flag} {path} is not a JSON file of settings ({type(err).__name__}): pass a "
                         f"config.json that a run wrote") from None
     if not isinstance(recorded, dict):
-        raise UserError(f"--config {path} holds no settings: pass a config.json that a run wrote")
+        raise UserError(f"{flag} {path} holds no settings: pass a config.json that a run wrote")
+    return recorded
+
+
+def recorded_settings(recorded: dict, cls, path: str, flag: str = "--config", derived: frozenset[str] = frozenset(),
+                      skip: frozenset[str] = frozenset()) -> dict:
+    """The settings `recorded` holds (read_recorded's), as parser defaults for `cls`'s flags: a nested
+    dataclass field (train.py's aug) spreads into its own fields. `derived` keys (what the run worked
+    out, such as its world size) and `skip` keys (actions, such as --resume) are not settings and are
+    left out; any other key this version does not know, or a value of the wrong type, is one sentence
+    naming `flag` and the file `path`."""
     settings = {}
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -222,34 +287,34 @@ def recorded_settings(path: str, cls, derived: frozenset[str] = frozenset(), ski
             continue
         value = recorded[f.name]
         if dataclasses.is_dataclass(default):
-            settings.update(recorded_settings_of(value, type(default), path, f.name))
+            settings.update(recorded_settings_of(value, type(default), path, f.name, flag))
         else:
-            settings[f.name] = _typed(value, default, path, f.name)
+            settings[f.name] = _typed(value, default, path, f.name, flag)
     known = {f.name for f in dataclasses.fields(cls)} | derived | skip
     unknown = sorted(set(recorded) - known)
     if unknown:
-        raise UserError(f"--config {path} holds {', '.join(map(repr, unknown))}, which this version of the "
+        raise UserError(f"{flag} {path} holds {', '.join(map(repr, unknown))}, which this version of the "
                         f"command does not know (written by another version?): remove them from the file")
     return settings
 
 
-def recorded_settings_of(values, cls, path: str, name: str) -> dict:
+def recorded_settings_of(values, cls, path: str, name: str, flag: str = "--config") -> dict:
     if not isinstance(values, dict):
-        raise UserError(f"--config {path}: {name!r} should hold settings, not {values!r}")
+        raise UserError(f"{flag} {path}: {name!r} should hold settings, not {values!r}")
     fields = {f.name: f.default for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise UserError(f"--config {path} holds {', '.join(repr(f'{name}.{k}') for k in unknown)}, which this "
+        raise UserError(f"{flag} {path} holds {', '.join(repr(f'{name}.{k}') for k in unknown)}, which this "
                         f"version of the command does not know (written by another version?): remove them")
-    return {k: [_typed(x, fields[k], path, f"{name}.{k}") for x in v] if isinstance(v, list) else
-            _typed(v, fields[k], path, f"{name}.{k}") for k, v in values.items()}  # a list: one value per view
+    return {k: [_typed(x, fields[k], path, f"{name}.{k}", flag) for x in v] if isinstance(v, list) else
+            _typed(v, fields[k], path, f"{name}.{k}", flag) for k, v in values.items()}  # a list: one value per view
 
 
-def _typed(value, default, path: str, name: str):
+def _typed(value, default, path: str, name: str, flag: str = "--config"):
     """`value` as the type of `default` (an int may stand for a float), else one sentence."""
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not kind:
-        raise UserError(f"--config {path}: {name} is {value!r}, but it should be a {kind.__name__}")
+        raise UserError(f"{flag} {path}: {name} is {value!r}, but it should be a {kind.__name__}")
     return value

@@ -28,6 +28,7 @@ def test_the_readme_block_runs_as_it_stands(tmp_path):
     r = run_cli("block.py", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
+    assert "0.1 0.1" in lines  # the temperature set, though it is the field's default, over the small recipe's 0.2
     assert "torch.Size([2, 512])" in lines
     assert "(20, 512) 00.png" in lines
     [scores] = [line for line in lines if line.startswith("kNN top-1 ")]
@@ -41,9 +42,9 @@ def test_settings_round_trip_through_the_command_line():
                  recipe="imagenet", aug=Augment(blur_p=0.0, jitter_strength=0.5))
     argv = to_argv(cfg)
     assert "--no-sync-bn" in argv and "--compile" in argv and ["--blur-p", "0.0"] == argv[argv.index("--blur-p"):][:2]
-    assert "--data" not in argv  # digits is the default: only what differs is given
+    assert argv[:2] == ["--data", "digits"]  # given, though it is the default: a value passed is a value given
     assert train.parse_args(argv) == cfg
-    # a field left at the dataclass default is a flag left out: the recipe and the method set it
+    # a field not set is a flag left out: the recipe and the method set it
     assert train.parse_args(to_argv(Config())) == train.parse_args([])
     assert train.parse_args(to_argv(Config(method="moco"))).lr == 0.03
     ecfg = EvalConfig(run="runs/x", probe_epochs=7, plots=False)

@@ -36,8 +36,9 @@ def test_a_recorded_run_runs_again_with_flags_over_its_settings(recorded, tmp_pa
     assert train.main(["--config", str(recorded / "config.json"), "--out", str(again), "--epochs", "2"]) == 0
     second = json.loads((again / "config.json").read_text())
     differ = {k for k in first if first[k] != second[k]}
-    assert differ <= {"config", "out", "epochs", "warmup_epochs_resolved", "scan"}, differ
+    assert differ <= {"config", "out", "epochs", "warmup_epochs_resolved", "scan", "given"}, differ
     assert second["config"] == str(recorded / "config.json") and second["epochs"] == 2
+    assert second["given"] == {**first["given"], "out": str(again), "epochs": 2}
 
 
 @pytest.mark.slow

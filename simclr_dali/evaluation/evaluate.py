@@ -31,12 +31,17 @@ from simclr_dali.settings import (
     add_dataclass_flags,
     check_args,
     dataclass_from_args,
+    given_values,
+    read_recorded,
     recorded_settings,
+    set_given,
     setting,
+    tracks_given,
 )
 from simclr_dali.training.checkpoint import write_json
 
 
+@tracks_given
 @dataclass
 class EvalConfig:
     config: str = ""  # start from the settings an evaluation recorded (RUN/eval_config.json); flags given here override
@@ -123,10 +128,11 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
     first.add_argument("--config", default="")
     recorded = first.parse_known_args(argv)[0].config
     if recorded:
-        parser.set_defaults(**recorded_settings(recorded, EvalConfig, skip=frozenset({"config"})))
+        parser.set_defaults(**recorded_settings(read_recorded(recorded), EvalConfig, recorded, skip=frozenset({"config"})))
     args = parser.parse_args(argv)
     check_args(parser, args)
     cfg = dataclass_from_args(EvalConfig, args)
+    set_given(cfg, given_values(parser, argv))
     if not cfg.run:
         raise UserError("--run is required: the output folder of a training run")
     if cfg.embed and not cfg.to:

@@ -215,13 +215,18 @@ def resumed_batch(saved: Saved, world: int, given: int | None) -> int:
     return total // world
 
 
-def resume(cfg, saved: Saved, out: Path, accelerator, model, steps_per_epoch: int,
+def resume(cfg, saved: Saved, out: Path, accelerator, model, optimizer, steps_per_epoch: int,
            wds: bool) -> tuple[int, bytes | None, list]:
-    """Load checkpoint `saved` (open_checkpoint) into `model` and the optimiser; returns the step it was
-    saved at, DALI's state when it stops inside an epoch and was written by as many processes (else the
-    epoch goes on from its next global batch, pipelines.loader.shard_order), and the run's world sizes
-    so far as [[processes, from step], ...]. With --resume-from, a newer checkpoint is set aside first."""
+    """Load checkpoint `saved` (open_checkpoint) into `model` and `optimizer`, whose groups keep this run's
+    settings (a weight decay or momentum given on resume holds; the saved state, momentum buffers and
+    moments, is the checkpoint's); returns the step it was saved at, DALI's state when it stops inside an
+    epoch and was written by as many processes with the same views (else the epoch goes on from its next
+    global batch, pipelines.loader.shard_order), and the run's world sizes so far as [[processes, from
+    step], ...]. With --resume-from, a newer checkpoint is set aside first."""
     path, config, step = saved.path, saved.config, saved.step
+    if step > cfg.epochs * steps_per_epoch:
+        raise UserError(f"--resume: the checkpoint in {path} is at step {step}, past the end of {cfg.epochs} epochs "
+                        f"of {steps_per_epoch} steps: give --epochs {-(-step // steps_per_epoch)} or more")
     for key in ("backbone", "small_stem", "proj_hidden", "proj_dim", "data"):
         if config.get(key) != getattr(cfg, key):
             raise UserError(f"--resume: the checkpoint in {path} was trained with --{key.replace('_', '-')} "
@@ -232,26 +237,42 @@ def resume(cfg, saved: Saved, out: Path, accelerator, model, steps_per_epoch: in
                         f"the data changed")
     before, world = config["world_size"], accelerator.num_processes
     history = config.get("world_sizes") or [[before, 0]]
+    views = views_changed(cfg, config)  # DALI's saved state is of the old graph: the epoch goes on without it
     if world != before:
         history = history + [[world, step]]
-        if step % steps_per_epoch and wds:
-            raise UserError(f"--resume: the checkpoint in {path} stops inside an epoch of tar shards, which DALI "
-                            f"splits by process: finish that epoch on {before} process(es), then resume on {world}")
+    if (world != before or views) and step % steps_per_epoch and wds:
+        why = f"on {before} process(es)" if world != before else f"with the views it began with ({views})"
+        raise UserError(f"--resume: the checkpoint in {path} stops inside an epoch of tar shards, which DALI "
+                        f"splits by process and cannot skip into: finish that epoch {why}, then resume")
     flag = "--resume-from" if cfg.resume_from else "--resume"
     shapes = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(model).state_dict().items()}
     try:
         check_safetensors(path / "model.safetensors", "", expect=shapes, what=f"--backbone {cfg.backbone}")
     except Unreadable as err:
         raise err.fixed_by(other_checkpoint(out, path, flag), f"{flag}: ") from None
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this run's settings
     load_state_safely(accelerator, path, lambda: other_checkpoint(out, path, flag))  # no pickle that runs code
+    for group, settings in zip(optimizer.param_groups, groups):  # load_state_dict restored the saved run's
+        group.update(settings)
     newest = out / NEWEST
     if accelerator.is_main_process and newest.is_dir() and newest.resolve() != path.resolve():
         shutil.rmtree(out / SET_ASIDE, ignore_errors=True)  # set aside by an earlier --resume-from
         newest.rename(out / SET_ASIDE)  # so that the next save keeps `path` as the previous checkpoint
     accelerator.wait_for_everyone()
-    if step % steps_per_epoch == 0 or world != before:
+    if step % steps_per_epoch == 0 or world != before or views:
         return step, None, history
     return step, (path / f"dali_{accelerator.process_index}.state").read_bytes(), history
+
+
+def views_changed(cfg, config: dict) -> str:
+    """The view settings (augmentations, image size) in which this run differs from checkpoint `config`, as
+    flags, or "" where it does not."""
+    from pipelines.augment import per_view
+
+    aug = dataclasses.asdict(cfg.aug)
+    changed = [k for k, v in (config.get("aug") or {}).items() if k in aug and per_view(v) != aug[k]]
+    changed += ["image_size"] if config.get("image_size", cfg.image_size) != cfg.image_size else []
+    return ", ".join("--" + k.replace("_", "-") for k in changed)
 
 
 def unrestorable(saved: Saved, out: Path, rank: int, err: Exception) -> UserError:

@@ -15,16 +15,21 @@ from simclr_dali.settings import (
     add_dataclass_flags,
     check_args,
     dataclass_from_args,
-    given_dests,
+    given_values,
     ordered_fields,
-    recorded_settings,
+    set_given,
     setting,
+    tracks_given,
 )
+from simclr_dali.training.layers import checkpoint_settings, recorded_given, resume_changes, shown
 from simclr_dali.training.recipes import RECIPES, recipe_defaults, resolve
 
 OPTIMIZERS = ("lars", "sgd", "momentum", "adamw")
+CHOICES = {"method": tuple(METHODS), "recipe": ("auto", *RECIPES), "optimizer": OPTIMIZERS,
+           "lr_scaling": ("linear", "sqrt")}  # the values of the settings that choose the layers of defaults
 
 
+@tracks_given
 @dataclass
 class Config:
     config: str = ""  # start from the settings a run recorded (its config.json); flags given here override them
@@ -40,8 +45,8 @@ class Config:
     epochs: int = setting(100, low=1)  # training epochs
     batch_size: int = setting(256, low=1)  # images per process per step (each gives two views)
     lr: float = setting(0.3, low=0, above=True)  # base learning rate per 256 images, scaled by the global batch
-    lr_scaling: str = setting("linear", choices=("linear", "sqrt"))  # linear: lr * B/256; sqrt: lr * sqrt(B/256)
-    optimizer: str = setting("lars", choices=OPTIMIZERS)  # lars (timm), sgd (Nesterov), momentum (SGD with plain momentum) or adamw
+    lr_scaling: str = setting("linear", choices=CHOICES["lr_scaling"])  # linear: lr * B/256; sqrt: lr * sqrt(B/256)
+    optimizer: str = setting("lars", choices=CHOICES["optimizer"])  # lars (timm), sgd (Nesterov), momentum (SGD with plain momentum) or adamw
     momentum: float = setting(0.9, low=0, high=1, below=True)  # momentum for lars, sgd and momentum (sgd: Nesterov momentum when above 0)
     weight_decay: float = setting(1e-6, low=0)  # weight decay (biases and norm weights are exempt)
     warmup_epochs: float = setting(-1.0, low=0, off=-1.0, off_means="the default")  # linear warmup in epochs, then cosine decay to zero (-1: the method's paper value, 10 for SimCLR and BYOL, 12 for SupCon, 0 for MoCo, at most a tenth of the run)
@@ -73,13 +78,6 @@ class Config:
     aug: Augment = field(default_factory=Augment)  # augmentation settings (flags of their own)
 
 
-# config.json keys that a run works out rather than takes as settings (--config leaves them out)
-DERIVED = frozenset({"world_size", "world_sizes", "global_batch", "scaled_lr", "steps_per_epoch", "n_train",
-                     "dali_placement", "loss_impl_resolved", "loss_operands", "device", "mixed_precision",
-                     "channels_last_resolved", "warmup_epochs_resolved", "batch_norm", "scan", "recipe_resolved",
-                     "recipe_values"})
-
-
 def program_name() -> str:
     """The command as the usage line names it: train.py, simclr-train, or `python -m simclr_dali.training`, whose
     argv[0] is its __main__.py (also under `accelerate launch -m`)."""
@@ -95,9 +93,9 @@ LAUNCH = ("Several processes (GPUs, machines) and mixed precision come from acce
 
 
 def build_parser(method: str = "simclr", recipe: str = "auto", image_size: int | None = None,
-                 optimizer: str | None = None) -> Parser:
-    """The flags, their defaults those of this method, recipe and optimiser (what --help shows), and where a default
-    depends on them, every value it takes."""
+                 optimizer: str | None = None, lr_scaling: str | None = None, layers: list[dict] | None = None) -> Parser:
+    """The flags, their defaults those of this method, recipe, optimiser and lr scaling (what --help shows; or
+    `layers`, layers.settings_in_order's), and where a default depends on them, every value it takes."""
     parser = Parser(prog=program_name(), epilog=LAUNCH,
                     description="SimCLR pretraining with DALI, timm and accelerate. A default that a method, a "
                                 "recipe or an optimiser sets is shown for the flags given with --help: "
@@ -106,19 +104,61 @@ def build_parser(method: str = "simclr", recipe: str = "auto", image_size: int |
     add_dataclass_flags(parser, Config, skip=("aug",), notes=notes)
     add_dataclass_flags(parser.add_argument_group("augmentations (one value for both views, or two: view 1 and "
                                                   "view 2)"), Augment, per_view=True, notes=notes)
-    parser.set_defaults(**layered_defaults(method, resolve(recipe, image_size or Config.image_size), optimizer))
+    if layers is None:
+        layers = [layered_defaults(method, resolve(recipe, image_size or Config.image_size), optimizer, lr_scaling)]
+    for layer in layers:
+        parser.set_defaults(**layer)
     return parser
 
 
-def layered_defaults(method: str, recipe: str, optimizer: str | None = None) -> dict:
-    """The defaults under the flags, in order: the method's paper values, the (resolved) recipe's, then, for an
-    optimiser other than the method's own, that optimiser's learning rate and weight decay: the method's and the
-    recipe's are for the method's own optimiser (LARS's 0.3 would be 2,000 times AdamW's)."""
+SQRT_LR = 0.075 * 256 ** 0.5  # SimCLR's square-root rule, 0.075 sqrt(B) (Chen et al. 2020, appendix B.1), per 256
+
+
+def settings_in_order(now: dict, recorded: dict, resumed: dict) -> list[dict]:
+    """Where each setting of a run comes from, in one order; each layer's values replace those below it:
+
+        1. the fields' own defaults (Config, Augment: SimCLR's ImageNet recipe)
+        2. the method's paper values (models/methods.py)
+        3. the recipe's, resolved by image size (recipes.py); then, for an optimiser other than the method's
+           own, that optimiser's lr and weight decay, and for `--lr-scaling sqrt` SimCLR's square-root rule
+        4. the values a recorded run was given (`--config`: its config.json's `given`, layers.recorded_given)
+        5. the values given now: the flags, or the fields an API caller set (the parser's own values)
+
+    Returns the layers of parser defaults, 2 to 4, lowest first: `now` the values given on the command line,
+    `recorded` those a --config run was given. 2 and 3 follow the method, recipe, image size, optimiser and lr
+    scaling that 4 and 5 give (a value the parser will refuse chooses nothing), so a re-run with `--method moco`
+    takes MoCo's values for what neither gave, and a value given is never replaced by a default. A resume starts
+    from `resumed`, every setting of its checkpoint, in place of 1 to 4: nothing not given now changes, and what
+    is given now applies to the saved state or is one sentence (layers.resume_changes)."""
+    if resumed:
+        return [resumed]
+    given = {**recorded, **now}
+    chosen = {k: v for k, v in given.items() if k not in CHOICES or v in CHOICES[k]}
+    recipe = resolve(chosen.get("recipe", "auto"), chosen.get("image_size", Config.image_size))
+    return [layered_defaults(chosen.get("method", "simclr"), recipe, chosen.get("optimizer"),
+                             chosen.get("lr_scaling")), recorded]
+
+
+def derived_defaults(given: dict) -> dict:
+    """Layers 1 to 3 for a run given `given`: each setting's value where nothing gives it."""
+    fields = {f.name: f.default for f in dataclasses.fields(Config) if f.name != "aug"}
+    fields.update({f.name: f.default for f in dataclasses.fields(Augment)})
+    return {**fields, **settings_in_order(given, {}, {})[0]}
+
+
+def layered_defaults(method: str, recipe: str, optimizer: str | None = None, lr_scaling: str | None = None) -> dict:
+    """Layers 2 and 3: the method's paper values, the (resolved) recipe's, then, for an optimiser other than the
+    method's own, that optimiser's learning rate and weight decay (the method's and the recipe's are for its own
+    optimiser: LARS's 0.3 would be 2,000 times AdamW's), and for SimCLR on LARS with square-root scaling the
+    paper's rule, lr 1.2 per 256 images (0.075 sqrt(B))."""
     from simclr_dali.training.optim import OPTIMIZER_DEFAULTS
 
     values = {**METHODS[method].defaults, **recipe_defaults(recipe, method)}
-    if optimizer and optimizer != values.get("optimizer", Config.optimizer):
+    own = values.get("optimizer", Config.optimizer)
+    if optimizer and optimizer != own:
         values.update(OPTIMIZER_DEFAULTS[optimizer])
+    if lr_scaling == "sqrt" and method == "simclr" and (optimizer or own) == "lars":
+        values["lr"] = SQRT_LR
     return values
 
 
@@ -131,7 +171,7 @@ def layer_notes() -> dict[str, str]:
     defaults.update({f.name: f.default for f in dataclasses.fields(Augment)})
     notes = {}
     for name, default in defaults.items():
-        methods = [f"{m} {shown(c.defaults[name])}" for m, c in METHODS.items() if name in c.defaults]
+        methods = [f"{m} {per_view_shown(c.defaults[name])}" for m, c in METHODS.items() if name in c.defaults]
         recipes = [f"{r} recipe {shown(values[name])}" + ("" if name in RECIPES[r] else " for simclr")
                    for r in RECIPES for values in [recipe_defaults(r, "simclr")] if name in values]
         if not methods and not recipes:
@@ -139,43 +179,36 @@ def layer_notes() -> dict[str, str]:
         optimizers = [f"{o} {shown(v[name])}" for o, v in OPTIMIZER_DEFAULTS.items() if name in v]
         parts = ["by method: " + ", ".join([*methods, f"else {shown(default)}"]) if methods else "",
                  ", ".join(recipes), "with an optimiser not the method's own: " + ", ".join(optimizers)
-                 if optimizers else ""]
+                 if optimizers else "", f"--lr-scaling sqrt: {shown(SQRT_LR)} for simclr (0.075 sqrt(B))"
+                 if name == "lr" else ""]
         notes[name] = "; ".join(p for p in parts if p)
     return notes
 
 
-def shown(value) -> str:
-    """A default as --help shows it: numbers in short form, a pair per view as V1/V2."""
-    if isinstance(value, (list, tuple)):
-        return "/".join(map(shown, value)) + " (per view)"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def per_view_shown(value) -> str:
+    return shown(value) + (" (per view)" if isinstance(value, (list, tuple)) else "")
 
 
 def parse_command(argv: list[str] | None = None) -> tuple[Config, set[str]]:
-    """The settings (a recorded run's, with --config, under the flags given) and the names of those
-    given on the command line."""
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--config", default="")
-    first.add_argument("--method", default="simclr")
-    first.add_argument("--recipe", default="auto")
-    first.add_argument("--image-size", default=str(Config().image_size))
-    first.add_argument("--optimizer", default=None)
-    known = first.parse_known_args(argv)[0]
-    recorded = known.config
-    method = known.method if known.method in METHODS else "simclr"  # else the parser refuses it below
-    recipe = known.recipe if known.recipe in ("auto", *RECIPES) else "auto"  # else refused below
-    size = int(known.image_size) if known.image_size.isdigit() else None  # else refused below
-    optimizer = known.optimizer if known.optimizer in OPTIMIZERS else None  # else refused below
-    parser = build_parser(method, recipe, size, optimizer)
-    if recorded:  # a new run: --resume is an action of the recorded run, not one of its settings
-        actions = frozenset({"resume", "resume_from", "config"})
-        parser.set_defaults(**recorded_settings(recorded, Config, DERIVED, skip=actions))
+    """The run's settings, each from the layer settings_in_order gives it, and the names of those given on
+    this command line. The returned Config knows all that were given (settings.given: now, and to the runs it was
+    recorded from or resumes), which config.json records as `given`."""
+    now = given_values(build_parser(), argv)
+    recorded = recorded_given(now["config"], Config, derived_defaults) if now.get("config") else {}
+    resuming = now.get("resume") or now.get("resume_from")
+    resumed, resumed_given = checkpoint_settings(now, recorded, Config) if resuming else ({}, {})
+    parser = build_parser(layers=settings_in_order(now, recorded, resumed))
     args = parser.parse_args(argv)
     check_args(parser, args, ordered_fields(Augment))
     cfg = dataclass_from_args(Config, args, aug=dataclass_from_args(Augment, args))
     cfg.resume = cfg.resume or bool(cfg.resume_from)
     validate(cfg)
-    return cfg, given_dests(parser, argv)
+    names = set(now) | set(recorded) | set(resumed_given)
+    set_given(cfg, names)  # after the values above were worked out: they are not given by that
+    set_given(cfg.aug, names)
+    if resumed:
+        resume_changes(resumed, cfg, set(now))  # a setting the checkpoint fixes: one sentence
+    return cfg, set(now)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

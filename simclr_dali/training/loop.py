@@ -135,21 +135,29 @@ def prepare_model(p: Parts, given: set[str]) -> str:
 
 
 def record(p: Parts, bn: str, screen, given: set[str]) -> None:
-    """config.json's settings and what the run worked out from them (DERIVED)."""
+    """config.json's settings, what the run worked out from them (layers.DERIVED), what it was given (`given`:
+    now, and to the runs it was recorded from or resumes), and each change a resume made (`changes`: from the
+    step it holds, the earlier resumes' first). `given`: the names given on this command line."""
     from pipelines.loader import placement
+    from simclr_dali.settings import given as given_fields
+    from simclr_dali.training.layers import flat_resolved, given_record, resume_changes
     from simclr_dali.training.recipes import recipe_record
 
     acc, cfg = p.accelerator, p.cfg
     values = {**dataclasses.asdict(cfg.aug), **dataclasses.asdict(cfg)}
+    every = (given_fields(cfg) or set()) | (given_fields(cfg.aug) or set())
+    saved = p.resuming.config if p.resuming else None
+    changes = [] if saved is None else saved.get("changes", []) + [
+        {"step": p.resuming.step, "setting": name, "from": old, "to": new}
+        for name, old, new in resume_changes(flat_resolved(saved), cfg, given)]
     p.resolved = {**dataclasses.asdict(p.cfg), "world_size": acc.num_processes, "global_batch": p.global_batch,
                   "scaled_lr": p.lr, "steps_per_epoch": p.steps_per_epoch,
                   "n_train": len(p.source), "dali_placement": placement(p.device_id),
                   "loss_impl_resolved": p.loss_impl, "loss_operands": str(p.operands).removeprefix("torch."),
                   "batch_norm": bn, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                   "channels_last_resolved": p.channels_last, "warmup_epochs_resolved": warmup_epochs(p.cfg),
-                  "scan": screen.summary() if screen.checked else None,
-                  **recipe_record(cfg.recipe, cfg.image_size, cfg.method, values, given,
-                                  json.loads(Path(cfg.config).read_text()) if cfg.config else None)}
+                  "scan": screen.summary() if screen.checked else None, "given": given_record(cfg, every),
+                  "changes": changes, **recipe_record(cfg.recipe, cfg.image_size, cfg.method, values, every, saved)}
 
 
 def start_trackers(p: Parts, report) -> None:
@@ -290,7 +298,8 @@ def train(argv: list[str] | None = None) -> int:
     record(p, bn, screen, given)
 
     acc, steps = p.accelerator, p.steps_per_epoch
-    start_step, loader_state, history = (resume(cfg, p.resuming, p.out, acc, p.model, steps, p.source.shards is not None)
+    start_step, loader_state, history = (resume(cfg, p.resuming, p.out, acc, p.model, p.optimizer, steps,
+                                                p.source.shards is not None)
                                          if p.resuming else (0, None, [[acc.num_processes, 0]]))
     p.resolved["world_sizes"] = history  # [[processes, from step], ...]: a resume may change them
     start_epoch = start_step // steps

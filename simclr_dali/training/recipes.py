@@ -1,6 +1,6 @@
 """Recipes: named sets of defaults that fit the data, chosen by image size (--recipe auto) or by name.
 
-A recipe sits under the flags: every setting given on the command line (or recorded by --config) wins,
+A recipe sits under the flags: every setting given on the command line (or given to a --config run) wins,
 and what the recipe set is recorded in config.json and shown in the start-up panel.
 
   imagenet  the paper's ImageNet recipe, the settings' own defaults: colour strength 1.0, blur with
@@ -39,13 +39,13 @@ def recipe_defaults(recipe: str, method: str) -> dict:
 
 
 def recipe_record(recipe: str, image_size: int, method: str, values: dict, given: set[str],
-                  recorded: dict | None = None) -> dict:
-    """config.json's account: the recipe resolved, and the values it set that no flag overrode. A run
-    from --config took its settings from the recorded run, so its account is that run's (less what a
-    flag given now overrides)."""
-    if recorded and "recipe_values" in recorded:
-        return {"recipe_resolved": recorded.get("recipe_resolved", resolve(recipe, image_size)),
-                "recipe_values": {k: v for k, v in recorded["recipe_values"].items() if k not in given}}
+                  resumed: dict | None = None) -> dict:
+    """config.json's account: the recipe resolved, and the values it set that nothing given replaced (`given`:
+    every setting given, now or to the run this one was recorded from). A resume keeps its checkpoint's settings,
+    so its account is the checkpoint's (less what is given now)."""
+    if resumed and "recipe_values" in resumed:
+        return {"recipe_resolved": resumed.get("recipe_resolved", resolve(recipe, image_size)),
+                "recipe_values": {k: v for k, v in resumed["recipe_values"].items() if k not in given}}
     resolved = resolve(recipe, image_size)
     set_here = recipe_defaults(resolved, method)  # less what a flag or a later layer (an optimiser's) replaced
     return {"recipe_resolved": resolved,

@@ -25,6 +25,16 @@ def read_back(parts: list[torch.Tensor]) -> list[list[float]]:
     return out
 
 
+def given_line(cfg: dict) -> str:
+    """The settings given (flags, API fields, a recorded run's), each with its value; every other value in the
+    panel and config.json is derived: the method's, the recipe's, or the fields' own defaults."""
+    from simclr_dali.training.layers import shown
+
+    given = {k: v for k, v in cfg.get("given", {}).items() if k not in ("out", "data")}  # shown in their rows
+    return ", ".join(f"--{k.replace('_', '-')} {shown(v)}" for k, v in given.items()) or \
+        "none but the data: every other value is derived (method, recipe, defaults)"
+
+
 def world_sizes(cfg: dict) -> str:
     """This invocation's number of processes, and those the run had before (an elastic resume)."""
     earlier = [f"{w} from step {start}" for w, start in cfg.get("world_sizes", [])[:-1]]
@@ -53,6 +63,7 @@ class Report:
         from rich.markup import escape
 
         from models.backbone import count_parameters
+        from simclr_dali.training.layers import shown
 
         resumed = ""
         if start_step % cfg["steps_per_epoch"]:
@@ -77,7 +88,12 @@ class Report:
                                          "products (fp32 sums)" if model.kernels else "")),
             ("epochs", f"{cfg['epochs']}{resumed}"),
             ("output", str(self.out)),
+            ("given", escape(given_line(cfg))),
         ]
+        changed = [c for c in cfg.get("changes", []) if c["step"] == start_step and start_step]
+        if changed:
+            rows.append(("changed", escape(", ".join(f"{c['setting']} {shown(c['from'])} -> {shown(c['to'])}"
+                                                     for c in changed) + f" (from step {start_step})")))
         if cfg.get("scan"):  # a folder checked at start-up for files DALI cannot decode (pipelines.verify)
             scan = cfg["scan"]
             rows.insert(3, ("image check", f"{scan['checked']} files in {scan['seconds']:.1f} s"))
