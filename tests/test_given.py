@@ -210,3 +210,22 @@ def test_square_root_scaling_follows_the_papers_rule(batch, lr):
 def test_an_unknown_setting_given_to_the_api_is_a_type_error():
     with pytest.raises(UserError):
         parsed(Config(method="nope"))
+
+
+@pytest.mark.slow
+def test_a_resume_mid_epoch_with_other_views_reads_the_rest_of_the_epoch_with_them(tmp_path, hooks):
+    """DALI's saved state is of the old graph: the epoch goes on from its next global batch, with fresh draws."""
+    import os
+    import signal
+
+    folder = make_folder(tmp_path / "images", per_class=8)  # 22 training images: 2 steps of 8 per epoch
+    run = ["--data", str(folder), "--epochs", "2", "--out", str(tmp_path / "run")]
+    hooks[3] = lambda loss: (os.kill(os.getpid(), signal.SIGTERM), loss)[1]  # step 3 of 4: inside epoch 2
+    assert train_here(*run) == 128 + signal.SIGTERM
+    assert json.loads((tmp_path / "run" / "checkpoint" / "progress.json").read_text())["step"] == 3
+    assert train_here(*run, "--resume", "--solarize-p", "0", "0.5") == 0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["aug"]["solarize_p"] == [0.0, 0.5]
+    assert cfg["changes"] == [{"step": 3, "setting": "solarize_p", "from": 0.0, "to": [0.0, 0.5]}]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4

@@ -240,10 +240,12 @@ def resume(cfg, saved: Saved, out: Path, accelerator, model, optimizer, steps_pe
     views = views_changed(cfg, config)  # DALI's saved state is of the old graph: the epoch goes on without it
     if world != before:
         history = history + [[world, step]]
-    if (world != before or views) and step % steps_per_epoch and wds:
-        why = f"on {before} process(es)" if world != before else f"with the views it began with ({views})"
+    if world != before and step % steps_per_epoch and wds:
         raise UserError(f"--resume: the checkpoint in {path} stops inside an epoch of tar shards, which DALI "
-                        f"splits by process and cannot skip into: finish that epoch {why}, then resume")
+                        f"splits by process: finish that epoch on {before} process(es), then resume on {world}")
+    if views and step % steps_per_epoch and wds:  # the rest of the epoch cannot be read without DALI's state
+        raise UserError(f"--resume: the checkpoint in {path} stops inside an epoch of tar shards, whose reader "
+                        f"cannot skip to the step: finish that epoch without {views}, then resume with it")
     flag = "--resume-from" if cfg.resume_from else "--resume"
     shapes = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(model).state_dict().items()}
     try:
