@@ -65,14 +65,17 @@ class Augment:
                               for f in fields(self) for v in [getattr(self, f.name)]})
         return view(0), view(1)
 
+    def jitter_amounts(self) -> dict[str, float]:
+        """One view's torchvision ColorJitter(brightness, contrast, saturation, hue): b s, c s, a s, h s."""
+        return {k: getattr(self, f"jitter_{k}") * self.jitter_strength
+                for k in ("brightness", "contrast", "saturation", "hue")}
+
     def jitter_ranges(self) -> dict[str, tuple[float, float]]:
-        """Ranges of one view's colour_twist factors (torchvision's ColorJitter(b s, c s, a s, h s)). DALI takes hue
-        in degrees: h s of a turn = 360 h s degrees."""
-        s = self.jitter_strength
-        return {"brightness": (max(0.0, 1 - self.jitter_brightness * s), 1 + self.jitter_brightness * s),
-                "contrast": (max(0.0, 1 - self.jitter_contrast * s), 1 + self.jitter_contrast * s),
-                "saturation": (max(0.0, 1 - self.jitter_saturation * s), 1 + self.jitter_saturation * s),
-                "hue": (-self.jitter_hue * s * 360.0, self.jitter_hue * s * 360.0)}
+        """Ranges of one view's colour_twist factors (jitter_amounts as torchvision reads them). DALI takes hue in
+        degrees: h s of a turn = 360 h s degrees."""
+        amount = self.jitter_amounts()
+        ranges = {k: (max(0.0, 1 - amount[k]), 1 + amount[k]) for k in ("brightness", "contrast", "saturation")}
+        return {**ranges, "hue": (-amount["hue"] * 360.0, amount["hue"] * 360.0)}
 
     def blur_window(self, size: int) -> int:
         """An odd kernel side, about blur_kernel_frac of the output side (at least 3), for one view."""

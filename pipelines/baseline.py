@@ -16,12 +16,11 @@ def simclr_transform(size: int, aug: Augment):
     (PIL image -> normalised tensor)."""
     from torchvision import transforms as T
 
-    jitter = [getattr(aug, f"jitter_{k}") * aug.jitter_strength for k in ("brightness", "contrast", "saturation", "hue")]
     steps = [
         T.RandomResizedCrop(size, scale=(aug.crop_min_area, aug.crop_max_area),
                             ratio=(aug.crop_min_ratio, aug.crop_max_ratio)),
         T.RandomHorizontalFlip(aug.flip_p),
-        T.RandomApply([T.ColorJitter(*jitter)], p=aug.jitter_p),
+        T.RandomApply([T.ColorJitter(**aug.jitter_amounts())], p=aug.jitter_p),
         T.RandomGrayscale(aug.gray_p),
     ]
     if aug.blur_p > 0:

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import json
 import re
+import sys
 import weakref
 from pathlib import Path
 
@@ -242,8 +243,6 @@ def given_values(parser: argparse.ArgumentParser, argv: list[str] | None) -> dic
     """The settings named on the command line (not left at their defaults) and their values: parsed with
     every default suppressed, so that only what was given lands in the namespace. --help is left to the
     full parse, which shows the defaults these choose."""
-    import sys
-
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
     defaults, parser_defaults = {action: action.default for action in parser._actions}, parser._defaults
     for action in defaults:

@@ -207,7 +207,7 @@ def test_square_root_scaling_follows_the_papers_rule(batch, lr):
     assert train.scaled_lr(cfg, batch) == pytest.approx(0.6 * (batch / 256) ** 0.5, rel=1e-12)  # a base given
 
 
-def test_an_unknown_setting_given_to_the_api_is_a_type_error():
+def test_an_unknown_method_given_to_the_api_is_the_flags_sentence():
     with pytest.raises(UserError):
         parsed(Config(method="nope"))
 

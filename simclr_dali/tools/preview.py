@@ -11,7 +11,6 @@ raw source image (the decoded file or the array), so crops show where they came 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -29,9 +28,10 @@ from simclr_dali.settings import (
     check_args,
     checked,
     dataclass_from_args,
+    given_values,
     ordered_fields,
 )
-from simclr_dali.training.recipes import RECIPES, resolve
+from simclr_dali.training.recipes import RECIPES
 
 CELL = 1.3  # inches per image
 
@@ -68,8 +68,7 @@ def describe(aug: Augment, size: int) -> str:
         return "/".join(format(x, form) for x in value) if isinstance(value, tuple) else format(value, form)
 
     jitter = "/".join(dict.fromkeys(  # torchvision's ColorJitter(brightness, contrast, saturation, hue), per view
-        "-".join(f"{getattr(view, f'jitter_{k}') * view.jitter_strength:g}"
-                 for k in ("brightness", "contrast", "saturation", "hue")) for view in aug.views()))
+        "-".join(f"{amount:g}" for amount in view.jitter_amounts().values()) for view in aug.views()))
     parts = [f"{size} px crop of {v('crop_min_area')}-{v('crop_max_area')} of the area, "
              f"ratio {v('crop_min_ratio', '.2f')}-{v('crop_max_ratio', '.2f')}", f"flip {v('flip_p')}",
              f"jitter {jitter} p={v('jitter_p')}", f"gray {v('gray_p')}",
@@ -125,25 +124,20 @@ def build_parser() -> Parser:
     return parser
 
 
-def view_defaults(argv: list[str] | None) -> dict:
-    """The augmentation defaults train.py would take for the --method, --recipe and --image-size given."""
-    from simclr_dali.training.config import layered_defaults
+def view_defaults(parser: Parser, argv: list[str] | None) -> dict:
+    """The augmentation defaults train.py would take for the --method, --recipe and --image-size given (its
+    layers of defaults, config.settings_in_order)."""
+    from simclr_dali.training.config import settings_in_order
 
-    first = argparse.ArgumentParser(add_help=False)
-    for flag, default in (("--method", "simclr"), ("--recipe", "auto"), ("--image-size", "32")):
-        first.add_argument(flag, default=default)
-    known = first.parse_known_args(argv)[0]
-    if known.method not in METHODS or known.recipe not in ("auto", *RECIPES) or not known.image_size.isdigit():
-        return {}  # the parser refuses them
     names = {f.name for f in dataclasses.fields(Augment)}
-    values = layered_defaults(known.method, resolve(known.recipe, int(known.image_size)))
+    [values, _] = settings_in_order(given_values(parser, argv), {}, {})
     return {k: v for k, v in values.items() if k in names}
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    parser.set_defaults(**view_defaults(argv))
+    parser.set_defaults(**view_defaults(parser, argv))
     args = parser.parse_args(argv)
     check_args(parser, args, ordered_fields(Augment))
     aug = dataclass_from_args(Augment, args)

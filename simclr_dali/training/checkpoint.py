@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from simclr_dali.errors import UserError
+from simclr_dali.training.layers import FIXED, flat_resolved, resume_changes
 from simclr_dali.readback import (
     Unreadable,
     check_manifest,
@@ -227,10 +228,7 @@ def resume(cfg, saved: Saved, out: Path, accelerator, model, optimizer, steps_pe
     if step > cfg.epochs * steps_per_epoch:
         raise UserError(f"--resume: the checkpoint in {path} is at step {step}, past the end of {cfg.epochs} epochs "
                         f"of {steps_per_epoch} steps: give --epochs {-(-step // steps_per_epoch)} or more")
-    for key in ("backbone", "small_stem", "proj_hidden", "proj_dim", "data"):
-        if config.get(key) != getattr(cfg, key):
-            raise UserError(f"--resume: the checkpoint in {path} was trained with --{key.replace('_', '-')} "
-                            f"{config.get(key)}, not {getattr(cfg, key)}")
+    resume_changes(flat_resolved(config), cfg, set(FIXED))  # what the saved state fixes: one sentence
     if config["steps_per_epoch"] != steps_per_epoch:
         raise UserError(f"--resume: {cfg.data} now gives {steps_per_epoch} steps per epoch, not the "
                         f"{config['steps_per_epoch']} the checkpoint in {path} was written with: "
@@ -269,12 +267,9 @@ def resume(cfg, saved: Saved, out: Path, accelerator, model, optimizer, steps_pe
 def views_changed(cfg, config: dict) -> str:
     """The view settings (augmentations, image size) in which this run differs from checkpoint `config`, as
     flags, or "" where it does not."""
-    from pipelines.augment import per_view
-
-    aug = dataclasses.asdict(cfg.aug)
-    changed = [k for k, v in (config.get("aug") or {}).items() if k in aug and per_view(v) != aug[k]]
-    changed += ["image_size"] if config.get("image_size", cfg.image_size) != cfg.image_size else []
-    return ", ".join("--" + k.replace("_", "-") for k in changed)
+    views = {f.name for f in dataclasses.fields(cfg.aug)} | {"image_size"}
+    changed = resume_changes(flat_resolved(config), cfg, views)
+    return ", ".join("--" + name.replace("_", "-") for name, _, _ in changed)
 
 
 def unrestorable(saved: Saved, out: Path, rank: int, err: Exception) -> UserError:

@@ -21,6 +21,7 @@ from simclr_dali.settings import (
     setting,
     tracks_given,
 )
+from simclr_dali.training.checkpoint import find_checkpoint
 from simclr_dali.training.layers import checkpoint_settings, recorded_given, resume_changes, shown
 from simclr_dali.training.recipes import RECIPES, recipe_defaults, resolve
 
@@ -139,11 +140,15 @@ def settings_in_order(now: dict, recorded: dict, resumed: dict) -> list[dict]:
                              chosen.get("lr_scaling")), recorded]
 
 
+def field_defaults() -> dict:
+    """Layer 1: every setting's own default, flat (the augmentations by their own names)."""
+    return {**{f.name: f.default for f in dataclasses.fields(Config) if f.name != "aug"},
+            **{f.name: f.default for f in dataclasses.fields(Augment)}}
+
+
 def derived_defaults(given: dict) -> dict:
     """Layers 1 to 3 for a run given `given`: each setting's value where nothing gives it."""
-    fields = {f.name: f.default for f in dataclasses.fields(Config) if f.name != "aug"}
-    fields.update({f.name: f.default for f in dataclasses.fields(Augment)})
-    return {**fields, **settings_in_order(given, {}, {})[0]}
+    return {**field_defaults(), **settings_in_order(given, {}, {})[0]}
 
 
 def layered_defaults(method: str, recipe: str, optimizer: str | None = None, lr_scaling: str | None = None) -> dict:
@@ -167,10 +172,8 @@ def layer_notes() -> dict[str, str]:
     the method's own) give it; --help's `default` is this command line's."""
     from simclr_dali.training.optim import OPTIMIZER_DEFAULTS
 
-    defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.name != "aug"}
-    defaults.update({f.name: f.default for f in dataclasses.fields(Augment)})
     notes = {}
-    for name, default in defaults.items():
+    for name, default in field_defaults().items():
         methods = [f"{m} {per_view_shown(c.defaults[name])}" for m, c in METHODS.items() if name in c.defaults]
         recipes = [f"{r} recipe {shown(values[name])}" + ("" if name in RECIPES[r] else " for simclr")
                    for r in RECIPES for values in [recipe_defaults(r, "simclr")] if name in values]
@@ -195,8 +198,11 @@ def parse_command(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     recorded from or resumes), which config.json records as `given`."""
     now = given_values(build_parser(), argv)
     recorded = recorded_given(now["config"], Config, derived_defaults) if now.get("config") else {}
-    resuming = now.get("resume") or now.get("resume_from")
-    resumed, resumed_given = checkpoint_settings(now, recorded, Config) if resuming else ({}, {})
+    resumed, resumed_given = ({}, {})
+    if now.get("resume") or now.get("resume_from"):  # the checkpoint open_run will open
+        out = Path(now.get("out") or recorded.get("out") or Config.out)
+        path = Path(now["resume_from"]) if now.get("resume_from") else find_checkpoint(out)
+        resumed, resumed_given = checkpoint_settings(path, Config)
     parser = build_parser(layers=settings_in_order(now, recorded, resumed))
     args = parser.parse_args(argv)
     check_args(parser, args, ordered_fields(Augment))

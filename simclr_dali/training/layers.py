@@ -60,15 +60,9 @@ def nested(flat: dict) -> dict:
     return {**{k: v for k, v in flat.items() if k not in aug}, "aug": {k: v for k, v in flat.items() if k in aug}}
 
 
-def checkpoint_settings(now: dict, recorded: dict, schema) -> tuple[dict, dict]:
-    """For --resume: (every setting, what it was given) of the checkpoint it goes on from, from its config.json;
+def checkpoint_settings(path: Path | None, schema) -> tuple[dict, dict]:
+    """For --resume: (every setting, what it was given) of the checkpoint in `path`, from its config.json;
     ({}, {}) where that cannot be read (the resume then says why, naming the file, once it opens the checkpoint)."""
-    from simclr_dali.training.checkpoint import find_checkpoint
-
-    if now.get("resume_from"):
-        path = Path(now["resume_from"])
-    else:
-        path = find_checkpoint(Path(now.get("out") or recorded.get("out") or schema.out))
     if path is None or not (path / "config.json").is_file():
         return {}, {}
     try:

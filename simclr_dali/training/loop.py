@@ -144,7 +144,7 @@ def record(p: Parts, bn: str, screen, given: set[str]) -> None:
     from simclr_dali.training.recipes import recipe_record
 
     acc, cfg = p.accelerator, p.cfg
-    values = {**dataclasses.asdict(cfg.aug), **dataclasses.asdict(cfg)}
+    values = flat_resolved(dataclasses.asdict(cfg))
     every = (given_fields(cfg) or set()) | (given_fields(cfg.aug) or set())
     saved = p.resuming.config if p.resuming else None
     changes = [] if saved is None else saved.get("changes", []) + [
