@@ -9,6 +9,7 @@ so they follow the pipeline seed on either device.
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, fields
 
@@ -93,9 +94,53 @@ def per_view(values) -> PerView:
     return values[0] if len(values) == 1 or values[0] == values[1] else tuple(values)
 
 
+# -- decoding only what is an image ------------------------------------------------------------------
+# DALI's decoder meets whatever a file or shard member holds once training runs: text, zero bytes, a GIF,
+# an empty member where a sample has no image. Handed such bytes it fails the whole pipeline, and has been
+# seen to take the process down with it (SIGSEGV) instead of raising. So the first bytes of every sample
+# are compared in the graph with the signatures of the formats it decodes (pipelines.verify.MAGIC, the one
+# table): a sample that matches none is never decoded. A tiny grey JPEG takes its place, and the pipeline's
+# `unreadable` output says which sample it was (the Loader names its file in one sentence).
+def signature_masks() -> tuple[np.ndarray, np.ndarray]:
+    """(signatures, masks), (K, HEAD_BYTES) uint8 each: sample bytes b match signature k where
+    (b ^ signatures[k]) & masks[k] is all zero."""
+    from pipelines.verify import HEAD_BYTES, SIGNATURES
+
+    sigs, masks = np.zeros((len(SIGNATURES), HEAD_BYTES), np.uint8), np.zeros((len(SIGNATURES), HEAD_BYTES), np.uint8)
+    for k, parts in enumerate(SIGNATURES):
+        for offset, magic in parts:
+            sigs[k, offset:offset + len(magic)] = np.frombuffer(magic, np.uint8)
+            masks[k, offset:offset + len(magic)] = 0xFF
+    return sigs, masks
+
+
+def grey_jpeg() -> np.ndarray:
+    """An 8x8 mid-grey JPEG's bytes: what an unreadable sample is decoded as (its views are never trained on)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, "JPEG", quality=50)
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def unreadable_sample(encoded):
+    """Per sample, whether its first bytes match no signature of a format the decoder reads (an empty sample
+    included: it is padded with zeros). Four CPU operators before the decoder, whatever the device."""
+    from pipelines.verify import HEAD_BYTES
+
+    sigs, masks = signature_masks()
+    head = fn.slice(encoded, start=[0], shape=[HEAD_BYTES], axes=[0], out_of_bounds_policy="pad", fill_values=0)
+    mismatch = (fn.reshape(head, shape=[1, HEAD_BYTES]) ^ types.Constant(sigs)) & types.Constant(masks)
+    return fn.reductions.min(fn.reductions.max(mismatch, axes=[1])) != 0
+
+
 def decode(encoded, gpu: bool):
-    """Encoded bytes -> RGB HWC uint8; the one place a device is named for decoding."""
-    return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    """Encoded bytes -> (RGB HWC uint8 images, per-sample `unreadable` flags); the one place a device is named
+    for decoding. Needs the pipeline's conditionals (enable_conditionals=True)."""
+    unreadable = unreadable_sample(encoded)
+    if unreadable:
+        encoded = types.Constant(grey_jpeg())
+    return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB), unreadable
 
 
 def _uniform(low: float, high: float):

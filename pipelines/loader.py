@@ -142,6 +142,13 @@ class ShardReader:
         mean_bytes = source.nbytes / max(len(source), 1)
         self.buffer = shuffle_buffer(dali_part(len(source), shard), mean_bytes, batch_size) if shuffle else 1
 
+    def members(self):
+        """("SHARD:MEMBER", read(n bytes)) of each sample's image in this epoch's shards, in the reader's
+        order (webdataset.image_members)."""
+        from pipelines.webdataset import image_members
+
+        return image_members(self.paths, self.index_paths)
+
     def read(self):
         # stick_to_shard: refilling the buffer after the part's last sample reads the part's first ones
         # again (as its next epoch would), not the next process's part; extensions match whatever their case
@@ -159,28 +166,33 @@ def make_input(source: Source, batch_size: int, shard: Shard, **kwargs):
     return kind(source, batch_size, shard, **kwargs)
 
 
+def decodes(source: Source) -> bool:
+    """Whether the pipeline reads encoded bytes (files, shards) and decodes them, not arrays."""
+    return source.encoded or source.shards is not None
+
+
 def read(data, gpu: bool):
-    """The pipeline's input: decoded RGB images (on the GPU when `gpu`) and labels."""
+    """The pipeline's input: decoded RGB images (on the GPU when `gpu`), labels, and the `unreadable` flags
+    of encoded samples that are no image (augment.decode; none for arrays): a tuple to end the outputs with."""
     data_node, labels = data.read()
-    if data.source.encoded or data.source.shards is not None:
-        images = decode(data_node, gpu)
-    else:
-        images = data_node.gpu() if gpu else data_node
-    return images, labels
+    if decodes(data.source):
+        images, unreadable = decode(data_node, gpu)
+        return images, labels, (unreadable,)
+    return (data_node.gpu() if gpu else data_node), labels, ()
 
 
 @pipeline_def(enable_conditionals=True)
 def two_view_pipeline(feeder, size: int, aug: Augment, gpu: bool, layout: str = "CHW"):
-    """Decode once, augment twice (each view with its settings): (view1, view2, label)."""
-    images, labels = read(feeder, gpu)
-    return *two_views(images, size, aug, layout), labels
+    """Decode once, augment twice (each view with its settings): (view1, view2, label[, unreadable])."""
+    images, labels, flags = read(feeder, gpu)
+    return *two_views(images, size, aug, layout), labels, *flags
 
 
-@pipeline_def
+@pipeline_def(enable_conditionals=True)
 def eval_pipeline(feeder, size: int, gpu: bool, layout: str = "CHW", crop: float = EVAL_CROP):
-    """No augmentation: (view, label)."""
-    images, labels = read(feeder, gpu)
-    return center_view(images, size, layout, crop), labels
+    """No augmentation: (view, label[, unreadable])."""
+    images, labels, flags = read(feeder, gpu)
+    return center_view(images, size, layout, crop), labels, *flags
 
 
 def layout_for(channels_last: bool) -> str:
@@ -189,21 +201,58 @@ def layout_for(channels_last: bool) -> str:
     return "HWC" if channels_last else "CHW"
 
 
+class UnreadableData(UserError):
+    """Data that DALI cannot read met once training runs (a file or shard member damaged after it was
+    screened or packed). `pipeline_failed`: DALI raised, and its pipeline is no longer valid (DALI's words):
+    a command exits at once after the sentence (errors.exit_now), without tearing that pipeline down."""
+
+    def __init__(self, message: str, pipeline_failed: bool):
+        super().__init__(message)
+        self.pipeline_failed = pipeline_failed
+
+
+def check_again(source: Source) -> str:
+    return "python -m pipelines.pack" if source.shards is not None else "python -m pipelines.verify"
+
+
 @contextlib.contextmanager
-def dali_errors(source: Source):
-    """Data that DALI cannot read once training runs (a file or shard damaged after it was screened or
-    packed) is one sentence naming the data and DALI's own words, not DALI's traceback."""
+def dali_errors(feeder, candidates=lambda: []):
+    """DALI raising on data it cannot decode (truncated, damaged past its signature) is one sentence naming
+    the file or shard member, found among `candidates()` (the paths or members it may have been reading), with
+    DALI's own words where none is found; never DALI's traceback."""
     try:
         yield
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         if not lines or not lines[0].startswith("Critical error in pipeline"):
             raise
+        source = feeder.source
+        found = first_unreadable(candidates())
+        if found is not None:
+            name, reason = found
+            raise UnreadableData(f"{name}, read for training from {source.name}, is {reason}: the data changed "
+                                 f"after it was checked; check it again with {check_again(source)}", True) from None
         where = next((line.rstrip(",") for line in lines if line.startswith("Error in")), "DALI")
         said = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[-1]
-        check = "python -m pipelines.pack" if source.shards is not None else "python -m pipelines.verify"
-        raise UserError(f"DALI could not read a batch of {source.name} ({where}: {said}): the data changed after "
-                        f"it was checked; check it again with {check}") from None
+        raise UnreadableData(f"DALI could not read a batch of {source.name} ({where}: {said}): the data changed "
+                             f"after it was checked; check it again with {check_again(source)}", True) from None
+
+
+def first_unreadable(candidates, check=None) -> tuple[str, str] | None:
+    """(name, reason) of the first candidate DALI cannot decode: a file path, or a (name, read(n bytes)) pair
+    for a shard member; `check` (on the first bytes) in place of a whole decode (verify.check_bytes)."""
+    from pipelines.verify import HEAD_BYTES, check_bytes, check_image
+
+    for candidate in candidates:
+        if isinstance(candidate, str):
+            reason = check_image(candidate) if check is None else check(open(candidate, "rb").read(HEAD_BYTES))
+            name = candidate
+        else:
+            name, read = candidate
+            reason = check_bytes(read(None)) if check is None else check(read(HEAD_BYTES))
+        if reason is not None:
+            return name, reason
+    return None
 
 
 class Loader:
@@ -213,8 +262,12 @@ class Loader:
 
     def __init__(self, pipe, feeder, names: list[str], done: int = 0, layout: str = "CHW"):
         self.feeder, self.done, self.layout = feeder, done, layout
-        with dali_errors(feeder.source):  # the iterator reads its first batch
-            self.iterator = DALIGenericIterator(pipe, names, reader_name=feeder.reader_name,
+        self.flagged = decodes(feeder.source)  # the last output is `unreadable` (augment.decode)
+        self.taken = 0  # batches yielded
+        self.ahead = pipe.prefetch_queue_depth if isinstance(pipe.prefetch_queue_depth, int) else 2
+        with dali_errors(feeder, self.candidates):  # the iterator reads its first batch
+            self.iterator = DALIGenericIterator(pipe, names + (["unreadable"] if self.flagged else []),
+                                                reader_name=feeder.reader_name,
                                                 last_batch_policy=LastBatchPolicy.PARTIAL)
 
     def __len__(self) -> int:
@@ -229,6 +282,11 @@ class Loader:
     def __iter__(self):
         for batch in self.batches():
             outputs = [batch[0][name] for name in self.iterator.output_map]
+            if self.flagged:  # a host tensor from DALI's CPU operators, whatever the device: no device sync
+                unreadable = outputs.pop().numpy().reshape(-1)
+                if unreadable.any():
+                    raise self.unreadable(int(np.flatnonzero(unreadable)[0]))
+                self.taken += 1
             if outputs[-1].dim() == 2:  # WebDataset labels arrive as padded ASCII
                 outputs[-1] = torch.from_numpy(parse_labels(outputs[-1].numpy()))
             if self.layout == "HWC":  # (N, S, S, 3) -> (N, 3, S, S), channels-last strides, no copy
@@ -238,11 +296,40 @@ class Loader:
     def batches(self):
         batches = iter(itertools.islice(self.iterator, len(self)))
         while True:
-            with dali_errors(self.feeder.source):
+            with dali_errors(self.feeder, self.candidates):
                 batch = next(batches, None)
             if batch is None:
                 return
             yield batch
+
+    def position(self) -> int:
+        """Where the next batch starts in the epoch's file order (FileReader.order)."""
+        return (self.done + self.taken) * self.feeder.batch_size
+
+    def candidates(self):
+        """What DALI may have been decoding when it raised: the files of the batches from the next one up to
+        those the pipeline prefetches; for shards, the members of this epoch's shards in reading order."""
+        feeder = self.feeder
+        if isinstance(feeder, ShardReader):
+            return feeder.members()
+        if not isinstance(feeder, FileReader):
+            return []
+        start = self.position()
+        return [feeder.source.files[i] for i in feeder.order[start:start + (self.ahead + 2) * feeder.batch_size]]
+
+    def unreadable(self, sample: int) -> UnreadableData:
+        """The sentence for sample `sample` of the next batch, which augment.decode found to be no image (DALI
+        did not fail: it decoded a stand-in)."""
+        from pipelines.verify import signature_problem
+
+        feeder, source = self.feeder, self.feeder.source
+        if isinstance(feeder, FileReader):
+            found = first_unreadable([source.files[feeder.order[self.position() + sample]]])
+        else:
+            found = first_unreadable(feeder.members(), check=signature_problem)
+        name, reason = found if found is not None else (f"a sample of {source.name}", "not an image")
+        return UnreadableData(f"{name}, read for training from {source.name}, is {reason}: the data changed after it "
+                              f"was checked; check it again with {check_again(source)}", False)
 
 
 def placement(device_id: int | None) -> str:

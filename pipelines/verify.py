@@ -35,15 +35,25 @@ from simclr_dali.settings import Check, Parser, check_args, checked
 MAGIC = [(b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"),
          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
          (b"\xff\x4f\xff\x51", "JPEG2000")] + [(b"P%d" % k, "PPM") for k in range(1, 7)]
+WEBP_PARTS = ((0, b"RIFF"), (8, b"WEBP"))
+SIGNATURES = [((0, magic),) for magic, _ in MAGIC] + [WEBP_PARTS]  # (offset, bytes) parts, as the pipeline checks
+HEAD_BYTES = 12  # the bytes the signatures span
 BLOCK = 2048  # files handed to the thread pool at a time (bounds memory for huge folders)
 SHOWN = 3  # bad files named in the start-up panel and in one-sentence errors
 
 
 def sniff(head: bytes) -> str | None:
     """Pillow's plugin name for a format DALI decodes, from the first bytes; None if none fits."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+    if all(head[o:o + len(m)] == m for o, m in WEBP_PARTS):
         return "WEBP"
     return next((name for magic, name in MAGIC if head.startswith(magic)), None)
+
+
+def signature_problem(head: bytes) -> str | None:
+    """What the first bytes alone say is wrong (empty, no signature of a format DALI decodes), else None."""
+    if not head:
+        return "empty (0 bytes)"
+    return None if sniff(head) else "not an image in a format DALI decodes"
 
 
 def png_problem(data: bytes) -> str | None:
@@ -65,8 +75,6 @@ def png_problem(data: bytes) -> str | None:
 
 def check_image(path: str) -> str | None:
     """None when DALI can decode the file, else the reason it cannot, in a few words."""
-    from PIL import Image
-
     if "\n" in path or "\r" in path:
         return "its name holds a line break"
     try:
@@ -74,11 +82,16 @@ def check_image(path: str) -> str | None:
             data = f.read()
     except OSError as err:
         return f"unreadable ({err.strerror})"
-    if not data:
-        return "empty file"
-    fmt = sniff(data[:16])
-    if fmt is None:
-        return "not an image in a format DALI decodes"
+    return check_bytes(data)
+
+
+def check_bytes(data: bytes) -> str | None:
+    """None when DALI can decode these encoded bytes, else the reason it cannot, in a few words."""
+    from PIL import Image
+
+    if (problem := signature_problem(data[:HEAD_BYTES])) is not None:
+        return problem
+    fmt = sniff(data[:HEAD_BYTES])
     if fmt == "PNG" and (problem := png_problem(data)):
         return problem
     try:

@@ -17,7 +17,7 @@ from pipelines.verify import Screening, check_image
 from simclr_dali.errors import UserError
 
 BAD = {  # relative path -> start of the reason pipelines.verify gives
-    "cat/empty.jpg": "empty file",
+    "cat/empty.jpg": "empty",
     "dog/half.jpg": "JPEG that cannot be decoded",
     "dog/no_iend.png": "truncated PNG",
     "fox/notes.jpg": "not an image",
@@ -132,7 +132,7 @@ def test_on_bad_image_error_names_the_first_bad_file(bad_folder, tmp_path, capsy
     with pytest.raises(SystemExit) as stop:
         train_here("--data", str(bad_folder), "--on-bad-image", "error", "--out", str(tmp_path / "o"))
     assert stop.value.code == 2 and capsys.readouterr().err.strip() == (
-        f"error: {bad_folder / 'cat/empty.jpg'} cannot be decoded: empty file (and {len(BAD) - 1} more); "
+        f"error: {bad_folder / 'cat/empty.jpg'} cannot be decoded: empty (0 bytes) (and {len(BAD) - 1} more); "
         f"remove it, or pass --on-bad-image skip to train without it")
 
 

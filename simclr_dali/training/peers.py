@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import Callable
 
-from simclr_dali.errors import UserError
+from simclr_dali.errors import UserError, leave
 
 KEY = "simclr/failures"  # how many processes of this run stopped on an error
 POLL_S = 1.0  # the watcher's period
@@ -102,7 +102,7 @@ def one_voice(main: Callable[..., int | None]) -> Callable[..., int | None]:
         except UserError as err:
             if failing():
                 print(f"error: {err}", file=sys.stderr)
-            _leave(2)
+            _leave(2, err=err)
         except Exception:
             if another_failed():  # this process's collective broke because a peer failed
                 _leave(1, after=LINGER_S)
@@ -115,13 +115,13 @@ def one_voice(main: Callable[..., int | None]) -> Callable[..., int | None]:
     return wrapper
 
 
-def _leave(status: int, after: float = 0.0):
+def _leave(status: int, after: float = 0.0, err: BaseException | None = None):
     """Exit with `status`. With peers, without the usual teardown, which would wait on processes that are
     gone or going (destroying the process group); a process stopped by another's failure leaves `after`
     seconds later, so that the launcher (which names the first process to exit as the run's root cause)
-    names the one that failed."""
+    names the one that failed. Alone, as errors.leave."""
     if _store is None:
-        raise SystemExit(status) from None
+        leave(status, err)
     time.sleep(after)
     sys.stdout.flush()
     sys.stderr.flush()
