@@ -108,6 +108,10 @@ def find_shards(pattern: str) -> list[str]:
     shards = sorted(glob.glob(pattern))
     if not shards:
         raise UserError(f"no tar shards match {pattern!r}")
+    folder = next((s for s in shards if os.path.isdir(s)), None)
+    if folder is not None:
+        raise UserError(f"{folder}, which {pattern!r} matches, is a folder, not a tar shard: narrow the pattern to the "
+                        f"shards' files (for a folder of images, pass the folder itself without wds:)")
     return shards
 
 
@@ -257,3 +261,23 @@ def write_shards(files: list[str], labels: np.ndarray, out: Path, shard_size: in
         tmp.replace(index_path(str(shard)))
         written.append(shard)
     return written
+
+
+def image_members(shards: list[str], indexes: list[str]):
+    """("SHARD:MEMBER", read) for each sample's image component, shard by shard in their index's order (the
+    order DALI's reader reads them): read(n) gives its first n bytes (all with None). For naming a sample
+    DALI could not decode: the indexes were checked whole when the source was loaded."""
+    for shard, index in zip(shards, indexes):
+        lines = Path(index).read_text(encoding="utf-8").split("\n")[1:]
+        for parts in (line.split() for line in lines if line.strip()):
+            image = next(i for i in range(0, len(parts), 4) if parts[i].lower() in IMAGE_SUFFIXES)
+            offset, size = int(parts[image + 1]), int(parts[image + 2])
+            yield f"{shard}:{parts[image + 3]}", _member_reader(shard, offset, size)
+
+
+def _member_reader(shard: str, offset: int, size: int):
+    def read(n: int | None) -> bytes:
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            return f.read(size if n is None else min(n, size))
+    return read

@@ -249,17 +249,17 @@ def test_an_output_folder_that_cannot_be_written_is_one_sentence(small_folder, t
 
 
 def test_a_full_disk_is_found_before_training(small_folder, tmp_path, monkeypatch, capsys):
-    from simclr_dali.training import checkpoint
+    from simclr_dali.training import room
     free = shutil.disk_usage(tmp_path)._replace(free=2**20)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(room.shutil, "disk_usage", lambda path: free)
     with pytest.raises(SystemExit):
         train_here("--data", str(small_folder), "--out", str(tmp_path / "run"), "--epochs", "1")
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: output folder {tmp_path / 'run'} has 1 MiB free, but its checkpoints need about")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     linear = torch.nn.Linear(10, 10)  # 110 float32 weights: three checkpoints of weights + momentum, one export
-    assert checkpoint.checkpoint_bytes(linear, "lars") == 440 * 7
-    assert checkpoint.checkpoint_bytes(linear, "adamw") == 440 * 10
+    assert room.checkpoint_bytes(linear, "lars") == 440 * 7
+    assert room.checkpoint_bytes(linear, "adamw") == 440 * 10
 
 
 def test_sigint_stops_at_the_step_boundary_and_a_second_one_at_once(small_folder, tmp_path, hooks, capsys):

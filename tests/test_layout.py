@@ -11,7 +11,8 @@ from conftest import ROOT
 PACKAGES = ("pipelines", "models", "simclr_dali")
 # The flow, lowest first: what every layer may build on. A module belongs to the first prefix it matches.
 LAYERS = [
-    ("base", ("simclr_dali.errors", "simclr_dali.settings", "simclr_dali.readback")),
+    ("base", ("simclr_dali.errors", "simclr_dali.settings", "simclr_dali.readback", "simclr_dali.lock",
+              "simclr_dali.environment")),
     ("data", ("pipelines",)),
     ("model", ("models",)),
     ("training", ("simclr_dali.training",)),

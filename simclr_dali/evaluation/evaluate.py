@@ -268,6 +268,9 @@ def make_plots(run: Path, cfg: EvalConfig, feats: dict, train_src, test_src, res
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
+    from simclr_dali.environment import check_environment
+
+    check_environment()
     cfg = parse_args(argv)
     if cfg.embed:
         run = Path(cfg.run)

@@ -10,12 +10,14 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from simclr_dali.errors import UserError
 from simclr_dali.training.layers import FIXED, flat_resolved, resume_changes
+from simclr_dali.training.room import no_room, no_room_is_one_sentence
 from simclr_dali.readback import (
     Unreadable,
     check_manifest,
@@ -28,10 +30,19 @@ from simclr_dali.readback import (
 )
 
 
-def save_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_state: bytes | None = None) -> None:
+def save_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_state: bytes | None = None,
+                    need: int = 0) -> None:
     """Accelerate state + our progress (+ each process's DALI state mid-epoch), atomically: a crash,
     even kill -9, at any moment leaves a whole checkpoint that find_checkpoint finds, and the one
-    before the newest stays beside it (checkpoint.prev), for when the newest is damaged later."""
+    before the newest stays beside it (checkpoint.prev), for when the newest is damaged later. A full
+    disk (`need`: about what one checkpoint holds) is one sentence, with nothing half-written left."""
+    tmp = out / "checkpoint.tmp"
+    with no_room_is_one_sentence(out, tmp, need, accelerator.is_main_process, lambda: previous_is_whole(out)):
+        write_checkpoint(accelerator, out, state, config, loader_state)
+    accelerator.wait_for_everyone()
+
+
+def write_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_state: bytes | None) -> None:
     final, prev, tmp, drop = (out / name for name in (NEWEST, PREVIOUS, "checkpoint.tmp", "checkpoint.drop"))
     try:
         if accelerator.is_main_process and tmp.exists():
@@ -60,9 +71,14 @@ def save_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_st
             shutil.rmtree(drop, ignore_errors=True)
             shutil.rmtree(out / LEGACY, ignore_errors=True)
     except OSError as err:
-        raise UserError(f"cannot write a checkpoint to {tmp}: {err.strerror}; the previous one in {out} "
-                        f"is whole") from None
-    accelerator.wait_for_everyone()
+        if no_room(err):
+            raise
+        raise UserError(f"cannot write a checkpoint to {tmp}: {err.strerror}; {previous_is_whole(out)}") from None
+
+
+def previous_is_whole(out: Path) -> str:
+    found = find_checkpoint(out)
+    return f"the previous checkpoint, {found}, is whole" if found else "no checkpoint was written before this one"
 
 
 NEWEST, PREVIOUS = "checkpoint", "checkpoint.prev"
@@ -84,8 +100,10 @@ def find_checkpoint(out: Path) -> Path | None:
 
 
 def write_json(path: Path, obj: dict) -> None:
+    """`obj` as JSON, atomically; strict JSON (a NaN or infinity is refused, never written bare: the settings
+    are checked to be finite numbers before any work)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -94,7 +112,9 @@ def export_backbone(model, path: Path) -> None:
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    with no_room_is_one_sentence(path.parent, tmp, need, True, lambda: f"the checkpoint in {path.parent} is whole"):
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     as_umask_allows(tmp)
     os.replace(tmp, path)
 
@@ -108,23 +128,37 @@ def as_umask_allows(*paths: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def prepare_out(cfg, out: Path, accelerator) -> None:
-    """Refuse to overwrite a run by accident; check that the folder is writable before training.
-    `cfg` is train.Config."""
+def prepare_out(cfg, out: Path, accelerator):
+    """Refuse to overwrite a run by accident; take the folder's lock (one folder, one run: simclr_dali.lock)
+    before anything is written there; check that it is writable before training. `cfg` is train.Config.
+    Returns the lock on the main process (None on the others, which share it)."""
+    from simclr_dali import lock as run_lock
+
     if find_checkpoint(out) and not cfg.resume:
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue that run, "
                         f"or choose another --out")
+    held = None
     if accelerator.is_main_process:
         if out.exists() and not out.is_dir():
             raise UserError(f"output folder {out} is a file")
         try:
             out.mkdir(parents=True, exist_ok=True)
+            held = run_lock.take(out)
             probe = out / ".write-test"
             probe.write_text("ok")
             probe.unlink()
         except OSError as err:
+            if held is not None:
+                held.release()
             raise UserError(f"cannot write to output folder {out}: {err.strerror}") from None
+        if held.took_over:
+            print(f"note: {held.took_over}", file=sys.stderr)
+        if find_checkpoint(out) and not cfg.resume:  # written by the run that held the lock a moment ago
+            held.release()
+            raise UserError(f"{out} already holds a checkpoint: pass --resume to continue that run, "
+                            f"or choose another --out")
     accelerator.wait_for_everyone()
+    return held
 
 
 @dataclasses.dataclass
@@ -302,23 +336,6 @@ def fsync(*paths: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-# -- room on the output disk ----------------------------------------------------------------------
-def checkpoint_bytes(model, optimizer_name: str) -> int:
-    """About what the output folder must hold at the worst moment: while a checkpoint is written the
-    newest and the previous one stay, each holding the weights and the optimiser's state (one tensor
-    per weight for momentum, two for AdamW), plus the exported backbone."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_checkpoint = weights * (1 + (2 if optimizer_name == "adamw" else 1))
-    return 3 * per_checkpoint + weights
-
-
-def check_free_space(out: Path, need: int) -> None:
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise UserError(f"output folder {out} has {free / 2**20:.0f} MiB free, but its checkpoints need "
-                        f"about {need / 2**20:.0f} MiB: free some space or choose another --out")
 
 
 # -- checkpoint files that load without running code ---------------------------------------------

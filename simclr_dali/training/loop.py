@@ -49,6 +49,7 @@ class Parts:
     accelerator: object
     out: Path
     resuming: Saved | None
+    lock: object = None  # the output folder's run.lock, held by the main process (simclr_dali.lock)
     source: object = None
     shard: object = None
     device_id: int | None = None
@@ -64,6 +65,7 @@ class Parts:
     lr: float = 0.0  # the base lr scaled by the global batch
     operands: torch.dtype = torch.float32
     loss_impl: str = "auto"
+    checkpoint_bytes: int = 0  # about what one checkpoint holds
     resolved: dict = dataclasses.field(default_factory=dict)
 
 
@@ -72,17 +74,25 @@ def open_run(cfg: Config, given: set[str]) -> Parts:
     first), with the run's global batch spread over however many processes this invocation has."""
     from accelerate.utils import set_seed
 
+    from simclr_dali.environment import check_environment
+
+    check_environment()  # what accelerate and torch.distributed read, before they read it
     accelerator = make_accelerator(cfg.log_with, cfg.out)
     watch_peers(accelerator.num_processes)
     out = Path(cfg.out)
-    prepare_out(cfg, out, accelerator)
-    set_seed(cfg.seed)
-    resuming = open_checkpoint(out, cfg.resume_from) if cfg.resume else None
-    if resuming is not None:
-        check_metrics(out)
-        cfg.batch_size = resumed_batch(resuming, accelerator.num_processes,
-                                       cfg.batch_size if "batch_size" in given else None)
-    return Parts(cfg, accelerator, out, resuming)
+    lock = prepare_out(cfg, out, accelerator)
+    try:
+        set_seed(cfg.seed)
+        resuming = open_checkpoint(out, cfg.resume_from) if cfg.resume else None
+        if resuming is not None:
+            check_metrics(out)
+            cfg.batch_size = resumed_batch(resuming, accelerator.num_processes,
+                                           cfg.batch_size if "batch_size" in given else None)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Parts(cfg, accelerator, out, resuming, lock=lock)
 
 
 def prepare_data(p: Parts):
@@ -111,12 +121,13 @@ def prepare_model(p: Parts, given: set[str]) -> str:
     accelerate; what NT-Xent's products read and which implementation computes them. Returns how
     BatchNorm normalises."""
     from models.ntxent import resolve_impl
-    from simclr_dali.training.checkpoint import check_free_space, checkpoint_bytes
+    from simclr_dali.training.room import check_free_space, checkpoint_bytes, one_checkpoint_bytes
 
     cfg, acc = p.cfg, p.accelerator
     model = build_model(cfg)
     if acc.is_main_process:  # room for the checkpoints, before the first step
         check_free_space(p.out, checkpoint_bytes(model, cfg.optimizer))
+    p.checkpoint_bytes = one_checkpoint_bytes(model, cfg.optimizer)
     bn = batch_norm(cfg.sync_bn, "sync_bn" in given, acc.num_processes, acc.device)
     if bn.startswith("global"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -219,7 +230,8 @@ class Loop:
             raise unrestorable(p.resuming, p.out, p.accelerator.process_index, err) from None
 
     def save(self, progress: dict, loader_state: bytes | None = None) -> None:
-        save_checkpoint(self.p.accelerator, self.p.out, progress, self.p.resolved, loader_state)
+        save_checkpoint(self.p.accelerator, self.p.out, progress, self.p.resolved, loader_state,
+                        need=self.p.checkpoint_bytes)
         self.saved = self.step
         self.clock.saved()
 
@@ -289,10 +301,19 @@ def main(argv: list[str] | None = None) -> int:
 def train(argv: list[str] | None = None) -> int:
     """One training invocation from its flags; a UserError propagates (the Python API raises it).
     Returns the exit status: 0, or 128 + the signal that stopped it after its checkpoint."""
-    from simclr_dali.training.report import Report
-
     cfg, given = parse_command(argv)
     p = open_run(cfg, given)
+    try:
+        return train_run(p, cfg, given, argv)
+    finally:
+        if p.lock is not None:
+            p.lock.release()
+
+
+def train_run(p: Parts, cfg: Config, given: set[str], argv: list[str] | None) -> int:
+    """train() once the output folder is this run's."""
+    from simclr_dali.training.report import Report
+
     screen = prepare_data(p)
     bn = prepare_model(p, given)
     record(p, bn, screen, given)
