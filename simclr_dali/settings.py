@@ -7,6 +7,7 @@ import copy as copylib
 import dataclasses
 import inspect
 import json
+import math
 import re
 import sys
 import weakref
@@ -49,8 +50,11 @@ class Check:
     choices: tuple = ()
     off: object = None  # one more value allowed outside the range, meaning `off_means`
     off_means: str = ""
+    infinite: bool = False  # inf accepted, where infinity means something (nan never is: it is no number)
 
     def ok(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):  # before any comparison: nan passes every `<`
+            return self.infinite and not math.isnan(value) and (value > 0 or self.low is None)
         if self.off is not None and value == self.off:
             return True
         if self.choices:
@@ -60,6 +64,8 @@ class Check:
         return self.high is None or (value < self.high if self.below else value <= self.high)
 
     def allowed(self) -> str:
+        if self.low is None and self.high is None and not self.choices:
+            return "a number" if self.off is None else f"a number (or {self.off}: {self.off_means})"
         if self.choices:
             return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.choices)
         if self.low is not None and self.high is not None:
@@ -155,8 +161,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         values = getattr(args, action.dest)
         for value in values if isinstance(values, list) else [values]:
             if value is not None and not check.ok(value):
+                number = "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
                 raise UserError(f"{action.option_strings[0] if action.option_strings else action.dest} must be "
-                                f"{check.allowed()}, got {value}")
+                                f"{number}{check.allowed()}, got {value}")
     for low, high in ordered:  # per view where a setting has one (a list: view 1, view 2)
         lows, highs = (v if isinstance(v, (list, tuple)) else [v] for v in (getattr(args, low), getattr(args, high)))
         for i in range(max(len(lows), len(highs))):
@@ -202,7 +209,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             action = parser.add_argument(flag, type=type(default), default=default, nargs="+" if per_view else None,
                                          help=f"{text} (default: %(default)r{' here' if note else ''}{note}{allowed})")
             action.per_view = per_view
-        action.check = f.metadata.get("check")
+        # every float is checked for being a finite number, with a declared range or without one
+        action.check = f.metadata.get("check") or (Check() if type(default) is float else None)
 
 
 def to_argv(obj) -> list[str]:
