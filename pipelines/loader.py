@@ -230,7 +230,7 @@ def dali_errors(feeder, candidates=lambda: []):
         found = first_unreadable(candidates())
         if found is not None:
             name, reason = found
-            raise UnreadableData(f"{name}, read for training from {source.name}, is {reason}: the data changed "
+            raise UnreadableData(f"{name}, read from {source.name}, is {reason}: the data changed "
                                  f"after it was checked; check it again with {check_again(source)}", True) from None
         where = next((line.rstrip(",") for line in lines if line.startswith("Error in")), "DALI")
         said = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[-1]
@@ -328,7 +328,7 @@ class Loader:
         else:
             found = first_unreadable(feeder.members(), check=signature_problem)
         name, reason = found if found is not None else (f"a sample of {source.name}", "not an image")
-        return UnreadableData(f"{name}, read for training from {source.name}, is {reason}: the data changed after it "
+        return UnreadableData(f"{name}, read from {source.name}, is {reason}: the data changed after it "
                               f"was checked; check it again with {check_again(source)}", False)
 
 

@@ -314,8 +314,8 @@ def test_an_image_damaged_inside_a_shard_is_one_sentence(data_files, tmp_path, c
         train.main(["--data", pattern, "--out", str(tmp_path / "run"), *TINY_ARGS, "--batch-size", "2"])
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    member = re.fullmatch(rf"error: {re.escape(str(shards / 'shard-000000.tar'))}:(\d+)\.(jpg|png), read for training "
-                          rf"from {re.escape(pattern)}, is not an image in a format DALI decodes: the data changed "
+    member = re.fullmatch(rf"error: {re.escape(str(shards / 'shard-000000.tar'))}:(\d+)\.(jpg|png), read from "
+                          rf"{re.escape(pattern)}, is not an image in a format DALI decodes: the data changed "
                           rf"after it was checked; check it again with python -m pipelines\.pack", err)
     assert member is not None, err
     lines = (shards / "shard-000000.idx").read_text().splitlines()

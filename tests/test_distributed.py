@@ -128,7 +128,7 @@ def test_one_process_meets_a_damaged_image_and_the_run_stops(tmp_path):
     r = run_cli(*LAUNCH, "train.py", "--data", pattern, "--out", str(tmp_path / "run"), *TINY,
                 "--backbone", "test_resnet", timeout=120)  # a rank left waiting would hang past this
     assert r.returncode != 0
-    assert r.stderr.count(f", read for training from {pattern}, is not an image in a format DALI decodes") == 1, \
+    assert r.stderr.count(f", read from {pattern}, is not an image in a format DALI decodes") == 1, \
         r.stderr[-3000:]
     assert re.search(rf"error: {re.escape(str(tmp_path / 'shards'))}/shard-\d+\.tar:\d+\.(jpg|png), read ", r.stderr)
     assert r.stderr.count("Traceback (most recent call last)") == 1  # the launcher's own (ChildFailedError)

@@ -129,7 +129,7 @@ def test_a_defect_met_while_training_is_one_sentence_naming_the_file(damaged, ki
     with pytest.raises(UnreadableData) as err:
         read_epoch(spec, seed=0)
     message = str(err.value)
-    assert message.startswith(f"{name}, read for training from ") and f", is {reason}" in message, message
+    assert message.startswith(f"{name}, read from ") and f", is {reason}" in message, message
     assert "\n" not in message
     # DALI raised (its pipeline no longer valid) only where the bytes carry a signature it decodes, or where its
     # file reader refuses an empty file; everything else never reached its decoder
@@ -201,7 +201,7 @@ def test_train_py_stops_in_one_sentence_and_leaves_its_checkpoint_whole(tmp_path
             status, stderr = done.returncode, done.stderr
         said = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert status == 2 and len(said) == 1, (defect, stderr[-2000:])
-        assert said[0].startswith(f"error: {victim}, read for training from "), said
+        assert said[0].startswith(f"error: {victim}, read from "), said
         assert "Traceback" not in stderr
         assert (tmp_path / "run" / "checkpoint" / "progress.json").read_text() == before
         victim.write_bytes(good)
