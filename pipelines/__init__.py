@@ -1,4 +1,6 @@
 """Everything DALI: sources, the two-view graph, the loader, sharding, verify, pack."""
+import os
+from pathlib import Path
 
 # what counts as an image, by extension: in a folder (sources) and inside a tar shard (webdataset)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm"}
@@ -15,3 +17,10 @@ def eval_crop(image_size: int) -> float:
     """The evaluation view's central fraction at this view size: 1 (the whole image) up to WHOLE_IMAGE_MAX_SIZE px,
     else EVAL_CROP."""
     return 1.0 if image_size <= WHOLE_IMAGE_MAX_SIZE else EVAL_CROP
+
+
+def cache_home() -> Path:
+    """This machine's cache for what is worked out once per data set (shard indexes, image verdicts):
+    $XDG_CACHE_HOME/simclr-dali, else ~/.cache/simclr-dali."""
+    home = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(home) if os.path.isabs(home) else Path.home() / ".cache") / "simclr-dali"

@@ -20,7 +20,7 @@ from simclr_dali.errors import UserError
 HOLDOUT_FRACTION = 0.1  # a single folder keeps this much aside as its test split (pipelines.pack: of each class)
 DIGITS_SIZE = 32
 LIST_HEADER = "# simclr image list v1"  # first line of a list written by `python -m pipelines.verify`
-Screen = Callable[[list[str]], list[int]]  # files -> indices of the ones to keep
+Screen = Callable[[list[str], Path], list[int]]  # (files, their folder) -> indices of the ones to keep
 
 
 @dataclass
@@ -187,8 +187,24 @@ def load_cifar(kind: str, path: str, split: str) -> Source:
 
 
 # -- a folder of images; class sub-folders give labels -------------------------------------------
-def list_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def list_images(root: Path) -> list[str]:
+    """The image files under `root`, sorted, as paths below it (`root/a/b.jpg`). os.scandir tells files from
+    folders by the entry's type, without a stat per file (only a symbolic link is followed, to see what it
+    points to); linked folders are not entered (as Path.rglob). A few microseconds per file, where a stat per
+    file cost about 25 at ImageNet's size."""
+    found, folders = [], [os.fspath(root)]
+    while folders:
+        try:
+            entries = list(os.scandir(folders.pop()))
+        except OSError:  # unreadable, or gone meanwhile: skipped, as rglob does
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                found.append(entry.path)
+    found.sort(key=lambda path: path.split(os.sep))  # Path's order: folder by folder
+    return found
 
 
 def load_folder(path: str, split: str, screen: Screen | None = None) -> Source:
@@ -201,20 +217,22 @@ def load_folder(path: str, split: str, screen: Screen | None = None) -> Source:
                         f"written by `python -m pipelines.verify`")
     if not any(root.iterdir()):
         raise UserError(f"data folder {root} is empty")
-    files = list_images(root)
+    share = getattr(screen, "share", None)  # several processes: one lists, the others take its list
+    files = share(list_images(root) if screen.main else None) if share is not None else list_images(root)
     if not files:
         raise UserError(f"data folder {root} holds no images "
                         f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    top = {f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1}
-    classes = sorted(top)
-    if classes and all(len(f.relative_to(root).parts) > 1 for f in files):
+    start = len(os.fspath(root).rstrip(os.sep)) + 1
+    tops = [f[start:].partition(os.sep) for f in files]  # (class folder, sep, rest); sep is empty at the top
+    classes = sorted({top for top, sep, _ in tops if sep})
+    if classes and all(sep for _, sep, _ in tops):
         lookup = {c: i for i, c in enumerate(classes)}
-        labels = np.array([lookup[f.relative_to(root).parts[0]] for f in files], dtype=np.int64)
+        labels = np.array([lookup[top] for top, _, _ in tops], dtype=np.int64)
     else:  # a flat (or mixed) folder is unlabeled
         classes, labels = [], np.full(len(files), -1, dtype=np.int64)
-    source = Source(str(root), labels, files=[str(f) for f in files], classes=classes)
+    source = Source(str(root), labels, files=files, classes=classes)
     if screen is not None:
-        source = source.subset(np.asarray(screen(source.files), dtype=np.int64))
+        source = source.subset(np.asarray(screen(source.files, root), dtype=np.int64))
         if not len(source):
             raise UserError(f"none of the {len(files)} images in {root} can be decoded")
     return holdout(source, split)

@@ -128,26 +128,37 @@ def scan(files: list[str], workers: int, progress: bool = False) -> list[tuple[i
 
 @dataclass
 class Screening:
-    """load_source's `screen` for train.py: scans on one process, shares the verdict with all.
+    """load_source's `screen` for train.py and evaluate.py: the verdicts of a folder's files, shared by all
+    processes.
 
     `policy` is "skip" (drop bad files, keep their names for the report) or "error" (one sentence
-    naming the first bad file). `share(obj)` returns the main process's obj on every process. The
-    same folder listed again (its test split) is not scanned again.
+    naming the first bad file). A folder's verdicts are cached on this machine (pipelines.verdicts), keyed
+    by each file's path, size and modification time: the main process stats the files and reads the cache,
+    and only the files without a valid verdict are decoded, split over the `world` processes (each with
+    `workers` threads). `share(obj)` gives the main process's obj to every process, `gather(obj)` every
+    process's obj to all; the training loop passes ones that wait by polling the run's store, never in a
+    collective that a long first check could outlast. The same folder listed again (its test split) is
+    not checked again.
     """
     policy: str = "skip"
     workers: int = 1
     main: bool = True
     share: Callable = lambda obj: obj
+    gather: Callable = lambda obj: [obj]
+    rank: int = 0
+    world: int = 1
     checked: int = 0
+    cached: int = 0  # of those checked, verdicts read from the cache
     seconds: float = 0.0
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), in the order found
     last: tuple = ((), ())  # (files, found) of the last scan
 
-    def __call__(self, files: list[str]) -> list[int]:
+    def __call__(self, files: list[str], root: Path | None = None) -> list[int]:
         if files != list(self.last[0]):
             t0 = time.perf_counter()
-            found = self.share(scan(files, self.workers, progress=True) if self.main else None)
+            found, cached = self.check(files, root)
             self.checked, self.seconds = self.checked + len(files), self.seconds + time.perf_counter() - t0
+            self.cached += cached
             known = {p for p, _ in self.bad}
             self.bad += [(files[i], reason) for i, reason in found if files[i] not in known]
             self.last = (files, found)
@@ -159,10 +170,26 @@ class Screening:
         dropped = {i for i, _ in found}
         return [i for i in range(len(files)) if i not in dropped]
 
+    def check(self, files: list[str], root: Path | None) -> tuple[list[tuple[int, str]], int]:
+        """((index, reason) of every file DALI cannot decode, in order; how many verdicts came from the cache)."""
+        from pipelines import verdicts
+
+        keys, ready, todo = None, {}, list(range(len(files)))
+        if self.main and root is not None:
+            keys = verdicts.stat_keys(files, self.workers)
+            ready, todo = verdicts.known(root, files, keys)
+        known_bad, todo = self.share(([(i, r) for i, r in ready.items() if r], todo) if self.main else None)
+        mine = todo[self.rank::self.world]
+        found_here = [(mine[j], reason) for j, reason in scan([files[i] for i in mine], self.workers, progress=True)]
+        found = sorted(known_bad + [item for part in self.gather(found_here) for item in part])
+        if keys is not None and todo:
+            verdicts.write(root, files, keys, dict(found))
+        return found, len(files) - len(todo)
+
     def summary(self) -> dict:
         """For config.json and the start-up panel."""
-        return {"checked": self.checked, "seconds": round(self.seconds, 3), "skipped": len(self.bad),
-                "first_skipped": [p for p, _ in self.bad[:SHOWN]]}
+        return {"checked": self.checked, "cached": self.cached, "seconds": round(self.seconds, 3),
+                "skipped": len(self.bad), "first_skipped": [p for p, _ in self.bad[:SHOWN]]}
 
     def write_skipped(self, path: Path) -> None:
         """PATH<TAB>REASON for every skipped file (no file when none was skipped)."""

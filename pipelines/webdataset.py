@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import IMAGE_EXTENSIONS
+from pipelines import IMAGE_EXTENSIONS, cache_home
 from simclr_dali.errors import UserError
 
 IMAGE_SUFFIXES = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # a component's ext, lower-cased
@@ -162,8 +162,7 @@ def printable(name: str) -> str:
 
 
 def cache_dir() -> Path:
-    home = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(home) if os.path.isabs(home) else Path.home() / ".cache") / "simclr-dali" / "wds-index"
+    return cache_home() / "wds-index"
 
 
 def cached_index_path(shard: str) -> Path:

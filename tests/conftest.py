@@ -24,6 +24,12 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# What the trainer caches per data set (shard indexes, image verdicts) goes to a folder of this test session,
+# for this process and the ones it starts: never the user's ~/.cache, never a verdict from another session.
+import tempfile  # noqa: E402
+
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="simclr-test-cache-")
+
 
 # -- devices ----------------------------------------------------------------------------------------
 # A test that takes the `device` argument runs once per device: the CPU, and CUDA where there is a GPU

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from simclr_dali.training.checkpoint import (
 )
 from simclr_dali.training.config import Config, parse_command
 from simclr_dali.training.optim import build_optimizer, scaled_lr, warmup_epochs
-from simclr_dali.training.peers import one_voice
+from simclr_dali.training.peers import Exchange, one_voice
 from simclr_dali.training.peers import watch as watch_peers
 from simclr_dali.training.setup import (
     batch_norm,
@@ -39,6 +38,7 @@ from simclr_dali.training.setup import (
     make_accelerator,
     make_monitor,
     memory_format_and_compile,
+    threads_per_process,
 )
 
 
@@ -98,15 +98,14 @@ def open_run(cfg: Config, given: set[str]) -> Parts:
 def prepare_data(p: Parts):
     """Each process reads its own shard; steps per epoch are equal on every process. Files DALI cannot
     decode are screened first (skipped or refused, --on-bad-image). Returns the screening."""
-    from accelerate.utils import broadcast_object_list
-
     from pipelines.loader import Shard, epoch_steps
     from pipelines.verify import Screening
 
     acc, world = p.accelerator, p.accelerator.num_processes
-    p.workers = p.cfg.workers or max(1, (os.cpu_count() or 1) // world)
-    screen = Screening(p.cfg.on_bad_image, p.workers, acc.is_main_process,
-                       share=lambda obj: broadcast_object_list([obj])[0])
+    p.workers = p.cfg.workers or threads_per_process(world)
+    exchange = Exchange(acc.process_index, world)
+    screen = Screening(p.cfg.on_bad_image, p.workers, acc.is_main_process, share=exchange.share,
+                       gather=exchange.gather, rank=acc.process_index, world=world)
     p.source = load_train_source(p.cfg, world, screen)
     p.shard, p.device_id = Shard(acc.process_index, world), dali_device_id(acc)
     p.steps_per_epoch = epoch_steps(len(p.source), world, p.cfg.batch_size)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import sys
 import threading
 import time
@@ -126,3 +127,41 @@ def _leave(status: int, after: float = 0.0, err: BaseException | None = None):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+# -- objects between processes, without a collective ---------------------------------------------
+class Exchange:
+    """share / gather through the run's store, each process waiting by polling it, not in a collective:
+    the work before an exchange (the first image check of a large folder) may take longer than a
+    collective's timeout. A process that fails meanwhile is seen by the watcher, which ends the others.
+    Alone (no store), share is the object itself and gather a list of it."""
+
+    def __init__(self, rank: int, world: int, name: str = "simclr/exchange"):
+        self.rank, self.world, self.name, self.count = rank, world, name, 0
+
+    def _key(self, part: str) -> str:
+        return f"{self.name}/{self.count}/{part}"
+
+    @staticmethod
+    def _wait(key: str):
+        while not _store.check([key]):
+            time.sleep(0.05)
+        return pickle.loads(_store.get(key))
+
+    def share(self, obj):
+        """The main process's (rank 0's) `obj`, on every process."""
+        if _store is None or self.world < 2:
+            return obj
+        self.count += 1
+        if self.rank == 0:
+            _store.set(self._key("main"), pickle.dumps(obj))
+            return obj
+        return self._wait(self._key("main"))
+
+    def gather(self, obj) -> list:
+        """Every process's `obj`, in rank order, on every process."""
+        if _store is None or self.world < 2:
+            return [obj]
+        self.count += 1
+        _store.set(self._key(str(self.rank)), pickle.dumps(obj))
+        return [obj if r == self.rank else self._wait(self._key(str(r))) for r in range(self.world)]

@@ -96,7 +96,8 @@ class Report:
                                                      for c in changed) + f" (from step {start_step})")))
         if cfg.get("scan"):  # a folder checked at start-up for files DALI cannot decode (pipelines.verify)
             scan = cfg["scan"]
-            rows.insert(3, ("image check", f"{scan['checked']} files in {scan['seconds']:.1f} s"))
+            cached = f" ({scan['cached']} verdicts from the cache)" if scan.get("cached") else ""
+            rows.insert(3, ("image check", f"{scan['checked']} files in {scan['seconds']:.1f} s{cached}"))
             if scan["skipped"]:
                 names = [os.path.relpath(p, cfg["data"]) for p in scan["first_skipped"]]
                 more = ", ..." if scan["skipped"] > len(names) else ""

@@ -19,6 +19,17 @@ def make_accelerator(log_with: str = "", out: str | None = None):
                        project_dir=out if log_with else None)
 
 
+def threads_per_process(world: int) -> int:
+    """The CPU threads each process uses (DALI's, the image check's): the cores this process may run on (its
+    affinity, as a container or a scheduler sets it) shared by the run's processes on this machine
+    (LOCAL_WORLD_SIZE, which accelerate launch and torchrun set; all `world` of them without it)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    return max(1, cores // max(1, here))
+
+
 def dali_device_id(accelerator) -> int | None:
     """DALI's device: this process's GPU, or None for a CPU-only pipeline."""
     return accelerator.local_process_index if accelerator.device.type == "cuda" else None
