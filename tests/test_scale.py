@@ -7,8 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
-from conftest import free_port, make_folder
+from conftest import free_port, make_folder, train_here
 from test_bad_images import BAD, add_odd_files
 
 from pipelines import verify
@@ -113,3 +114,25 @@ def test_threads_come_from_this_nodes_cores_and_processes(local, expected, monke
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
     assert threads_per_process(world=1 if local is None else 32) == expected
+
+
+@pytest.mark.slow
+def test_the_next_epochs_pipeline_is_built_while_the_last_steps_train_and_changes_nothing(tmp_path, monkeypatch):
+    """Epochs 2 and 3 come from loaders built in a thread during the epoch before; the weights are bit for bit
+    those of a run that builds each at the boundary (an epoch's data depends on the seed and the epoch alone)."""
+    from safetensors.torch import load_file
+
+    from simclr_dali.training import loop
+    folder = make_folder(tmp_path / "images", per_class=8)
+    built = []
+    real = loop.Loop.loader
+    monkeypatch.setattr(loop.Loop, "loader", lambda self, epoch, done: built.append(
+        (epoch, threading.current_thread().name)) or real(self, epoch, done))
+    assert train_here("--data", str(folder), "--out", str(tmp_path / "ahead"), "--epochs", "3") == 0
+    assert built == [(0, "MainThread"), (1, "epoch-1-pipeline"), (2, "epoch-2-pipeline")]
+    built.clear()
+    monkeypatch.setattr(loop.NextEpoch, "start", lambda self, epoch, build: None)  # each built at its boundary
+    assert train_here("--data", str(folder), "--out", str(tmp_path / "boundary"), "--epochs", "3") == 0
+    assert built == [(0, "MainThread"), (1, "MainThread"), (2, "MainThread")]
+    ahead, boundary = (load_file(tmp_path / run / "backbone.safetensors") for run in ("ahead", "boundary"))
+    assert all(torch.equal(ahead[k], boundary[k]) for k in ahead)

@@ -4,6 +4,7 @@
     python benchmark.py model                                            # the compute ceiling
     python benchmark.py train                                            # train.py end to end / model
     python benchmark.py loss --sizes 16384                               # NT-Xent implementations
+    python benchmark.py startup --sizes 10000 100000                     # start-up costs against N
     python benchmark.py all --json all.json
 
 Sections live in simclr_dali/tools/benchmark/ and are registered in SECTIONS, each with its own subcommand; each
@@ -20,6 +21,7 @@ from simclr_dali.errors import exit_on_user_error
 from simclr_dali.settings import Check, Parser, check_args, checked
 from simclr_dali.tools.benchmark.common import print_table, run_here, write_json
 from simclr_dali.tools.benchmark.loss import _loss_args, loss_section
+from simclr_dali.tools.benchmark.startup import add_startup_args, startup_section
 from simclr_dali.tools.benchmark.throughput import add_throughput_args, model_section, pipeline_section, train_section
 
 KEY_FIGURES = ("dali_images_per_s", "torchvision_images_per_s", "speedup", "model_images_per_s",
@@ -54,6 +56,8 @@ SECTIONS: dict[str, tuple] = {
     "model": (model_section, add_throughput_args, "backbone + head + loss + step on synthetic tensors"),
     "train": (train_section, add_throughput_args, "train.py end to end, and its ratio to `model`"),
     "loss": (loss_section, _loss_args, "NT-Xent forward+backward: reference vs tiled vs Triton"),
+    "startup": (startup_section, add_startup_args, "what a start costs as the data grows: listing, image check, "
+                                                   "pipeline build, time to the first step"),
     "all": (all_sections, _all_args, "every section; one table"),
 }
 
