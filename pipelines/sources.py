@@ -203,7 +203,7 @@ def list_images(root: Path) -> list[str]:
                 folders.append(entry.path)
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
                 found.append(entry.path)
-    found.sort(key=lambda path: path.split(os.sep))  # Path's order: folder by folder
+    found.sort(key=lambda path: path.replace(os.sep, "\0"))  # Path's order, folder by folder: the separator first
     return found
 
 

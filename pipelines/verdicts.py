@@ -33,10 +33,12 @@ def _stat(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def stat_keys(files: list[str], workers: int) -> list[tuple[int, int]]:
-    """(size, mtime_ns) of each file, in threads (a stat waits on the file system, not on the GIL)."""
+def stat_keys(files: list[str], workers: int, chunk: int = 8192) -> list[tuple[int, int]]:
+    """(size, mtime_ns) of each file, in threads (a stat waits on the file system, not on the GIL), a chunk of
+    files per task (a task per file costs more than its stat)."""
+    chunks = [files[i:i + chunk] for i in range(0, len(files), chunk)]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(_stat, files, chunksize=4096))
+        return [key for keys in pool.map(lambda part: [_stat(f) for f in part], chunks) for key in keys]
 
 
 def read(root: Path) -> dict[str, tuple[int, int, str]]:
