@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from simclr_dali.training.checkpoint import (
 )
 from simclr_dali.training.config import Config, parse_command
 from simclr_dali.training.optim import build_optimizer, scaled_lr, warmup_epochs
+from simclr_dali.training.ahead import AHEAD_FRACTION, NextEpoch
 from simclr_dali.training.peers import Exchange, one_voice
 from simclr_dali.training.peers import watch as watch_peers
 from simclr_dali.training.setup import (
@@ -248,46 +248,6 @@ class Loop:
         if p.monitor is not None and (epoch + 1) % p.cfg.knn_every == 0 and p.accelerator.is_main_process:
             backbone = p.accelerator.unwrap_model(p.model).backbone
             self.report.knn(epoch, self.step, p.monitor(backbone, p.accelerator.device))
-
-
-AHEAD_FRACTION = 0.05  # the next epoch's pipeline is built during the last 5% of an epoch's steps (2 at least)
-
-
-class NextEpoch:
-    """The next epoch's loader, built in a thread while the current epoch's last steps train, so that an epoch
-    boundary does not wait for the pipeline's build (about 7.5 µs per listed file) and its first batches. DALI
-    keeps the pipeline being defined per thread, so a thread may build one while another pipeline runs."""
-
-    def __init__(self):
-        self.epoch, self.thread, self.result, self.error = None, None, None, None
-
-    def start(self, epoch: int, build) -> None:
-        def run():
-            try:
-                self.result = build()
-            except BaseException as err:  # raised where the loader is taken, in the training thread
-                self.error = err
-
-        self.epoch, self.result, self.error = epoch, None, None
-        self.thread = threading.Thread(target=run, name=f"epoch-{epoch}-pipeline", daemon=True)
-        self.thread.start()
-
-    def take(self, epoch: int):
-        """The loader built for `epoch`, or None (none was started for it)."""
-        if self.thread is None:
-            return None
-        self.thread.join()
-        result, error, built_for = self.result, self.error, self.epoch
-        self.thread = self.result = self.error = self.epoch = None
-        if built_for != epoch:
-            return None
-        if error is not None:
-            raise error
-        return result
-
-    def discard(self) -> None:
-        """A run that stops before the next epoch: its loader is dropped once built."""
-        self.take(-1)
 
 
 def train_epochs(loop: Loop, start_epoch: int, last: int) -> int | None:
