@@ -1,11 +1,14 @@
 """Two processes on the CPU over gloo, started as users start them: `accelerate launch`."""
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import make_folder, panel_words, run_cli
+from conftest import ROOT, free_port, make_folder, panel_words, run_cli
 from error_bounds import gamma, unit_roundoff
 
 from pipelines.sources import load_folder
@@ -161,3 +164,38 @@ def test_two_processes_train_each_method(data, method, tmp_path):
                 "--batch-size", "8", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert load_file(str(out / "checkpoint" / "model.safetensors"))["queue_next"].item() == (6 * 8) % 5
+
+
+@pytest.mark.slow
+def test_two_machines_on_the_loopback_train_checkpoint_and_resume(tmp_path):
+    """Two `accelerate launch` commands, machine ranks 0 and 1 of 2, one process each, over 127.0.0.1: they train,
+    checkpoint and resume as one run. Files are written once, by the run's main process; each process takes its
+    threads from its own machine (LOCAL_WORLD_SIZE 1: both of this machine's cores), not from the run's world."""
+    folder = make_folder(tmp_path / "images", per_class=8)
+    out = tmp_path / "run"
+
+    def launch(*extra: str) -> list[tuple[int, str]]:
+        port = str(free_port())
+        runs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines",
+                                  "2", "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip",
+                                  "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
+                                  "--dynamo_backend", "no", "train.py", "--data", str(folder), "--out", str(out),
+                                  "--backbone", "test_resnet", "--image-size", "32", "--batch-size", "4",
+                                  "--log-every", "1", *extra],
+                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+        return [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+
+    for code, err in launch("--epochs", "1"):
+        assert code == 0, err[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_sizes"] == [[2, 0]] and config["workers_resolved"] == len(os.sched_getaffinity(0))
+    for code, err in launch("--epochs", "2", "--resume"):
+        assert code == 0, err[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = config["steps_per_epoch"]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 2 * steps + 1))  # each once
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 2 * steps
+    assert sorted(p.name for p in out.iterdir()) == ["backbone.safetensors", "checkpoint", "checkpoint.prev",
+                                                    "config.json", "metrics.jsonl"]

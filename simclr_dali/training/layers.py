@@ -15,7 +15,7 @@ from simclr_dali.settings import read_recorded, recorded_settings
 # what an invocation does, not a setting of the run: never taken from a recorded run or a checkpoint
 ACTIONS = frozenset({"config", "resume", "resume_from", "stop_after"})
 # config.json keys that a run works out rather than takes as settings (--config leaves them out)
-DERIVED = frozenset({"world_size", "world_sizes", "global_batch", "scaled_lr", "steps_per_epoch", "n_train",
+DERIVED = frozenset({"world_size", "world_sizes", "workers_resolved", "global_batch", "scaled_lr", "steps_per_epoch", "n_train",
                      "dali_placement", "loss_impl_resolved", "loss_operands", "device", "mixed_precision",
                      "channels_last_resolved", "warmup_epochs_resolved", "batch_norm", "scan", "recipe_resolved",
                      "recipe_values", "given", "changes"})

@@ -161,7 +161,8 @@ def record(p: Parts, bn: str, screen, given: set[str]) -> None:
     changes = [] if saved is None else saved.get("changes", []) + [
         {"step": p.resuming.step, "setting": name, "from": old, "to": new}
         for name, old, new in resume_changes(flat_resolved(saved), cfg, given)]
-    p.resolved = {**dataclasses.asdict(p.cfg), "world_size": acc.num_processes, "global_batch": p.global_batch,
+    p.resolved = {**dataclasses.asdict(p.cfg), "world_size": acc.num_processes, "workers_resolved": p.workers,
+                  "global_batch": p.global_batch,
                   "scaled_lr": p.lr, "steps_per_epoch": p.steps_per_epoch,
                   "n_train": len(p.source), "dali_placement": placement(p.device_id),
                   "loss_impl_resolved": p.loss_impl, "loss_operands": str(p.operands).removeprefix("torch."),
