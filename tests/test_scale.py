@@ -136,3 +136,18 @@ def test_the_next_epochs_pipeline_is_built_while_the_last_steps_train_and_change
     assert built == [(0, "MainThread"), (1, "MainThread"), (2, "MainThread")]
     ahead, boundary = (load_file(tmp_path / run / "backbone.safetensors") for run in ("ahead", "boundary"))
     assert all(torch.equal(ahead[k], boundary[k]) for k in ahead)
+
+
+@pytest.mark.parametrize("memory_mb", [4096.0, 0.05, 0.002])  # the whole bank; parts of 1/3 of it; of k rows
+def test_the_knn_reads_a_bank_larger_than_its_memory_a_part_at_a_time_and_votes_alike(memory_mb):
+    """The oracle: the full similarity matrix's top k, in float64 (ties apart, the same neighbours)."""
+    from models.features import knn_top1
+    gen = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(300, 16, generator=gen, dtype=torch.float64), torch.randn(70, 16, generator=gen,
+                                                                                            dtype=torch.float64)
+    train_y, test_y = torch.randint(0, 5, (300,), generator=gen), torch.randint(0, 5, (70,), generator=gen)
+    sim = torch.nn.functional.normalize(test_x, dim=1) @ torch.nn.functional.normalize(train_x, dim=1).T
+    top_sim, top_idx = sim.topk(20, dim=1)
+    votes = torch.zeros(70, 5, dtype=torch.float64).scatter_add_(1, train_y[top_idx], (top_sim / 0.1).exp())
+    expected = (votes.argmax(1) == test_y).double().mean().item()
+    assert knn_top1(train_x, train_y, test_x, test_y, k=20, temperature=0.1, chunk=32, memory_mb=memory_mb) == expected

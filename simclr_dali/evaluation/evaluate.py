@@ -53,6 +53,7 @@ class EvalConfig:
     crop: float = setting(-1.0, low=0, high=1, above=True, off=-1.0, off_means="auto")  # evaluation view: the central fraction kept (shorter side resized to S / crop, then an S x S centre crop); 1 keeps the whole image; -1 (auto): 1 at 32 px and below, as google-research/simclr evaluates CIFAR, else 0.875, the usual protocol
     knn_k: int = setting(200, low=1)  # neighbours for the weighted kNN vote (capped at the train size)
     knn_temperature: float = setting(0.1, low=0, above=True)  # kNN vote weight exp(cosine / T)
+    knn_memory_mb: float = setting(4096.0, low=0, above=True)  # kNN: device memory the bank may take; a larger bank is read a part at a time
     probe_epochs: int = setting(100, low=1)  # linear probe epochs over the cached features
     probe_lr: float = setting(1e-3, low=0, above=True)  # linear probe AdamW learning rate
     probe_weight_decay: float = setting(1e-4, low=0)  # linear probe weight decay
@@ -73,7 +74,8 @@ class EvalConfig:
 # -- frozen scores -----------------------------------------------------------------------------
 def frozen_scores(train_x, train_y, test_x, test_y, cfg: EvalConfig, device=None) -> dict:
     """kNN and linear probe on features (kept on the CPU), computed on `device`."""
-    return {"knn_top1": knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature, device=device),
+    return {"knn_top1": knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature, device=device,
+                                 memory_mb=cfg.knn_memory_mb),
             "linear_top1": linear_probe_top1(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs,
                                              device=device,
                                              lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay,
