@@ -125,7 +125,8 @@ def grey_jpeg() -> np.ndarray:
 
 def unreadable_sample(encoded):
     """Per sample, whether its first bytes match no signature of a format the decoder reads (an empty sample
-    included: it is padded with zeros). Four CPU operators before the decoder, whatever the device."""
+    included: it is padded with zeros). CPU operators before the decoder, whatever the device: a slice, a
+    reshape, one arithmetic expression, two reductions and a comparison, once per image (not per view)."""
     from pipelines.verify import HEAD_BYTES
 
     sigs, masks = signature_masks()

@@ -204,7 +204,7 @@ def layout_for(channels_last: bool) -> str:
 class UnreadableData(UserError):
     """Data that DALI cannot read met once training runs (a file or shard member damaged after it was
     screened or packed). `pipeline_failed`: DALI raised, and its pipeline is no longer valid (DALI's words):
-    a command exits at once after the sentence (errors.exit_now), without tearing that pipeline down."""
+    a command exits at once after the sentence (errors.leave), without tearing that pipeline down."""
 
     def __init__(self, message: str, pipeline_failed: bool):
         super().__init__(message)
@@ -245,8 +245,12 @@ def first_unreadable(candidates, check=None) -> tuple[str, str] | None:
 
     for candidate in candidates:
         if isinstance(candidate, str):
-            reason = check_image(candidate) if check is None else check(open(candidate, "rb").read(HEAD_BYTES))
             name = candidate
+            if check is None:
+                reason = check_image(candidate)
+            else:
+                with open(candidate, "rb") as f:
+                    reason = check(f.read(HEAD_BYTES))
         else:
             name, read = candidate
             reason = check_bytes(read(None)) if check is None else check(read(HEAD_BYTES))

@@ -122,10 +122,7 @@ def _create(path: Path, holder: Holder) -> bool:
     the file system has no hard links, O_CREAT | O_EXCL, filled in after (an unfilled lock counts as stale only
     once it is UNFILLED_S old)."""
     own = path.with_name(f"{NAME}.{holder.host}-{holder.pid}")
-    with open(own, "w", encoding="utf-8") as f:
-        json.dump(holder.__dict__, f)
-        f.flush()
-        os.fsync(f.fileno())
+    _fill(os.open(own, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644), holder)
     try:
         os.link(own, path)
         return True
@@ -139,11 +136,16 @@ def _create(path: Path, holder: Holder) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
+    _fill(fd, holder)
+    return True
+
+
+def _fill(fd: int, holder: Holder) -> None:
+    """The holder's JSON into open file `fd`, on the disk before it returns; closes it."""
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(holder.__dict__, f)
         f.flush()
         os.fsync(f.fileno())
-    return True
 
 
 def take(out: Path) -> RunLock:

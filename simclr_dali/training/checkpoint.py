@@ -128,15 +128,19 @@ def as_umask_allows(*paths: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def refuse_to_overwrite(cfg, out: Path) -> None:
+    if find_checkpoint(out) and not cfg.resume:
+        raise UserError(f"{out} already holds a checkpoint: pass --resume to continue that run, "
+                        f"or choose another --out")
+
+
 def prepare_out(cfg, out: Path, accelerator):
     """Refuse to overwrite a run by accident; take the folder's lock (one folder, one run: simclr_dali.lock)
     before anything is written there; check that it is writable before training. `cfg` is train.Config.
     Returns the lock on the main process (None on the others, which share it)."""
     from simclr_dali import lock as run_lock
 
-    if find_checkpoint(out) and not cfg.resume:
-        raise UserError(f"{out} already holds a checkpoint: pass --resume to continue that run, "
-                        f"or choose another --out")
+    refuse_to_overwrite(cfg, out)
     held = None
     if accelerator.is_main_process:
         if out.exists() and not out.is_dir():
@@ -153,10 +157,11 @@ def prepare_out(cfg, out: Path, accelerator):
             raise UserError(f"cannot write to output folder {out}: {err.strerror}") from None
         if held.took_over:
             print(f"note: {held.took_over}", file=sys.stderr)
-        if find_checkpoint(out) and not cfg.resume:  # written by the run that held the lock a moment ago
+        try:
+            refuse_to_overwrite(cfg, out)  # again: the run that held the lock a moment ago may have written one
+        except UserError:
             held.release()
-            raise UserError(f"{out} already holds a checkpoint: pass --resume to continue that run, "
-                            f"or choose another --out")
+            raise
     accelerator.wait_for_everyone()
     return held
 

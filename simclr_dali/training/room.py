@@ -63,24 +63,25 @@ def no_room_is_one_sentence(out: Path, tmp: Path, need: int, main: bool, after: 
     """Writing into `tmp` (a folder, or a file) under `out` met a full disk or a file-size limit, whichever library
     raised it (safetensors, torch's zip writer, plain writes): one sentence naming the folder, what was being
     written and the room it needs, and what was half-written of `tmp` removed (by the main process, for a folder
-    that all processes share); `after()` ends it (what is still whole). torch's writer drops the errno ('file write failed'): any error while free space
-    or the limit is short of `need` counts."""
+    that all processes share); `after()` ends it (what is still whole). torch's writer drops the errno ('file
+    write failed'): any error while free space or the limit is short of `need` counts."""
     try:
         yield
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001 (whatever raised it: re-raised unless it says the disk is full)
-        written = [tmp] if tmp.is_file() else sorted(tmp.rglob("*"), key=lambda p: p.stat().st_mtime) if tmp.is_dir() \
-            else []
         why, free, limit = no_room(err), shutil.disk_usage(out).free, size_limit()
         if why is None and free < need:
             why = "no space left on the device"
         elif why is None and limit is not None and need > limit:
             why = "a file-size limit was met"
-        if why is None or isinstance(err, UserError):
+        if why is None:
             raise
+        named = getattr(err, "filename", None)  # else the newest file of the folder: the one being written
+        newest = max(tmp.rglob("*"), key=lambda p: p.stat().st_mtime, default=None) if tmp.is_dir() else None
+        what = Path(named) if named else newest or tmp
         if main or tmp.is_file():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        named = getattr(err, "filename", None)
-        what = Path(named) if named else written[-1] if written else tmp
         what = what.relative_to(out) if what.is_relative_to(out) else what
         room = f"about {need / 2**20:.1f} MiB" if need else "more room"
         limits = f", and files may hold at most {limit / 2**20:.1f} MiB (ulimit -f)" if limit is not None else ""
