@@ -18,7 +18,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipelines import EVAL_CROP, eval_crop
-from pipelines.augment import Augment, center_view, decode, two_views
+from pipelines.augment import Augment, center_view, decode, simclr_view, two_views
 from pipelines.sources import Source
 from pipelines.webdataset import IMAGE_EXTS, LABEL_BYTES, parse_labels
 from simclr_dali.errors import UserError
@@ -189,6 +189,13 @@ def two_view_pipeline(feeder, size: int, aug: Augment, gpu: bool, layout: str = 
 
 
 @pipeline_def(enable_conditionals=True)
+def one_view_pipeline(feeder, size: int, aug: Augment, gpu: bool, layout: str = "CHW"):
+    """Decode, augment once with the first view's settings: (view, label[, unreadable]) (fine-tuning's)."""
+    images, labels, flags = read(feeder, gpu)
+    return simclr_view(images, size, aug.views()[0], layout), labels, *flags
+
+
+@pipeline_def(enable_conditionals=True)
 def eval_pipeline(feeder, size: int, gpu: bool, layout: str = "CHW", crop: float = EVAL_CROP):
     """No augmentation: (view, label[, unreadable])."""
     images, labels, flags = read(feeder, gpu)
@@ -342,8 +349,9 @@ def placement(device_id: int | None) -> str:
 
 def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, shard: Shard,
                  seed: int, epoch: int, workers: int, device_id: int | None, channels_last: bool = False,
-                 prefetch: int = 2, state: bytes | None = None, done: int = 0) -> Loader:
-    """One epoch of two-view batches (view1, view2, label) for this process's shard, tail dropped.
+                 prefetch: int = 2, state: bytes | None = None, done: int = 0, views: int = 2) -> Loader:
+    """One epoch of two-view batches (view1, view2, label) for this process's shard, tail dropped; with
+    `views=1`, (view, label) batches of one augmented view (fine-tuning's).
 
     Built afresh each epoch with a seed drawn from (seed, epoch, shard): an epoch's data order and
     augmentations depend on nothing else, so a run resumed at an epoch boundary sees the same data.
@@ -355,11 +363,12 @@ def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, sh
     feeder = make_input(source, batch_size, shard, shuffle=True, drop_last=True, seed=seed, epoch=epoch, skip=skip)
     pipe_seed = int(np.random.default_rng([seed, epoch, shard.index] + ([skip] if skip else [])).integers(2**31))
     layout = layout_for(channels_last)
-    pipe = two_view_pipeline(feeder, size, aug, device_id is not None, layout, batch_size=batch_size,
-                             num_threads=workers, device_id=device_id, seed=pipe_seed,
-                             prefetch_queue_depth=prefetch, enable_checkpointing=True, checkpoint=state)
+    make, names = (two_view_pipeline, ["view1", "view2"]) if views == 2 else (one_view_pipeline, ["view"])
+    pipe = make(feeder, size, aug, device_id is not None, layout, batch_size=batch_size, num_threads=workers,
+                device_id=device_id, seed=pipe_seed, prefetch_queue_depth=prefetch, enable_checkpointing=True,
+                checkpoint=state)
     pipe.build()
-    return Loader(pipe, feeder, ["view1", "view2", "label"], done=done if state is not None else 0, layout=layout)
+    return Loader(pipe, feeder, [*names, "label"], done=done if state is not None else 0, layout=layout)
 
 
 def eval_loader(source: Source, *, batch_size: int, size: int, workers: int,

@@ -33,6 +33,7 @@ class Source:
     shards: list[str] | None = None  # WebDataset tar shards, read by DALI (labels come with them)
     indexes: list[str] | None = None  # their DALI index files
     nbytes: int = 0  # tar shards: their samples' encoded bytes (what a shuffle buffer holds)
+    counts: list[int] | None = None  # tar shards: the samples in each
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -45,6 +46,33 @@ class Source:
         files = [self.files[i] for i in index] if self.files is not None else None
         images = self.images[index] if self.images is not None else None
         return Source(self.name, self.labels[index], files, images, self.classes)
+
+    def part(self, rank: int, world: int) -> "Source":
+        """Process `rank`'s part of `world`, for work split across processes: a contiguous run of the images,
+        or of tar shards every world-th shard (DALI reads a shard whole); parts in rank order hold each image
+        once."""
+        if world == 1:
+            return self
+        if self.shards is not None:
+            return self.pick_shards(range(rank, len(self.shards), world))
+        per = -(-len(self) // world)
+        return self.subset(np.arange(rank * per, min(len(self), (rank + 1) * per)))
+
+    def joined_order(self, world: int) -> np.ndarray:
+        """Where each image of the parts (`part`), joined in rank order, stands in this source: the identity
+        for images, a reordering for tar shards (every world-th shard to a part)."""
+        if self.shards is None or world == 1:
+            return np.arange(len(self))
+        starts = np.concatenate([[0], np.cumsum(self.counts)])
+        return np.concatenate([np.arange(starts[j], starts[j + 1]) for r in range(world)
+                               for j in range(r, len(self.shards), world)] or [np.zeros(0, dtype=np.int64)])
+
+    def pick_shards(self, pick) -> "Source":
+        """The tar shards at positions `pick`, as a source of their own."""
+        counts = [self.counts[i] for i in pick]
+        return Source(self.name, np.full(sum(counts), -1, dtype=np.int64), classes=self.classes,
+                      shards=[self.shards[i] for i in pick], indexes=[self.indexes[i] for i in pick],
+                      nbytes=self.nbytes * sum(counts) // max(1, len(self)), counts=counts)
 
 
 def load_source(spec: str, split: str = "train", test_spec: str | None = None,
@@ -68,14 +96,23 @@ def _load(spec: str, split: str, screen: Screen | None = None) -> Source:
         return load_digits(split)
     kind, sep, path = spec.partition(":")
     if sep and kind == "wds":
-        return load_webdataset(path, split)
+        return on_main(screen, lambda: load_webdataset(path, split))
     if sep and kind in ("cifar10", "cifar100"):
         return load_cifar(kind, path, split)
     if sep and kind == "list":
-        return load_list(path, split)
+        return on_main(screen, lambda: load_list(path, split))
     if is_image_list(spec):
-        return load_list(spec, split)
+        return on_main(screen, lambda: load_list(spec, split))
     return load_folder(spec, split, screen)
+
+
+def on_main(screen: Screen | None, work: Callable):
+    """work() done once: with several processes (a screen that shares), by the main process, its result given
+    to the others, which neither parse the shards' indexes nor stat an image list's files themselves."""
+    share = getattr(screen, "share", None)
+    if share is None:
+        return work()
+    return share(work() if screen.main else None)
 
 
 # -- WebDataset tar shards (see pipelines/webdataset.py) ------------------------------------------
@@ -105,7 +142,7 @@ def load_webdataset(pattern: str, split: str) -> Source:
                             f"'python -m pipelines.pack' writes with --holdout): evaluate it with --test-data")
     indexes, counts, nbytes = read_indexes(shards)
     return Source(f"wds:{pattern}", np.full(sum(counts), -1, dtype=np.int64), shards=shards, indexes=indexes,
-                  nbytes=nbytes)
+                  nbytes=nbytes, counts=counts)
 
 
 # -- built-in: scikit-learn's digits, upscaled to 32 px RGB ------------------------------------
@@ -217,8 +254,7 @@ def load_folder(path: str, split: str, screen: Screen | None = None) -> Source:
                         f"written by `python -m pipelines.verify`")
     if not any(root.iterdir()):
         raise UserError(f"data folder {root} is empty")
-    share = getattr(screen, "share", None)  # several processes: one lists, the others take its list
-    files = share(list_images(root) if screen.main else None) if share is not None else list_images(root)
+    files = on_main(screen, lambda: list_images(root))  # several processes: one lists, the others take its list
     if not files:
         raise UserError(f"data folder {root} holds no images "
                         f"({', '.join(sorted(IMAGE_EXTENSIONS))})")

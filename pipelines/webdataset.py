@@ -117,10 +117,61 @@ def find_shards(pattern: str) -> list[str]:
 
 def read_indexes(shards: list[str]) -> tuple[list[str], list[int], int]:
     """The shards' index files (each checked whole; a shard without one is indexed now), the samples in
-    each and their encoded bytes in all."""
+    each and their encoded bytes in all. What a check found is kept on this machine (`checked_path`), keyed by
+    each shard's and index's size and modification time, so an index is parsed once per data set, not at every
+    start: a shard or index written again is checked again."""
     indexes = [find_index(s) or str(write_index(s)[0]) for s in shards]
-    counts, sizes = zip(*[count_samples(i, s) for s, i in zip(shards, indexes)])
+    keys = [_stat_key(s) + _stat_key(i) for s, i in zip(shards, indexes)]
+    cache = checked_path(indexes)
+    known = _read_checked(cache)
+    found = [known.get((i, k)) or count_samples(i, s) for s, i, k in zip(shards, indexes, keys)]
+    if any((i, k) not in known for i, k in zip(indexes, keys)):
+        _write_checked(cache, indexes, keys, found)
+    counts, sizes = zip(*found)
     return indexes, list(counts), sum(sizes)
+
+
+CHECKED_HEADER = "# simclr checked indexes v1"
+
+
+def checked_path(indexes: list[str]) -> Path:
+    """The file that keeps what the check of these indexes found, named by their real paths."""
+    ident = "\0".join(os.path.realpath(i) for i in indexes).encode("utf-8", "surrogateescape")
+    return cache_home() / "wds-checked" / f"{hashlib.sha256(ident).hexdigest()[:24]}.tsv"
+
+
+def _stat_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _read_checked(path: Path) -> dict:
+    """{(index, (shard size, mtime, index size, mtime)): (samples, bytes)}; empty where there is none or it does
+    not read back (it is only a cache: the indexes are checked again)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            if f.readline().rstrip("\n") != CHECKED_HEADER:
+                return {}
+            out = {}
+            for line in f:
+                index, *numbers = line.rstrip("\n").split("\t")
+                numbers = [int(n) for n in numbers]
+                if len(numbers) != 6:
+                    return {}
+                out[index, tuple(numbers[:4])] = tuple(numbers[4:])
+            return out
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_checked(path: Path, indexes: list[str], keys: list[tuple], found: list[tuple[int, int]]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(CHECKED_HEADER + "\n" + "".join(
+            "\t".join(map(str, (index, *key, *counts))) + "\n" for index, key, counts in zip(indexes, keys, found)),
+            path)
+    except OSError:  # a cache that cannot be written is left out: the next start checks again
+        pass
 
 
 # -- our indexer: DALI's format, samples grouped across the whole tar --------------------------------

@@ -80,7 +80,7 @@ class Run:
             model = self.backbone(device)
             with torch.no_grad():
                 return torch.cat([model(part.to(device)).float().cpu() for part in images.split(batch_size)])
-        from simclr_dali.evaluation.evaluate import embed_images
+        from simclr_dali.evaluation.embed import embed_images
 
         x, files, _ = embed_images(self.path, self.config, str(images), batch_size=batch_size, workers=workers,
                                    device=device)

@@ -104,6 +104,15 @@ def main() -> None:
 
     # 2. one process against two: loss and gradients
     result.update(compare_gradients(accelerator, seed=0))
+
+    # 3. rows of unequal parts (one empty), in chunks of 3 rows, float32 where one part needs it, placed by order
+    from models.features import gather_rows
+    part = torch.arange(7 * 2, dtype=torch.float32).view(7, 2) if rank == 0 else torch.zeros((0, 2), dtype=torch.float16)
+    order = np.arange(7)[::-1].copy()
+    got = gather_rows(part, torch.device("cpu"), chunk_bytes=3 * 2 * 4, keep=rank == 0, order=order)
+    labels = gather_rows(torch.arange(rank, 5 * rank + 2), torch.device("cpu"), chunk_bytes=16)  # 2 and 6 rows
+    result["gathered"] = {"rows": got.tolist() if got is not None else None, "dtype": str(part.dtype),
+                          "labels": labels.tolist()}
     if rank == 0:
         print(json.dumps(result))
     accelerator.wait_for_everyone()

@@ -12,7 +12,7 @@ from conftest import ROOT, free_port, make_folder, panel_words, run_cli
 from error_bounds import gamma, unit_roundoff
 
 from pipelines.sources import load_folder
-from pipelines.webdataset import write_shards
+from pipelines.webdataset import TEST_PREFIX, write_shards
 
 pytestmark = pytest.mark.slow  # two processes through accelerate launch
 
@@ -28,6 +28,7 @@ def data(tmp_path_factory):
     folder = make_folder(root / "images", per_class=6)  # 18 images
     source = load_folder(str(folder), "all")
     write_shards(source.files, source.labels, root / "shards", shard_size=5)  # 4 shards: 5, 5, 5, 3
+    write_shards(source.files, source.labels, root / "shards", shard_size=3, prefix=TEST_PREFIX)  # the monitor's
     return folder, str(root / "shards" / "shard-*.tar")
 
 
@@ -43,6 +44,9 @@ def test_two_processes_read_disjoint_shards_and_match_one_process(data):
     a, b = result["wds"]
     assert len(a) == len(b) == 8
     assert sorted(set(a + b)) == [0, 1, 2]
+    gathered = result["gathered"]  # rank 0's: 7 rows, one process's empty part, placed in reverse
+    assert gathered["rows"] == [[2.0 * i, 2.0 * i + 1] for i in range(7)][::-1]
+    assert gathered["labels"] == [0, 1, 1, 2, 3, 4, 5, 6]  # rank 0's 0..1, rank 1's 1..6, in rank order
     bounds = gradient_bounds(result)
     assert abs(sum(result["rank_losses"]) / 2 - result["single_loss"]) <= bounds["loss"]
     for i, (err, scale, two_ranks) in enumerate(result["grads"]):  # max |difference|, max |single|, max |two|
@@ -77,11 +81,17 @@ def gradient_bounds(result: dict) -> dict:
 
 @pytest.mark.parametrize("source", ["folder", "wds"])
 def test_two_process_training_writes_one_set_of_outputs(data, source, tmp_path):
+    """Also: the online kNN, its extraction split over the processes, scores what one process scores."""
     folder, shards = data
     spec = str(folder) if source == "folder" else f"wds:{shards}"
     out = tmp_path / "run"
-    r = run_cli(*LAUNCH, "train.py", "--data", spec, "--out", str(out), *TINY)
+    knn = ["--knn-every", "2", "--knn-per-class", "2", "--knn-train", "6", "--knn-test", "5"]
+    r = run_cli(*LAUNCH, "train.py", "--data", spec, "--out", str(out), *TINY, *knn)
     assert r.returncode == 0, r.stderr[-3000:]
+    two = [json.loads(line)["knn_top1"] for line in (out / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["kind"] == "knn"]
+    one, fragile = one_process_monitor(out, spec)
+    assert len(two) == 1 and abs(two[0] - one) * 5 <= fragile
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["global_batch"] == 8
     # global BN is the default where several CUDA processes train; these are CPU processes (gloo)
@@ -93,8 +103,61 @@ def test_two_process_training_writes_one_set_of_outputs(data, source, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [rec["step"] for rec in records if rec["kind"] == "step"]
     assert steps == list(range(1, 2 * cfg["steps_per_epoch"] + 1))  # one writer: no line twice
+    if source == "folder":  # evaluate.py under accelerate launch: each process extracts its part
+        ev = run_cli(*LAUNCH, "evaluate.py", "--run", str(out), "--no-plots", "--probe-epochs", "2")
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        two = json.loads((out / "eval.json").read_text())
+        assert two["processes"] == 2 and two["n_train"] == 16
+        assert two["protocol"]["features"].endswith("extracted by 2 process(es)")
+        one, fragile = one_process_knn(out, folder, two["n_test"])
+        assert abs(two["knn_top1"] - one) * two["n_test"] <= fragile
+        assert ev.stdout.count("linear probe top-1") == 1  # one table
     assert r.stdout.count("SimCLR run") == 1  # one console
     assert (out / "backbone.safetensors").is_file() and (out / "checkpoint" / "progress.json").is_file()
+
+
+def one_process_monitor(out, spec: str) -> tuple[float, int]:
+    """The online kNN of the run's final backbone computed by one process (the same draw, seed 0), and how
+    many of its 5 decisions two computations' roundings could change (test_evaluate.knn_fragile)."""
+    from test_evaluate import feature_error, knn_fragile
+
+    from models.features import extract
+    from pipelines.loader import eval_loader
+    from pipelines.sources import load_source
+    from simclr_dali.evaluation.backbone import load_backbone
+    from simclr_dali.training.monitor import KnnMonitor
+
+    backbone = load_backbone(json.loads((out / "config.json").read_text()), out / "backbone.safetensors")
+    train, test = load_source(spec, "train"), load_source(spec, "test")
+    monitor = KnnMonitor(train, test, per_class=2, n_train=6, n_test=5, size=32, batch_size=4, workers=1,
+                         device_id=None)
+    top1 = monitor(backbone, torch.device("cpu"))
+    kwargs = dict(batch_size=4, size=32, workers=1, device_id=None)
+    bx, by = extract(backbone, eval_loader(monitor.bank.source, **kwargs), torch.device("cpu"))
+    tx, _ = extract(backbone, eval_loader(monitor.test.source, **kwargs), torch.device("cpu"))
+    pick = lambda x, keep: x if keep is None else x[torch.from_numpy(keep)]  # noqa: E731
+    rel = bx.shape[1] ** 0.5 * (2 * feature_error(backbone, torch.float32) + 2 * unit_roundoff(torch.float16))
+    return top1, knn_fragile(pick(bx, monitor.bank.keep).float(), pick(by, monitor.bank.keep),
+                             pick(tx, monitor.test.keep).float(), monitor.k, 0.1, rel)
+
+
+def one_process_knn(out, folder, n_test: int) -> tuple[float, int]:
+    """evaluate.py's kNN top-1 of the run's backbone computed by one process, and how many of its decisions
+    two computations' roundings could change."""
+    from test_evaluate import feature_error, knn_fragile
+
+    from models.features import extract, knn_top1
+    from pipelines.loader import eval_loader
+    from pipelines.sources import load_source
+    from simclr_dali.evaluation.backbone import load_backbone
+
+    backbone = load_backbone(json.loads((out / "config.json").read_text()), out / "backbone.safetensors")
+    kwargs = dict(batch_size=8, size=32, workers=1, device_id=None)
+    tx, ty = extract(backbone, eval_loader(load_source(str(folder), "train"), **kwargs), torch.device("cpu"))
+    qx, qy = extract(backbone, eval_loader(load_source(str(folder), "test"), **kwargs), torch.device("cpu"))
+    assert len(qx) == n_test
+    rel = tx.shape[1] ** 0.5 * (2 * feature_error(backbone, torch.float32) + 2 * unit_roundoff(torch.float16))
+    return knn_top1(tx, ty, qx, qy), knn_fragile(tx.float(), ty, qx.float(), 200, 0.1, rel)
 
 
 def test_sync_bn_asked_for_on_cpu_processes_is_a_clear_error(data, tmp_path):

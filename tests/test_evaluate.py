@@ -150,18 +150,19 @@ def test_training_logs_online_knn_and_tensorboard(trained):
 def test_knn_monitor_matches_an_offline_knn_and_restores_train_mode(run, data):
     backbone, *_ = backbone_and_loaders(run, data)
     train, test = load_source(str(data["train"]), "train"), load_source(str(data["train"]), "test")
-    monitor = KnnMonitor(train, test, n_train=20, n_test=4, size=32, batch_size=8, workers=1, device_id=None)
+    monitor = KnnMonitor(train, test, per_class=2, n_train=20, n_test=4, size=32, batch_size=8, workers=1,
+                         device_id=None)  # 5 classes: 4 of each vote
     backbone = Float64(backbone).train()  # batches of 8 here, of 5 below: float64, so that they agree to ~1e-16
     first = monitor(backbone, torch.device("cpu"))
     assert backbone.training and all(m.training for m in backbone.modules())
     assert monitor(backbone, torch.device("cpu")) == first  # the kept pipeline re-reads the same images
     kwargs = dict(batch_size=5, size=32, workers=1, device_id=None)
-    tx, ty = extract(backbone, eval_loader(monitor.train, **kwargs), torch.device("cpu"))
-    qx, qy = extract(backbone, eval_loader(monitor.test, **kwargs), torch.device("cpu"))
-    assert len(tx) == 20 and len(qx) == 4
-    # extract rounds each float64 feature to float32 (u32 |f| each), the two passes differ by <= 2 x the
+    tx, ty = extract(backbone, eval_loader(monitor.bank.source, **kwargs), torch.device("cpu"))
+    qx, qy = extract(backbone, eval_loader(monitor.test.source, **kwargs), torch.device("cpu"))
+    assert len(tx) == 20 and len(qx) == 4 and np.bincount(ty.numpy()).tolist() == [4] * 5
+    # extract keeps each float64 feature in float16 (u16 |f| each), the two passes differ by <= 2 x the
     # float64 error; as a fraction of a 2-norm, sqrt(dim) times that of the largest entry
-    feature_rel = tx.shape[1] ** 0.5 * (2 * feature_error(backbone, torch.float64) + 2 * unit_roundoff(torch.float32))
+    feature_rel = tx.shape[1] ** 0.5 * (2 * feature_error(backbone, torch.float64) + 2 * unit_roundoff(torch.float16))
     # a query within both computations' errors of a tie may go either way (none here: the closest decision
     # is 20 x its bound away; over 20 other backbones, at least 7 x)
     fragile = knn_fragile(tx, ty, qx, monitor.k, 0.1, feature_rel)  # T: knn_top1's default, as the monitor's

@@ -138,7 +138,7 @@ def test_the_next_epochs_pipeline_is_built_while_the_last_steps_train_and_change
     assert all(torch.equal(ahead[k], boundary[k]) for k in ahead)
 
 
-@pytest.mark.parametrize("memory_mb", [4096.0, 0.05, 0.002])  # the whole bank; parts of 1/3 of it; of k rows
+@pytest.mark.parametrize("memory_mb", [4096.0, 0.05, 0.002])  # the whole bank; 3 parts; 60 parts of 5 rows (< k)
 def test_the_knn_reads_a_bank_larger_than_its_memory_a_part_at_a_time_and_votes_alike(memory_mb):
     """The oracle: the full similarity matrix's top k, in float64 (ties apart, the same neighbours)."""
     from models.features import knn_top1
@@ -151,3 +151,140 @@ def test_the_knn_reads_a_bank_larger_than_its_memory_a_part_at_a_time_and_votes_
     votes = torch.zeros(70, 5, dtype=torch.float64).scatter_add_(1, train_y[top_idx], (top_sim / 0.1).exp())
     expected = (votes.argmax(1) == test_y).double().mean().item()
     assert knn_top1(train_x, train_y, test_x, test_y, k=20, temperature=0.1, chunk=32, memory_mb=memory_mb) == expected
+
+
+# -- shards' indexes, parsed once ----------------------------------------------------------------
+def test_shard_indexes_are_parsed_once_per_data_set_and_a_changed_one_again(tmp_path, monkeypatch):
+    from pipelines import webdataset
+    from pipelines.sources import load_folder
+    from pipelines.webdataset import index_path, write_shards
+
+    source = load_folder(str(make_folder(tmp_path / "images", per_class=4)), "all")
+    shards = write_shards(source.files, source.labels, tmp_path / "shards", shard_size=5)  # 5, 5, 2
+    parsed = []
+    real = webdataset.count_samples
+    monkeypatch.setattr(webdataset, "count_samples", lambda index, shard: parsed.append(index) or real(index, shard))
+    spec = f"wds:{tmp_path / 'shards' / 'shard-*.tar'}"
+    first = load_source(spec, "train")
+    assert len(parsed) == 3 and first.counts == [5, 5, 2] and len(first) == 12
+    parsed.clear()
+    again = load_source(spec, "train")  # a second start, a resume, evaluate.py
+    assert parsed == [] and (again.counts, again.nbytes) == (first.counts, first.nbytes)
+    st = os.stat(index_path(str(shards[1])))
+    os.utime(index_path(str(shards[1])), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # written again
+    assert load_source(spec, "train").counts == [5, 5, 2] and parsed == [index_path(str(shards[1]))]
+    webdataset.checked_path(first.indexes).write_text("# simclr checked indexes v1\ndamaged\n")
+    parsed.clear()
+    assert load_source(spec, "train").counts == [5, 5, 2] and len(parsed) == 3  # only a cache
+
+
+class Follower:
+    """A process other than the main one: it takes what the main process shares (here, `given`)."""
+    main = False
+
+    def __init__(self, given):
+        self.given = given
+
+    def share(self, obj):
+        assert obj is None  # it has nothing of its own to share
+        return self.given
+
+
+@pytest.mark.parametrize("spec", ["wds:{root}/missing/shard-*.tar", "list:{root}/missing.tsv"])
+def test_the_other_processes_take_the_main_processs_shards_and_lists_without_reading_them(spec, tmp_path):
+    from pipelines.sources import Source
+    main_source = Source("main's", torch.zeros(3, dtype=torch.long).numpy(), files=["a", "b", "c"])
+    # the path does not exist: a process that read it would stop with a sentence
+    assert load_source(spec.format(root=tmp_path), "train", screen=Follower(main_source)) is main_source
+
+
+def test_parts_hold_each_image_once_and_join_in_the_sources_order():
+    import numpy as np
+
+    from pipelines.sources import Source
+    shards = Source("s", np.full(18, -1), shards=[f"{i}.tar" for i in range(4)], indexes=[f"{i}.idx" for i in range(4)],
+                    counts=[5, 5, 5, 3], nbytes=1800)
+    for world in (1, 2, 3, 5):
+        parts = [shards.part(r, world) for r in range(world)]
+        assert sum(len(p) for p in parts) == 18 and sorted(s for p in parts for s in p.shards) == shards.shards
+        order = shards.joined_order(world)
+        # a row of the joined parts lands on the rows its shard holds in the source
+        joined = [s for p in parts for s, n in zip(p.shards, p.counts) for _ in range(n)]
+        source_rows = [s for s, n in zip(shards.shards, shards.counts) for _ in range(n)]
+        assert sorted(order) == list(range(18)) and all(source_rows[o] == s for o, s in zip(order, joined))
+    files = Source("f", np.arange(7), files=[str(i) for i in range(7)])
+    for world in (1, 2, 3, 8):
+        joined = [f for r in range(world) for f in files.part(r, world).files]
+        assert joined == files.files and list(files.joined_order(world)) == list(range(7))
+
+
+# -- features and the probe at ImageNet's size -------------------------------------------------------
+class Scaled(torch.nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, images):
+        return images.flatten(1)[:, :64] * self.scale
+
+
+@pytest.mark.parametrize("scale,dtype", [(1.0, torch.float16), (1e6, torch.float32)])
+def test_features_go_into_one_16_bit_buffer_unless_beyond_its_range(scale, dtype):
+    from models.features import extract
+    from pipelines.loader import eval_loader
+    source = load_source("digits", "test")
+    loader = eval_loader(source, batch_size=64, size=32, workers=1, device_id=None)
+    x, y = extract(Scaled(scale), loader, torch.device("cpu"))
+    assert x.dtype == dtype and x.shape == (len(source), 64) and y.tolist() == source.labels.tolist()
+    again, _ = extract(Scaled(1.0), eval_loader(source, batch_size=100, size=32, workers=1, device_id=None),
+                       torch.device("cpu"))  # the oracle: the float32 features of one pass, rounded once
+    assert torch.equal(x, (again.float() * scale).to(dtype)) if scale == 1.0 else torch.isfinite(x).all()
+
+
+def test_the_probe_standardises_from_column_statistics_without_a_copy():
+    from simclr_dali.evaluation.probes import column_stats
+    x = torch.randn(1000, 32, dtype=torch.float64) * torch.linspace(0.1, 100, 32) + torch.linspace(-50, 50, 32)
+    mean, std = column_stats(x.half(), rows=128)  # blocks of rows, summed in float64
+    oracle = x.half().double()
+    assert torch.allclose(mean.double(), oracle.mean(0), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(std.double(), oracle.std(0), rtol=1e-5)
+
+
+def test_the_monitors_bank_is_drawn_per_class():
+    import numpy as np
+
+    from simclr_dali.training.monitor import per_class_draw
+    labels = np.array([0] * 50 + [1] * 3 + [2] * 30 + [-1] * 5)
+    picked = per_class_draw(labels, 20, np.random.default_rng(0))
+    assert np.bincount(labels[picked]).tolist() == [20, 3, 20] and len(set(picked)) == len(picked)
+    assert list(picked) == sorted(picked)
+
+
+def test_the_monitor_reads_shards_draws_once_per_class_and_scores_as_an_offline_knn(tmp_path):
+    """Tar shards carry their labels: the first call draws the test images and the bank's shards and images,
+    every call reads the same ones; the score is the kNN of those images' features, computed apart."""
+    import numpy as np
+
+    from models.features import extract, knn_top1
+    from pipelines.loader import eval_loader
+    from pipelines.sources import load_folder
+    from pipelines.webdataset import TEST_PREFIX, write_shards
+    from simclr_dali.training.monitor import KnnMonitor
+    source = load_folder(str(make_folder(tmp_path / "images", per_class=12)), "all")  # 3 classes of 12
+    order = np.random.default_rng(1).permutation(len(source))  # classes mixed, as pipelines.pack writes them
+    write_shards(source.files, source.labels, tmp_path / "shards", shard_size=4, order=order)
+    write_shards(source.files, source.labels, tmp_path / "shards", shard_size=4, order=order[:12], prefix=TEST_PREFIX)
+    spec = f"wds:{tmp_path / 'shards' / 'shard-*.tar'}"
+    train, test = load_source(spec, "train"), load_source(spec, "test")
+    monitor = KnnMonitor(train, test, per_class=2, n_train=3, n_test=5, size=32, batch_size=4, workers=1,
+                         device_id=None, k=3)
+    model, cpu = Scaled(1.0), torch.device("cpu")
+    first = monitor(model, cpu)
+    assert len(monitor.test.keep) == 5 and len(monitor.bank.source.shards) >= 3  # 3 x 2 x 3 images read
+    kwargs = dict(batch_size=4, size=32, workers=1, device_id=None)
+    bx, by = extract(model, eval_loader(monitor.bank.source, **kwargs), cpu)
+    tx, ty = extract(model, eval_loader(monitor.test.source, **kwargs), cpu)
+    bank, tests = torch.from_numpy(monitor.bank.keep), torch.from_numpy(monitor.test.keep)
+    assert np.bincount(by[bank].numpy()).tolist() == [2, 2, 2]
+    assert first == knn_top1(bx[bank], by[bank], tx[tests], ty[tests], k=3)
+    assert monitor(model, cpu) == first and len(monitor) == 11  # the same images again

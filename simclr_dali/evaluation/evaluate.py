@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.features import extract, knn_top1
-from pipelines import eval_crop
-from simclr_dali.errors import UserError, exit_on_user_error
+from models.features import extract, knn_top1, split_extract
+from simclr_dali.errors import UserError
 from simclr_dali.evaluation.backbone import load_backbone, load_run
+from simclr_dali.evaluation.embed import embed_folder, resolved_crop
 from simclr_dali.evaluation.probes import linear_probe_top1
+from simclr_dali.evaluation.processes import Processes
 from simclr_dali.settings import (
     Parser,
     add_dataclass_flags,
@@ -39,6 +41,7 @@ from simclr_dali.settings import (
     tracks_given,
 )
 from simclr_dali.training.checkpoint import write_json
+from simclr_dali.training.peers import one_voice
 
 
 @tracks_given
@@ -176,54 +179,9 @@ def run_finetune(cfg: EvalConfig, run_cfg: dict, run: Path, train_src, test_load
             "batch_size": min(cfg.finetune_batch_size, len(subset)), "lr": cfg.finetune_lr,
             "augment": ("random resized crop + flip as in pretraining; colour jitter, grayscale and blur off"
                         if cfg.finetune_augment else "none (whole image resized to a square)"),
+            "precision": ("bf16 autocast, channels-last" if device.type == "cuda" else "float32"),
+            "optimizer": "SGD, Nesterov momentum 0.9, no weight decay, cosine to zero",
             **scores["simclr"], "random_init": scores["random_init"]}
-
-
-# -- embeddings of a folder ----------------------------------------------------------------------
-def resolved_crop(crop: float, image_size: int) -> float:
-    """--crop, or for auto (-1) the evaluation view's crop at the run's image size (pipelines.eval_crop)."""
-    return eval_crop(image_size) if crop == -1 else crop
-
-
-def embed_images(run: Path, run_cfg: dict, folder: str, *, batch_size: int, workers: int, device: torch.device,
-                 crop: float = -1.0):
-    """Frozen embeddings (N, F) of every image under `folder`, in sorted path order, the paths, and the
-    files DALI could not decode (left out: [(path, reason)])."""
-    from pipelines.loader import eval_loader
-    from pipelines.sources import load_folder
-    from pipelines.verify import Screening
-
-    screen = Screening("skip", workers)
-    source = load_folder(folder, "all", screen)
-    loader = eval_loader(source, batch_size=batch_size, size=run_cfg["image_size"], workers=workers,
-                         device_id=(device.index or 0) if device.type == "cuda" else None,
-                         crop=resolved_crop(crop, run_cfg["image_size"]))
-    x, _ = extract(load_backbone(run_cfg, run / "backbone.safetensors"), loader, device)
-    return x, list(source.files), screen.bad
-
-
-def embed_folder(cfg: EvalConfig, run: Path, run_cfg: dict, device) -> int:
-    """--embed: the embeddings to cfg.to (.npy) and their paths beside it (FILE.paths.txt)."""
-    from rich.console import Console
-
-    x, files, bad = embed_images(run, run_cfg, cfg.embed, batch_size=cfg.batch_size, workers=cfg.workers,
-                                 device=device, crop=cfg.crop)
-    to = Path(cfg.to)
-    paths = to.with_suffix(".paths.txt")
-    try:
-        to.parent.mkdir(parents=True, exist_ok=True)
-        for final, write in ((to, lambda f: np.save(f, x.numpy().astype(np.float32))),
-                             (paths, lambda f: f.write("".join(p + "\n" for p in files).encode()))):
-            tmp = final.with_name(final.name + ".tmp")
-            with open(tmp, "wb") as f:
-                write(f)
-            tmp.replace(final)
-    except OSError as err:
-        raise UserError(f"cannot write the embeddings to {to}: {err.strerror}") from None
-    skipped = f"; {len(bad)} undecodable file(s) left out, e.g. {bad[0][0]}" if bad else ""
-    Console().print(f"{len(files)} images from {cfg.embed} -> {to} ({x.shape[0]} x {x.shape[1]} float32), "
-                    f"paths in {paths}{skipped}")
-    return 0
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -268,58 +226,95 @@ def make_plots(run: Path, cfg: EvalConfig, feats: dict, train_src, test_src, res
     return {k: str(v) for k, v in written.items() if v is not None}
 
 
-@exit_on_user_error
+@one_voice  # several processes: the first to fail says why, the others stop quietly
 def main(argv: list[str] | None = None) -> int:
     from simclr_dali.environment import check_environment
 
     check_environment()
     cfg = parse_args(argv)
-    if cfg.embed:
-        run = Path(cfg.run)
-        return embed_folder(cfg, run, load_run(run), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    evaluate_run(cfg)
-    return 0
+    run = Path(cfg.run)
+    run_cfg = load_run(run)
+    procs = Processes.start()
+    try:
+        if cfg.embed:
+            return embed_folder(cfg, run, run_cfg, procs)
+        evaluate_run(cfg, procs)
+        return 0
+    finally:
+        procs.end()
 
 
-def evaluate_run(cfg: EvalConfig) -> dict:
+def protocol(cfg: EvalConfig, run_cfg: dict, crop: float, n_train: int, procs: Processes, dtype) -> dict:
+    """How each number in eval.json was measured, beside it."""
+    size = run_cfg["image_size"]
+    return {
+        "view": f"shorter side resized to {math.floor(size / crop + 1e-6)}, centre crop {size} x {size}, "
+                f"ImageNet mean and std; no augmentation",
+        "features": f"the backbone's pooled output in eval mode (BatchNorm running statistics), kept as {dtype}, "
+                    f"extracted by {procs.world} process(es)",
+        "knn": {"k": min(cfg.knn_k, n_train), "temperature": cfg.knn_temperature, "similarity": "cosine",
+                "vote": "sum of exp(similarity / temperature) per class", "bank": n_train},
+        "linear": {"epochs": cfg.probe_epochs, "optimizer": "AdamW", "lr": cfg.probe_lr,
+                   "weight_decay": cfg.probe_weight_decay, "schedule": "cosine to zero", "batch_size": 256,
+                   "features": "standardised by the training split's mean and standard deviation"},
+        "random_init": f"the same architecture at random init, seed {cfg.seed}",
+    }
+
+
+def evaluate_run(cfg: EvalConfig, procs: Processes | None = None) -> dict:
     """The run's backbone and the same architecture at random init, scored on frozen features (and
     fine-tuned with --finetune); the table printed, eval.json and eval_config.json written (plots after
-    them). Returns what eval.json holds."""
+    them). Under `accelerate launch`, every process extracts its part of each split and the main process
+    does the rest. Returns what eval.json holds (on the main process; {} on the others)."""
     from pipelines.loader import eval_loader
     from pipelines.sources import load_source
     from pipelines.verify import Screening
+    from simclr_dali.training.peers import Exchange
 
     run = Path(cfg.run)
     run_cfg = load_run(run)
-    records = training_records(run, cfg)
-    cuda = torch.cuda.is_available()
-    device, device_id = torch.device("cuda" if cuda else "cpu"), (0 if cuda else None)
+    procs = procs or Processes.start()
+    records = training_records(run, cfg) if procs.main else None
+    device, device_id = procs.device, procs.device_id
     data = cfg.data or run_cfg["data"]
     test_data = cfg.test_data or (run_cfg.get("test_data", "") if not cfg.data else "")
-    screen = Screening("skip", cfg.workers)  # evaluate on what DALI can decode; skipped files are counted
+    exchange = Exchange(procs.rank, procs.world, "simclr/evaluate")
+    screen = Screening("skip", cfg.workers, procs.main, share=exchange.share, gather=exchange.gather,
+                       rank=procs.rank, world=procs.world)  # evaluate on what DALI can decode; skipped files counted
     train_src = labelled(load_source(data, "train", test_data or None, screen), "train")
     test_src = labelled(load_source(data, "test", test_data or None, screen), "test")
     crop = resolved_crop(cfg.crop, run_cfg["image_size"])
     kwargs = dict(batch_size=cfg.batch_size, size=run_cfg["image_size"], workers=cfg.workers, device_id=device_id,
                   crop=crop)
-    train_loader, test_loader = eval_loader(train_src, **kwargs), eval_loader(test_src, **kwargs)  # kept, re-read
+    parts = [src.part(procs.rank, procs.world) for src in (train_src, test_src)]
+    train_loader, test_loader = (eval_loader(part, **kwargs) if len(part) else None for part in parts)  # kept, re-read
 
     feats, results = {}, {}
     for name, weights in (("simclr", run / "backbone.safetensors"), ("random_init", None)):
         torch.manual_seed(cfg.seed)
         model = load_backbone(run_cfg, weights)
-        feats[name] = (*extract(model, train_loader, device), *extract(model, test_loader, device))
+        feats[name] = (*split_extract(model, train_src, train_loader, procs.rank, procs.world, device),
+                       *split_extract(model, test_src, test_loader, procs.rank, procs.world, device))
+        if not procs.main:
+            continue
         labels_read(feats[name][1], train_src, "train")
         labels_read(feats[name][3], test_src, "test")
         results[name] = frozen_scores(*feats[name], cfg, device)
+        if name == "random_init":  # only its test features are drawn: the bank goes
+            feats[name] = (None, None, *feats[name][2:])
+    if not procs.main:
+        return {}
+    dtype = str(feats["simclr"][0].dtype).replace("torch.", "")
     results = {**results.pop("simclr"), **results}
     results.update(method=run_cfg.get("method", "simclr"), crop=crop, n_train=len(train_src),
-                   n_test=len(test_src), data=data, test_data=test_data, device=str(device))
+                   n_test=len(test_src), data=data, test_data=test_data, device=str(device), processes=procs.world,
+                   protocol=protocol(cfg, run_cfg, crop, len(train_src), procs, dtype))
     if screen.bad:
         results["skipped_files"] = [p for p, _ in screen.bad]
     if cfg.finetune:
         n_classes = max(len(train_src.classes), int(max(train_src.labels.max(), test_src.labels.max())) + 1)
-        results["finetune"] = run_finetune(cfg, run_cfg, run, train_src, test_loader, n_classes, device_id, device)
+        whole_test = test_loader if procs.world == 1 else eval_loader(test_src, **kwargs)
+        results["finetune"] = run_finetune(cfg, run_cfg, run, train_src, whole_test, n_classes, device_id, device)
     print_table(results, run_cfg, data, cfg)
     write_json(run / "eval.json", results)
     write_json(run / "eval_config.json", dataclasses.asdict(cfg))  # `evaluate.py --config` runs it again

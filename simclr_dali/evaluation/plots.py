@@ -220,13 +220,14 @@ def retrieval_grid(query_x, query_y: np.ndarray, gallery_x, gallery_y: np.ndarra
     """Test images (left column) and their NEIGHBOURS nearest training images by cosine similarity,
     framed green where the class matches and red where it does not. n_queries=0: one per class, 6-10."""
     import torch
-    import torch.nn.functional as F
+
+    from models.features import Bank
 
     n_queries = n_queries or min(max(len(np.unique(query_y)), 6), 10)
     queries = pick_queries(np.asarray(query_y), n_queries, seed)
     k = min(NEIGHBOURS, len(gallery_y))
-    sim = F.normalize(torch.as_tensor(query_x)[queries], dim=1) @ F.normalize(torch.as_tensor(gallery_x), dim=1).T
-    top_sim, top_idx = sim.topk(k, dim=1)
+    top_sim, top_idx = Bank(torch.as_tensor(gallery_x), torch.device("cpu"), memory_mb=512).nearest(
+        torch.as_tensor(query_x)[queries], k)  # the gallery a part at a time, never normalised whole
     classes = query_src.classes or gallery_src.classes
     name = lambda c: classes[c] if 0 <= c < len(classes) else str(c)  # noqa: E731
     rows, cols = len(queries), k + 2  # query, a narrow gap, the neighbours

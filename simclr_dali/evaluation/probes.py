@@ -23,13 +23,17 @@ def linear_probe_top1(train_x, train_y, test_x, test_y, *, epochs: int = 100, lr
                       weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0,
                       device: torch.device | str | None = None) -> float:
     """A linear layer trained on standardised frozen features (the backbone never sees a gradient), on
-    `device` (default: where the features are). The initial weights and batch order come from `seed`
-    alone, drawn on the CPU, whatever the device."""
+    `device` (default: where the features are). Each batch is standardised as it is read, so the features are
+    never copied whole on the host (16-bit features stay 16-bit; the probe's host memory is theirs plus a few
+    batches). The initial weights and batch order come from `seed` alone, drawn on the CPU, whatever the
+    device."""
     device = torch.device(device or train_x.device)
     gen = torch.Generator().manual_seed(seed)
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    train_x, test_x = ((train_x - mean) / std).to(device), ((test_x - mean) / std).to(device)
+    mean, std = column_stats(train_x)
+    mean, std = mean.to(device), std.to(device)
+    train_x, test_x = train_x.to(device), test_x.to(device)
     train_y, test_y = train_y.to(device), test_y.to(device)
+    standard = lambda x: (x.float() - mean) / std  # noqa: E731
     classes = int(max(train_y.max(), test_y.max())) + 1
     layer = torch.nn.Linear(train_x.shape[1], classes)
     torch.nn.init.normal_(layer.weight, std=0.01, generator=gen)
@@ -40,13 +44,30 @@ def linear_probe_top1(train_x, train_y, test_x, test_y, *, epochs: int = 100, lr
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(epochs):
         for idx in torch.randperm(len(train_x), generator=gen).to(device).split(batch_size):
-            loss = F.cross_entropy(layer(train_x[idx]), train_y[idx])
+            loss = F.cross_entropy(layer(standard(train_x[idx])), train_y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     with torch.no_grad():
-        return (layer(test_x).argmax(1) == test_y).float().mean().item()
+        right = sum((layer(standard(test_x[i:i + 4096])).argmax(1) == test_y[i:i + 4096]).sum().item()
+                    for i in range(0, len(test_x), 4096))
+    return right / len(test_x)
+
+
+def column_stats(x: torch.Tensor, rows: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column's mean and standard deviation (n - 1 in the denominator, at least 1e-6) as float32,
+    summed in float64 a block of rows at a time (no float32 copy of the whole)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(0, len(x), rows):
+        block = x[i:i + rows].to("cpu", torch.float64)
+        total += block.sum(0)
+        squares += block.square().sum(0)
+    n = len(x)
+    mean = total / n
+    var = ((squares - n * mean.square()) / max(1, n - 1)).clamp_min(0)
+    return mean.float(), var.sqrt().float().clamp_min(1e-6)
 
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float | None:
@@ -100,9 +121,11 @@ def finetune(backbone: nn.Module, labelled, n_classes: int, test_loader, s: Fine
              device: torch.device) -> dict:
     """Fine-tune backbone + a linear head on `labelled` (a Source), then score it on `test_loader`.
 
-    Every parameter trains, BatchNorm in train mode; one of the two views of our training pipeline is
-    the labelled batch (so the crop and flip are the pretraining's own DALI code). Returns top-1 and
-    top-5 (None with fewer than 5 classes) on the test set.
+    Every parameter trains, BatchNorm in train mode; the labelled batch is one augmented view from our
+    training pipeline (pipelines.loader.one_view_pipeline: the pretraining's own DALI crop and flip). On a
+    GPU the forward pass runs in bf16 autocast (weights and optimiser in float32) on a channels-last model,
+    as training does; on the CPU in float32. Returns top-1 and top-5 (None with fewer than 5 classes) on the
+    test set.
     """
     from models.backbone import feature_width
     from pipelines.loader import Shard, train_loader
@@ -112,16 +135,22 @@ def finetune(backbone: nn.Module, labelled, n_classes: int, test_loader, s: Fine
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     model = nn.Sequential(backbone, head).to(device)
+    gpu = device.type == "cuda"
+    if gpu:
+        model = model.to(memory_format=torch.channels_last)
     batch = min(s.batch_size, len(labelled))
     steps = s.epochs * (len(labelled) // batch)
     opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, nesterov=True, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     for epoch in range(s.epochs):
         loader = train_loader(labelled, batch_size=batch, size=s.image_size, aug=s.augment, shard=Shard(),
-                              seed=s.seed, epoch=epoch, workers=s.workers, device_id=s.device_id)
+                              seed=s.seed, epoch=epoch, workers=s.workers, device_id=s.device_id,
+                              channels_last=gpu, views=1)
         model.train()
-        for view, _, y in loader:
-            loss = F.cross_entropy(model(view.to(device)), y.view(-1).long().to(device))
+        for view, y in loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                logits = model(view.to(device))
+            loss = F.cross_entropy(logits.float(), y.view(-1).long().to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -73,7 +73,8 @@ class Config:
     on_bad_image: str = setting("skip", choices=("skip", "error"))  # images DALI cannot decode: skip (listed in OUT/skipped.txt) or error
     max_nonfinite: int = setting(0, low=0)  # steps with a non-finite loss or gradient to skip before stopping the run
     knn_every: int = setting(0, low=0)  # epochs between online kNN top-1 checks on held-out labelled data (0 = off)
-    knn_train: int = setting(1000, low=1)  # online kNN: labelled training images that vote
+    knn_train: int = setting(1000, low=1)  # online kNN: labelled training images that vote, spread evenly over the classes
+    knn_per_class: int = setting(20, low=1)  # online kNN: at least this many voting images of each class (all a class has where it has fewer)
     knn_test: int = setting(500, low=1)  # online kNN: held-out test images it scores
     log_with: str = ""  # also log metrics through accelerate's trackers, comma-separated: tensorboard (OUT/tensorboard), mlflow (MLFLOW_TRACKING_URI, else OUT/mlflow.db), wandb (WANDB_MODE=offline keeps it in OUT/wandb)
     aug: Augment = field(default_factory=Augment)  # augmentation settings (flags of their own)

@@ -110,7 +110,8 @@ def prepare_data(p: Parts):
     p.source = load_train_source(p.cfg, world, screen)
     p.shard, p.device_id = Shard(acc.process_index, world), dali_device_id(acc)
     p.steps_per_epoch = epoch_steps(len(p.source), world, p.cfg.batch_size)
-    p.monitor = make_monitor(p.cfg, p.source, p.workers, p.device_id, screen)  # None unless --knn-every
+    p.monitor = make_monitor(p.cfg, p.source, p.workers, p.device_id, screen, acc.process_index,
+                             world)  # None unless --knn-every
     if acc.is_main_process:
         screen.write_skipped(p.out / "skipped.txt")
     return screen
@@ -243,12 +244,13 @@ class Loop:
         self.clock.saved()
 
     def knn(self, epoch: int) -> None:
-        """--knn-every, on the main process only (no collectives inside: the others go on to the
-        checkpoint's barrier)."""
+        """--knn-every: every process extracts its part of the monitor's images; the main process scores them
+        and reports (the others go on to the checkpoint's barrier)."""
         p = self.p
-        if p.monitor is not None and (epoch + 1) % p.cfg.knn_every == 0 and p.accelerator.is_main_process:
-            backbone = p.accelerator.unwrap_model(p.model).backbone
-            self.report.knn(epoch, self.step, p.monitor(backbone, p.accelerator.device))
+        if p.monitor is not None and (epoch + 1) % p.cfg.knn_every == 0:
+            top1 = p.monitor(p.accelerator.unwrap_model(p.model).backbone, p.accelerator.device)
+            if p.accelerator.is_main_process:
+                self.report.knn(epoch, self.step, top1)
 
 
 def train_epochs(loop: Loop, start_epoch: int, last: int) -> int | None:

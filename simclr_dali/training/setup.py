@@ -61,16 +61,19 @@ def check_method_data(cfg: Config, source, world: int) -> None:
                         f"compared with; pass --queue-size {max(1, (len(source) // 4))} or less")
 
 
-def make_monitor(cfg: Config, source, workers: int, device_id: int | None, screen=None):
-    """The optional online kNN check (probes.KnnMonitor) on the run's own train and test splits."""
+def make_monitor(cfg: Config, source, workers: int, device_id: int | None, screen=None, rank: int = 0,
+                 world: int = 1):
+    """The optional online kNN check (monitor.KnnMonitor) on the run's own train and test splits, its
+    extraction split over the `world` processes."""
     if not cfg.knn_every:
         return None
     from pipelines.sources import load_source
     from simclr_dali.training.monitor import KnnMonitor
 
     return KnnMonitor(source, load_source(cfg.data, "test", cfg.test_data or None, screen), n_train=cfg.knn_train,
-                      n_test=cfg.knn_test, size=cfg.image_size, batch_size=cfg.batch_size, workers=workers,
-                      device_id=device_id, seed=cfg.seed)
+                      per_class=cfg.knn_per_class, n_test=cfg.knn_test, size=cfg.image_size,
+                      batch_size=cfg.batch_size, workers=workers, device_id=device_id, seed=cfg.seed, rank=rank,
+                      world=world)
 
 
 def build_model(cfg: Config):

@@ -103,7 +103,8 @@ def loss_section(args: argparse.Namespace) -> list[dict]:
     for dtype in sorted({compute_dtype(i, d, device) for i in impls for d in args.dtypes}):
         console.print(f"loss: {dtype} matrix products on {device} ...")
         peaks[dtype] = run_isolated("simclr_dali.tools.benchmark.loss:matmul_measure", dtype=dtype, device=device,
-                                    size=4096 if device == "cpu" else 8192, repeats=args.repeats, budget_s=args.budget)
+                                    size=args.matmul_size or (4096 if device == "cpu" else 8192),
+                                    repeats=args.repeats, budget_s=args.budget)
     results = [{"impl": "matmul", "dtype": d, "device": device, **peak} for d, peak in peaks.items()]
     for loss, n, dtype, impl in ((lo, n, d, i) for lo in args.losses for n in args.sizes for d in args.dtypes
                                  for i in impls):
@@ -160,3 +161,5 @@ def _loss_args(p: argparse.ArgumentParser) -> None:
             check=Check(choices=("ntxent", "supcon", "moco")), help="losses on the fused kernels (default: all three)")
     checked(p, "--queue", type=int, default=65536, check=Check(low=1), help="MoCo: keys in the queue")
     checked(p, "--device", check=Check(choices=("cpu", "cuda")), help="cpu or cuda (default: cuda when available)")
+    checked(p, "--matmul-size", type=int, default=0, check=Check(low=0),
+            help="side of the square matrix product that gives the machine's rate (0: 4096 on the CPU, 8192 on a GPU)")
