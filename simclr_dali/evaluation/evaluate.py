@@ -56,7 +56,7 @@ class EvalConfig:
     crop: float = setting(-1.0, low=0, high=1, above=True, off=-1.0, off_means="auto")  # evaluation view: the central fraction kept (shorter side resized to S / crop, then an S x S centre crop); 1 keeps the whole image; -1 (auto): 1 at 32 px and below, as google-research/simclr evaluates CIFAR, else 0.875, the usual protocol
     knn_k: int = setting(200, low=1)  # neighbours for the weighted kNN vote (capped at the train size)
     knn_temperature: float = setting(0.1, low=0, above=True)  # kNN vote weight exp(cosine / T)
-    knn_memory_mb: float = setting(4096.0, low=0, above=True)  # kNN: device memory the bank may take; a larger bank is read a part at a time
+    knn_memory_mb: float = setting(-1.0, low=0, above=True, off=-1.0, off_means="auto")  # kNN: memory the bank's normalised copy may take, else it is read a part at a time; -1 (auto): 4096 on a GPU, 256 on the CPU (host memory, which also holds the features)
     probe_epochs: int = setting(100, low=1)  # linear probe epochs over the cached features
     probe_lr: float = setting(1e-3, low=0, above=True)  # linear probe AdamW learning rate
     probe_weight_decay: float = setting(1e-4, low=0)  # linear probe weight decay
@@ -78,11 +78,16 @@ class EvalConfig:
 def frozen_scores(train_x, train_y, test_x, test_y, cfg: EvalConfig, device=None) -> dict:
     """kNN and linear probe on features (kept on the CPU), computed on `device`."""
     return {"knn_top1": knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature, device=device,
-                                 memory_mb=cfg.knn_memory_mb),
+                                 memory_mb=knn_memory_mb(cfg.knn_memory_mb, torch.device(device or "cpu"))),
             "linear_top1": linear_probe_top1(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs,
                                              device=device,
                                              lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay,
                                              seed=cfg.seed)}
+
+
+def knn_memory_mb(setting: float, device: torch.device) -> float:
+    """--knn-memory-mb, or for auto (-1) 4096 on a GPU and 256 on the CPU, whose memory holds the features too."""
+    return setting if setting != -1 else 4096.0 if device.type == "cuda" else 256.0
 
 
 def evaluate_backbone(model, train_loader, test_loader, cfg: EvalConfig, device) -> dict:
@@ -290,7 +295,8 @@ def evaluate_run(cfg: EvalConfig, procs: Processes | None = None) -> dict:
     train_loader, test_loader = (eval_loader(part, **kwargs) if len(part) else None for part in parts)  # kept, re-read
 
     feats, results = {}, {}
-    for name, weights in (("simclr", run / "backbone.safetensors"), ("random_init", None)):
+    # random init first: only its test features are kept (for the map), so the host holds one backbone's bank
+    for name, weights in (("random_init", None), ("simclr", run / "backbone.safetensors")):
         torch.manual_seed(cfg.seed)
         model = load_backbone(run_cfg, weights)
         feats[name] = (*split_extract(model, train_src, train_loader, procs.rank, procs.world, device),
@@ -300,7 +306,7 @@ def evaluate_run(cfg: EvalConfig, procs: Processes | None = None) -> dict:
         labels_read(feats[name][1], train_src, "train")
         labels_read(feats[name][3], test_src, "test")
         results[name] = frozen_scores(*feats[name], cfg, device)
-        if name == "random_init":  # only its test features are drawn: the bank goes
+        if name == "random_init":  # its bank goes before the run's backbone extracts its own
             feats[name] = (None, None, *feats[name][2:])
     if not procs.main:
         return {}

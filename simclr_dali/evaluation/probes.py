@@ -55,7 +55,7 @@ def linear_probe_top1(train_x, train_y, test_x, test_y, *, epochs: int = 100, lr
     return right / len(test_x)
 
 
-def column_stats(x: torch.Tensor, rows: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+def column_stats(x: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Each column's mean and standard deviation (n - 1 in the denominator, at least 1e-6) as float32,
     summed in float64 a block of rows at a time (no float32 copy of the whole)."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
