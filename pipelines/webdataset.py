@@ -11,6 +11,7 @@ ahead).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -38,6 +39,11 @@ def is_test_shard(path: str) -> bool:
 
 def test_shards_beside(shards: list[str]) -> list[str]:
     """The test shards in the folders that hold `shards`, sorted."""
+    from pipelines import bucket
+
+    if shards and bucket.is_remote(shards[0]):
+        folders = sorted({s.rsplit("/", 1)[0] for s in shards})
+        return sorted(url for folder in folders for url in bucket.list_matching(f"{folder}/{TEST_PREFIX}*.tar"))
     folders = sorted({Path(s).parent for s in shards})
     return sorted(str(p) for folder in folders for p in folder.glob(f"{TEST_PREFIX}*.tar"))
 
@@ -57,14 +63,18 @@ def reindex(shard: str) -> str:
             f"'{index_command(shard)}'")
 
 
-def count_samples(index_file: str, shard: str) -> tuple[int, int]:
+def count_samples(index_file: str, shard: str, end: int | None = None) -> tuple[int, int]:
     """(samples, their encoded bytes) that a DALI webdataset index lists, after checking it whole: its
     'v1.2 N' header, N lines of 'EXT OFFSET SIZE NAME' components, each sample with an image, each component
-    inside its tar shard."""
-    path, shard = Path(index_file), Path(shard)
+    inside its tar shard (of `end` bytes; default: its size on disk). A shard in a bucket (pipelines.bucket)
+    is read the same way, its index whole and the tar headers checked by ranged reads."""
+    from pipelines import bucket
+
+    remote = bucket.is_remote(shard)
+    path, shard = (index_file, shard) if remote else (Path(index_file), Path(shard))
     again = reindex(str(shard))
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = (bucket.read_bytes(path).decode("utf-8") if remote else path.read_text(encoding="utf-8")).split("\n")
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a DALI webdataset index (it holds binary data): {again}") from None
     header = lines[0].split()
@@ -73,8 +83,8 @@ def count_samples(index_file: str, shard: str) -> tuple[int, int]:
     count, entries = int(header[1]), [line for line in lines[1:] if line.strip()]
     if len(entries) != count or (count and lines[-1] != ""):
         raise UserError(f"{path} is cut short ({len(entries)} of the {count} samples it announces): {again}")
-    end, nbytes = shard.stat().st_size, 0
-    with open(shard, "rb") as tar:
+    end, nbytes = (end if end is not None else shard.stat().st_size), 0
+    with (contextlib.nullcontext(bucket.RangedObject(shard)) if remote else open(shard, "rb")) as tar:
         for number, line in enumerate(entries, start=2):
             parts = line.split()
             ok = parts and len(parts) % 4 == 0 and all(p.isdigit() for p in parts[1::4] + parts[2::4])
@@ -104,7 +114,14 @@ def count_samples(index_file: str, shard: str) -> tuple[int, int]:
 
 
 def find_shards(pattern: str) -> list[str]:
-    """Shards matching `pattern` (a glob), sorted."""
+    """Shards matching `pattern` (a glob, or s3://BUCKET/PREFIX/GLOB), sorted."""
+    from pipelines import bucket
+
+    if bucket.is_remote(pattern):
+        shards = sorted(url for url in bucket.list_matching(pattern) if url.endswith(".tar"))
+        if not shards:
+            raise UserError(f"no tar shards match {pattern!r}{bucket.where()}")
+        return shards
     shards = sorted(glob.glob(pattern))
     if not shards:
         raise UserError(f"no tar shards match {pattern!r}")
@@ -120,11 +137,16 @@ def read_indexes(shards: list[str]) -> tuple[list[str], list[int], int]:
     each and their encoded bytes in all. What a check found is kept on this machine (`checked_path`), keyed by
     each shard's and index's size and modification time, so an index is parsed once per data set, not at every
     start: a shard or index written again is checked again."""
-    indexes = [find_index(s) or str(write_index(s)[0]) for s in shards]
-    keys = [_stat_key(s) + _stat_key(i) for s, i in zip(shards, indexes)]
+    from pipelines import bucket
+
+    if shards and bucket.is_remote(shards[0]):
+        indexes, keys = bucket.indexes_beside(shards)
+    else:
+        indexes = [find_index(s) or str(write_index(s)[0]) for s in shards]
+        keys = [_stat_key(s) + _stat_key(i) for s, i in zip(shards, indexes)]
     cache = checked_path(indexes)
     known = _read_checked(cache)
-    found = [known.get((i, k)) or count_samples(i, s) for s, i, k in zip(shards, indexes, keys)]
+    found = [known.get((i, k)) or count_samples(i, s, end=k[0]) for s, i, k in zip(shards, indexes, keys)]
     if any((i, k) not in known for i, k in zip(indexes, keys)):
         _write_checked(cache, indexes, keys, found)
     counts, sizes = zip(*found)
@@ -135,8 +157,11 @@ CHECKED_HEADER = "# simclr checked indexes v1"
 
 
 def checked_path(indexes: list[str]) -> Path:
-    """The file that keeps what the check of these indexes found, named by their real paths."""
-    ident = "\0".join(os.path.realpath(i) for i in indexes).encode("utf-8", "surrogateescape")
+    """The file that keeps what the check of these indexes found, named by their real paths (their URLs)."""
+    from pipelines import bucket
+
+    ident = "\0".join(i if bucket.is_remote(i) else os.path.realpath(i) for i in indexes).encode(
+        "utf-8", "surrogateescape")
     return cache_home() / "wds-checked" / f"{hashlib.sha256(ident).hexdigest()[:24]}.tsv"
 
 
@@ -317,8 +342,11 @@ def image_members(shards: list[str], indexes: list[str]):
     """("SHARD:MEMBER", read) for each sample's image component, shard by shard in their index's order (the
     order DALI's reader reads them): read(n) gives its first n bytes (all with None). For naming a sample
     DALI could not decode: the indexes were checked whole when the source was loaded."""
+    from pipelines import bucket
+
     for shard, index in zip(shards, indexes):
-        lines = Path(index).read_text(encoding="utf-8").split("\n")[1:]
+        remote = bucket.is_remote(index)
+        lines = (bucket.read_bytes(index).decode() if remote else Path(index).read_text(encoding="utf-8")).split("\n")[1:]
         for parts in (line.split() for line in lines if line.strip()):
             image = next(i for i in range(0, len(parts), 4) if parts[i].lower() in IMAGE_SUFFIXES)
             offset, size = int(parts[image + 1]), int(parts[image + 2])
@@ -327,6 +355,10 @@ def image_members(shards: list[str], indexes: list[str]):
 
 def _member_reader(shard: str, offset: int, size: int):
     def read(n: int | None) -> bytes:
+        from pipelines import bucket
+
+        if bucket.is_remote(shard):
+            return bucket.read_bytes(shard, offset, size if n is None else min(n, size))
         with open(shard, "rb") as f:
             f.seek(offset)
             return f.read(size if n is None else min(n, size))

@@ -163,7 +163,8 @@ def test_shard_indexes_are_parsed_once_per_data_set_and_a_changed_one_again(tmp_
     shards = write_shards(source.files, source.labels, tmp_path / "shards", shard_size=5)  # 5, 5, 2
     parsed = []
     real = webdataset.count_samples
-    monkeypatch.setattr(webdataset, "count_samples", lambda index, shard: parsed.append(index) or real(index, shard))
+    monkeypatch.setattr(webdataset, "count_samples",
+                        lambda index, shard, end: parsed.append(index) or real(index, shard, end))
     spec = f"wds:{tmp_path / 'shards' / 'shard-*.tar'}"
     first = load_source(spec, "train")
     assert len(parsed) == 3 and first.counts == [5, 5, 2] and len(first) == 12
