@@ -149,3 +149,13 @@ def indexes_beside(shards: list[str]) -> tuple[list[str], list[tuple[int, int, i
         indexes.append(index)
         keys.append(listed[shard] + listed[index])
     return indexes, keys
+
+
+def upload(path: Path, url: str) -> None:
+    """A local file to the object at `url` (boto3's transfer: multipart for large files, retried)."""
+    bucket, key = split_url(url)
+
+    @_calls(url)
+    def put():
+        client().upload_file(str(path), bucket, key)
+    put()

@@ -2,6 +2,7 @@
 
     python -m pipelines.pack /data/images /data/shards --shard-size 10000
     python train.py --data 'wds:/data/shards/shard-*.tar' ...
+    python -m pipelines.pack /data/images s3://my-bucket/imagenet     # straight into a bucket
 
 Samples are written in a seeded random order, so that every shard mixes the folder's classes, and a
 stratified tenth of each class (--holdout) goes to test shards, test-NNNNNN.tar, beside the training
@@ -13,15 +14,17 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
+from pipelines import bucket
 from pipelines.sources import HOLDOUT_FRACTION, load_folder
 from pipelines.verify import Screening
-from pipelines.webdataset import TEST_PREFIX, TRAIN_PREFIX, write_shards
+from pipelines.webdataset import TEST_PREFIX, TRAIN_PREFIX, index_path, write_shards
 from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.settings import Check, Parser, check_args, checked
 
@@ -60,12 +63,40 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return rng.permutation(train), rng.permutation(test)
 
 
-def refuse_old_shards(out: Path) -> None:
-    """Shards already in OUT would be read with the new ones (a glob matches both): refuse, writing nothing."""
-    old = sorted(out.glob(f"{TRAIN_PREFIX}*.tar")) + sorted(out.glob(f"{TEST_PREFIX}*.tar")) if out.is_dir() else []
+def refuse_old_shards(out: str) -> None:
+    """Shards already in OUT (a folder, or s3://BUCKET/PREFIX) would be read with the new ones (a glob matches
+    both): refuse, writing nothing."""
+    if bucket.is_remote(out):
+        old = sorted(u.rsplit("/", 1)[1] for prefix in (TRAIN_PREFIX, TEST_PREFIX)
+                     for u in bucket.list_matching(f"{out.rstrip('/')}/{prefix}*.tar"))
+    else:
+        folder = Path(out)
+        old = [p.name for prefix in (TRAIN_PREFIX, TEST_PREFIX)
+               for p in sorted(folder.glob(f"{prefix}*.tar"))] if folder.is_dir() else []
     if old:
-        raise UserError(f"{out} already holds shards ({old[0].name} and {len(old) - 1} more), which would be read "
+        raise UserError(f"{out} already holds shards ({old[0]} and {len(old) - 1} more), which would be read "
                         f"with the new ones: pack into a new folder, or delete them first")
+
+
+class Destination:
+    """Where the shards go: a folder, or a bucket (s3://BUCKET/PREFIX), each shard and its index then written
+    to a temporary folder and uploaded once whole, then removed: never more than one shard on local disk."""
+
+    def __init__(self, out: str):
+        self.out, self.remote = out.rstrip("/"), bucket.is_remote(out)
+        self.tmp = tempfile.TemporaryDirectory(prefix="pack-") if self.remote else None
+        self.folder = Path(self.tmp.name) if self.remote else Path(out)
+
+    def written(self, shard: Path) -> None:
+        if self.remote:
+            for path in (shard, Path(index_path(str(shard)))):
+                bucket.upload(path, f"{self.out}/{path.name}")
+                path.unlink()
+
+    def file(self, path: Path) -> None:
+        """A file written to the folder (skipped.txt), uploaded beside the shards where they go to a bucket."""
+        if self.remote and path.exists():
+            bucket.upload(path, f"{self.out}/{path.name}")
 
 
 @exit_on_user_error
@@ -73,22 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    out = Path(args.out)
-    refuse_old_shards(out)
+    refuse_old_shards(args.out)
     screen = Screening(args.on_bad_image, args.workers)
     source = load_folder(args.src, "all", screen)
+    dest = Destination(args.out)
+    out = dest.folder
     out.mkdir(parents=True, exist_ok=True)
     screen.write_skipped(out / "skipped.txt")
+    dest.file(out / "skipped.txt")
     train, test = stratified_holdout(source.labels, args.holdout, args.seed)
     with Progress(console=Console(stderr=True)) as progress:
         task = progress.add_task("packing", total=len(source))
         advance = lambda: progress.advance(task)  # noqa: E731
-        shards = write_shards(source.files, source.labels, out, args.shard_size, advance, order=train)
-        tests = write_shards(source.files, source.labels, out, args.shard_size, advance, order=test, prefix=TEST_PREFIX)
+        shards = write_shards(source.files, source.labels, out, args.shard_size, advance, order=train,
+                              written=dest.written)
+        tests = write_shards(source.files, source.labels, out, args.shard_size, advance, order=test, prefix=TEST_PREFIX,
+                             written=dest.written)
     share = "each class" if (source.labels >= 0).any() else "the images"
     held = (f" and {len(test)} test samples ({args.holdout:g} of {share}) in {len(tests)} test shard(s)"
             if len(test) else " and no test shards")
-    skipped = f"; {len(screen.bad)} that cannot be decoded left out (see {out / 'skipped.txt'})" if screen.bad else ""
+    skipped = (f"; {len(screen.bad)} that cannot be decoded left out (see {dest.out}/skipped.txt)"
+               if screen.bad else "")
     print(f"wrote {len(train)} samples in {len(shards)} shard(s){held} to {args.out}{skipped}")
     return 0
 

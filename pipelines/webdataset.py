@@ -304,12 +304,14 @@ def parse_labels(padded: np.ndarray) -> np.ndarray:
 
 
 def write_shards(files: list[str], labels: np.ndarray, out: Path, shard_size: int, progress=None, *,
-                 order: np.ndarray | None = None, prefix: str = TRAIN_PREFIX) -> list[Path]:
+                 order: np.ndarray | None = None, prefix: str = TRAIN_PREFIX, written=None) -> list[Path]:
     """Pack encoded image files into tar shards PREFIXNNNNNN.tar of `shard_size` samples, each with its
-    index: files[order] in that order (default: as given); a sample's key is its index in `files`."""
+    index: files[order] in that order (default: as given); a sample's key is its index in `files`.
+    `written(shard)`, where given, is called once each shard and its index are whole (pipelines.pack
+    uploads them to a bucket there, and removes them)."""
     out.mkdir(parents=True, exist_ok=True)
     order = np.arange(len(files)) if order is None else np.asarray(order)
-    written = []
+    done = []
     for first in range(0, len(order), shard_size):
         shard = out / f"{prefix}{first // shard_size:06d}.tar"
         lines = []
@@ -334,8 +336,10 @@ def write_shards(files: list[str], labels: np.ndarray, out: Path, shard_size: in
         tmp = Path(index_path(str(shard)) + ".tmp")
         tmp.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
         tmp.replace(index_path(str(shard)))
-        written.append(shard)
-    return written
+        done.append(shard)
+        if written is not None:
+            written(shard)
+    return done
 
 
 def image_members(shards: list[str], indexes: list[str]):

@@ -114,3 +114,20 @@ def test_a_shard_without_its_index_and_missing_credentials_are_one_sentence_each
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
     with pytest.raises(UserError, match=r"^no credentials to read s3://data/shards/shard-\*\.tar: set AWS_ACCESS_KEY_ID"):
         load_source("wds:s3://data/shards/shard-*.tar", "train")
+
+
+def test_pack_writes_shards_straight_into_a_bucket_and_refuses_to_mix_them_with_old_ones(store, tmp_path, capsys):
+    from pipelines import pack
+    folder = make_folder(tmp_path / "images", per_class=5)  # 15 images: 12 train, 3 test
+    assert pack.main([str(folder), "s3://data/packed", "--shard-size", "5"]) == 0
+    assert "wrote 12 samples in 3 shard(s) and 3 test samples" in capsys.readouterr().out
+    train, test = (load_source("wds:s3://data/packed/shard-*.tar", split) for split in ("train", "test"))
+    assert (train.counts, test.counts) == ([5, 5, 2], [3])
+    from pipelines.loader import eval_loader
+    labels = torch.cat([y for s in (train, test) for _, y in eval_loader(s, batch_size=4, size=32, workers=1,
+                                                                           device_id=None)])
+    assert sorted(labels.tolist()) == sorted(load_folder(str(folder), "all").labels.tolist())
+    with pytest.raises(SystemExit) as stop:
+        pack.main([str(folder), "s3://data/packed"])
+    assert stop.value.code == 2 and "s3://data/packed already holds shards (shard-000000.tar and 3 more)" in \
+        capsys.readouterr().err
