@@ -68,7 +68,8 @@ def test_installed_commands_run_outside_the_checkout(wheel, tmp_path):
     where = run(sys.executable, "-c", "import simclr_dali, pipelines, models; "
                 "print(simclr_dali.__file__, pipelines.__file__, models.__file__)", cwd=work, env=env).stdout.split()
     assert all(Path(p).is_relative_to(target) for p in where), where  # the installed copy, not the checkout
-    for command in COMMANDS:
+    ran = ("simclr-train", "simclr-evaluate", "simclr-export")  # these three run below
+    for command in sorted(set(COMMANDS) - set(ran)):
         r = run(target / "bin" / command, "--help", cwd=work, env=env)
         assert "usage:" in r.stdout, command
     run(target / "bin" / "simclr-train", "--data", "digits", "--out", "run", "--backbone", "test_resnet",
