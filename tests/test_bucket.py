@@ -17,6 +17,8 @@ from pipelines.sources import load_folder, load_source
 from pipelines.webdataset import TEST_PREFIX, write_shards
 from simclr_dali.errors import UserError
 
+pytestmark = pytest.mark.slow  # a server in a process of its own
+
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_EC2_METADATA_DISABLED": "true"}
 
