@@ -12,14 +12,13 @@ FP16_MAX = torch.finfo(torch.float16).max
 
 
 @torch.no_grad()
-def extract(model, loader, device: torch.device, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(model, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features (N, F) and labels (N,), in the loader's order; BatchNorm in eval mode. The features go
     into one buffer allocated on the host at the first batch: float16, half of float32's bytes (ImageNet's
     1.28 M x 2048 features are 5.2 GB, not 10.5 twice over as per-batch copies joined at the end), and
-    float32 only if a feature lies beyond float16's range. `n`: the images the loader gives (default: its
-    source's count)."""
+    float32 only if a feature lies beyond float16's range. The loader gives every image of its source once."""
     model.eval().to(device)
-    n = len(loader.feeder.source) if n is None else n
+    n = len(loader.feeder.source)
     feats, labels, filled = None, torch.full((n,), -1, dtype=torch.long), 0
     for images, y in loader:
         out = model(images.to(device)).float()

@@ -40,16 +40,20 @@ def _client(endpoint: str | None, _key_id: str | None):
                                                         connect_timeout=5, read_timeout=30))
 
 
+def endpoint() -> str | None:
+    """The S3-compatible store the environment names (None: AWS's own)."""
+    return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+
+
 def client():
     """boto3's S3 client, one per endpoint and access key in the environment (made once: a client costs more
     than a request)."""
-    return _client(os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"),
-                   os.environ.get("AWS_ACCESS_KEY_ID"))
+    return _client(endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"))
 
 
 def where() -> str:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    return f" at {endpoint}" if endpoint else ""
+    """' at ENDPOINT' for a sentence, where the environment names one."""
+    return f" at {endpoint()}" if endpoint() else ""
 
 
 def failure(url: str, err: Exception) -> UserError:
@@ -151,7 +155,7 @@ def indexes_beside(shards: list[str]) -> tuple[list[str], list[tuple[int, int, i
     return indexes, keys
 
 
-def upload(path: Path, url: str) -> None:
+def upload(path: str | os.PathLike, url: str) -> None:
     """A local file to the object at `url` (boto3's transfer: multipart for large files, retried)."""
     bucket, key = split_url(url)
 

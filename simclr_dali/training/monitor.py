@@ -47,11 +47,20 @@ class Split:
         part = self.source.part(rank, world)
         if self.loader is None and len(part):
             self.loader = eval_loader(part, **loader_kwargs)
-        x, y = split_extract(backbone, self.source, self.loader, rank, world, device)
-        if self.keep is not None:
-            keep = torch.from_numpy(self.keep)
-            x, y = (x[keep] if x is not None else None), y[keep]
-        return x, y
+        return self.kept(*split_extract(backbone, self.source, self.loader, rank, world, device))
+
+    def kept(self, x, y):
+        """The rows of (features or None, labels) at the positions kept."""
+        if self.keep is None:
+            return x, y
+        keep = torch.from_numpy(self.keep)
+        return (x[keep] if x is not None else None), y[keep]
+
+    def cut(self, keep: np.ndarray, x, y):
+        """Keeps the positions `keep` from now on (a draw made once what is read gave its labels); returns
+        those rows of (x, y)."""
+        self.keep = keep
+        return self.kept(x, y)
 
 
 class KnnMonitor:
@@ -106,30 +115,24 @@ class KnnMonitor:
         try:
             test_x, test_y = self.test.features(backbone, device, self.rank, self.world, self.kwargs)
             self.check_labels(test_y, "test")
-            if self.test.keep is None and self.test.source.shards is not None:  # first call: tar shards' draw,
-                self.n_classes = int(test_y.max()) + 1  # from the labels the samples carried (the largest class
-                test_x, test_y = self.draw_test(test_x, test_y)  # index seen, not a count of a few hundred)
-            if self.bank is None:
-                classes = self.n_classes or int(test_y.max()) + 1
-                self.n_classes = classes
-                self.bank = Split(shards_holding(self.train_src, OVERREAD * self.share(classes) * classes, self.rng))
+            if self.test.keep is None and self.test.source.shards is not None:  # test shards, first call: the
+                self.n_classes = int(test_y.max()) + 1  # draw (classes: the largest index seen, not a count of few)
+                test_x, test_y = self.test.cut(np.sort(self.rng.permutation(len(test_y))[:self.n_test]), test_x,
+                                               test_y)
+            if self.bank is None:  # training shards, first call: their draw, from the labels the samples carried
+                self.n_classes = self.n_classes or int(test_y.max()) + 1
+                share = self.share(self.n_classes)
+                self.bank = Split(shards_holding(self.train_src, OVERREAD * share * self.n_classes, self.rng))
             bank_x, bank_y = self.bank.features(backbone, device, self.rank, self.world, self.kwargs)
             self.check_labels(bank_y, "training")
             if self.bank.keep is None and self.bank.source.shards is not None:
-                keep = per_class_draw(bank_y.numpy(), self.share(self.n_classes), self.rng)
-                self.bank.keep = keep
-                bank_x, bank_y = (bank_x[keep] if bank_x is not None else None), bank_y[keep]
+                bank_x, bank_y = self.bank.cut(per_class_draw(bank_y.numpy(), self.share(self.n_classes), self.rng),
+                                               bank_x, bank_y)
         finally:
             backbone.train(was_training)
         if self.rank != 0:
             return None
         return knn_top1(bank_x, bank_y, test_x, test_y, k=self.k, device=device)
-
-    def draw_test(self, x, y):
-        """Tar shards: n_test of the test shards' samples, drawn once (the same on every process)."""
-        self.test.keep = np.sort(self.rng.permutation(len(y))[:self.n_test])
-        keep = torch.from_numpy(self.test.keep)
-        return (x[keep] if x is not None else None), y[keep]
 
     @staticmethod
     def check_labels(y: torch.Tensor, what: str) -> None:
