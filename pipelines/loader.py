@@ -5,7 +5,6 @@ same number of steps and a run can be resumed at any step. Files are read by DAL
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -19,9 +18,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipelines import EVAL_CROP, eval_crop
 from pipelines.augment import Augment, center_view, decode, simclr_view, two_views
+from pipelines.failures import UnreadableData, check_again, dali_errors, first_unreadable
 from pipelines.sources import Source
 from pipelines.webdataset import IMAGE_EXTS, LABEL_BYTES, parse_labels
-from simclr_dali.errors import UserError
 
 
 @dataclass
@@ -133,6 +132,9 @@ class ShardReader:
             raise ValueError("tar shards are split by DALI's reader: an epoch cannot resume on another world size")
         self.source, self.batch_size, self.shard = source, batch_size, shard
         self.shuffle, self.drop_last, self.epoch = shuffle, drop_last, epoch
+        if source.remote:  # before DALI's S3 client is made, in every process (the main one listed the shards)
+            from pipelines import bucket
+            bucket.patient()
         self.steps = epoch_steps(len(source), shard.count, batch_size, drop_last)
         self.reader_name = None if drop_last else "Reader"  # evaluation: every sample once
         n_shards = len(source.shards)
@@ -206,64 +208,6 @@ def layout_for(channels_last: bool) -> str:
     """What the pipeline emits: HWC for a channels-last model (Loader turns it into an NCHW view with
     channels-last strides, no copy), CHW otherwise."""
     return "HWC" if channels_last else "CHW"
-
-
-class UnreadableData(UserError):
-    """Data that DALI cannot read met once training runs (a file or shard member damaged after it was
-    screened or packed). `pipeline_failed`: DALI raised, and its pipeline is no longer valid (DALI's words):
-    a command exits at once after the sentence (errors.leave), without tearing that pipeline down."""
-
-    def __init__(self, message: str, pipeline_failed: bool):
-        super().__init__(message)
-        self.pipeline_failed = pipeline_failed
-
-
-def check_again(source: Source) -> str:
-    return "python -m pipelines.pack" if source.shards is not None else "python -m pipelines.verify"
-
-
-@contextlib.contextmanager
-def dali_errors(feeder, candidates=lambda: []):
-    """DALI raising on data it cannot decode (truncated, damaged past its signature) is one sentence naming
-    the file or shard member, found among `candidates()` (the paths or members it may have been reading), with
-    DALI's own words where none is found; never DALI's traceback."""
-    try:
-        yield
-    except RuntimeError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        if not lines or not lines[0].startswith("Critical error in pipeline"):
-            raise
-        source = feeder.source
-        found = first_unreadable(candidates())
-        if found is not None:
-            name, reason = found
-            raise UnreadableData(f"{name}, read from {source.name}, is {reason}: the data changed "
-                                 f"after it was checked; check it again with {check_again(source)}", True) from None
-        where = next((line.rstrip(",") for line in lines if line.startswith("Error in")), "DALI")
-        said = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[-1]
-        raise UnreadableData(f"DALI could not read a batch of {source.name} ({where}: {said}): the data changed "
-                             f"after it was checked; check it again with {check_again(source)}", True) from None
-
-
-def first_unreadable(candidates, check=None) -> tuple[str, str] | None:
-    """(name, reason) of the first candidate DALI cannot decode: a file path, or a (name, read(n bytes)) pair
-    for a shard member; `check` (on the first bytes) in place of a whole decode (verify.check_bytes)."""
-    from pipelines.verify import HEAD_BYTES, check_bytes, check_image
-
-    for candidate in candidates:
-        if isinstance(candidate, str):
-            name = candidate
-            if check is None:
-                reason = check_image(candidate)
-            else:
-                with open(candidate, "rb") as f:
-                    reason = check(f.read(HEAD_BYTES))
-        else:
-            name, read = candidate
-            reason = check_bytes(read(None)) if check is None else check(read(HEAD_BYTES))
-        if reason is not None:
-            return name, reason
-    return None
 
 
 class Loader:
@@ -367,7 +311,8 @@ def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, sh
     pipe = make(feeder, size, aug, device_id is not None, layout, batch_size=batch_size, num_threads=workers,
                 device_id=device_id, seed=pipe_seed, prefetch_queue_depth=prefetch, enable_checkpointing=True,
                 checkpoint=state)
-    pipe.build()
+    with dali_errors(feeder):  # the reader lists its files or shards now
+        pipe.build()
     return Loader(pipe, feeder, [*names, "label"], done=done if state is not None else 0, layout=layout)
 
 
@@ -380,5 +325,6 @@ def eval_loader(source: Source, *, batch_size: int, size: int, workers: int,
     layout = layout_for(channels_last)
     pipe = eval_pipeline(feeder, size, device_id is not None, layout, crop, batch_size=batch_size,
                          num_threads=workers, device_id=device_id, seed=0)
-    pipe.build()
+    with dali_errors(feeder):
+        pipe.build()
     return Loader(pipe, feeder, ["view", "label"], layout=layout)

@@ -13,7 +13,7 @@ class UserError(Exception):
 
 def leave(status: int, err: BaseException | None = None) -> None:
     """Exit with `status`; at once (os._exit, no teardown) after an error that left a DALI pipeline no longer
-    valid (pipelines.loader.UnreadableData): tearing such a pipeline down has been seen to end in SIGSEGV after
+    valid (pipelines.failures.UnreadableData): tearing such a pipeline down has been seen to end in SIGSEGV after
     the sentence was printed. Whatever is on disk is whole: checkpoints are swapped in with renames."""
     if getattr(err, "pipeline_failed", False):
         sys.stdout.flush()

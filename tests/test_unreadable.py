@@ -16,7 +16,8 @@ from nvidia.dali import pipeline_def
 from PIL import Image
 
 from pipelines.augment import Augment, decode, grey_jpeg
-from pipelines.loader import Shard, UnreadableData, train_loader
+from pipelines.failures import UnreadableData
+from pipelines.loader import Shard, train_loader
 from pipelines.sources import load_source
 from pipelines.verify import check_bytes, signature_problem
 
@@ -142,7 +143,7 @@ CHILD = """
 import sys
 sys.path.insert(0, "tests")
 from test_unreadable import make_sources, read_epoch, DEFECTS
-from pipelines.loader import UnreadableData
+from pipelines.failures import UnreadableData
 from pathlib import Path
 root, repeats = Path(sys.argv[1]), int(sys.argv[2])
 for defect in DEFECTS:
