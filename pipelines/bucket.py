@@ -1,10 +1,18 @@
 """Tar shards in object storage: `--data "wds:s3://BUCKET/PREFIX/shard-*.tar"`, in S3 or any S3-compatible
-store (MinIO, Ceph; `AWS_ENDPOINT_URL` names its endpoint).
+store (MinIO, Ceph; `AWS_ENDPOINT_URL` names its endpoint), or `wds:gs://...` in Google Cloud Storage.
 
-Objects are listed and index files read with boto3, whose credential chain is the standard one (the
-environment, ~/.aws, an instance role); DALI's webdataset reader then reads the shards and their indexes
-itself, with the same chain and endpoint. A failure of the store is one sentence naming the URL and the
-cause.
+Objects are listed and index files read with each store's own client (boto3; google-cloud-storage), whose
+credential chain is the standard one: for S3 the environment, ~/.aws and an instance role; for GCS
+GOOGLE_APPLICATION_CREDENTIALS, gcloud's application-default login and the instance's service account. DALI's
+webdataset reader then reads the shards and their indexes itself, with the same chains. A failure of the store
+is one sentence naming the URL and the cause.
+
+S3: both clients retry a request the store fails or does not answer, in the SDKs' "standard" mode: up to
+AWS_MAX_ATTEMPTS tries (RETRIES unless the environment says otherwise, AWS_RETRY_MODE likewise), with a
+backoff that doubles up to 20 s. DALI's client left to its own default gives up on a store gone for 2 s; with
+10 tries it waited 63 s and 104 s here (the server killed, DALI's error timed). GCS: STORAGE_EMULATOR_HOST (the
+client libraries' name for an emulator's address) is passed on to DALI as DALI_GCS_ENDPOINT_URL, read without
+credentials (DALI_GCS_ANONYMOUS), as emulators take none.
 """
 from __future__ import annotations
 
@@ -15,7 +23,8 @@ import re
 
 from simclr_dali.errors import UserError
 
-SCHEMES = ("s3://",)
+SCHEMES = ("s3://", "gs://")
+RETRIES = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "10"}
 
 
 def is_remote(path: str) -> bool:
@@ -23,41 +32,78 @@ def is_remote(path: str) -> bool:
 
 
 def split_url(url: str) -> tuple[str, str]:
-    """(bucket, key) of s3://BUCKET/KEY."""
-    bucket, _, key = url[len("s3://"):].partition("/")
+    """(bucket, key) of s3://BUCKET/KEY or gs://BUCKET/KEY."""
+    bucket, _, key = url.split("://", 1)[1].partition("/")
     return bucket, key
 
 
+def in_gcs(url: str) -> bool:
+    return url.startswith("gs://")
+
+
+def patient() -> None:
+    """The retry policy of RETRIES, where the environment sets none, for boto3's clients and DALI's (which
+    reads the environment once, when this process first reads a bucket: call it before any pipeline is built);
+    a GCS emulator's address for DALI's GCS client."""
+    for key, value in RETRIES.items():
+        os.environ.setdefault(key, value)
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        os.environ.setdefault("DALI_GCS_ENDPOINT_URL", os.environ["STORAGE_EMULATOR_HOST"])
+        os.environ.setdefault("DALI_GCS_ANONYMOUS", "1")
+
+
+def attempts() -> int:
+    return int(os.environ.get("AWS_MAX_ATTEMPTS", RETRIES["AWS_MAX_ATTEMPTS"]))
+
+
 @functools.lru_cache(maxsize=None)
-def _client(endpoint: str | None, _key_id: str | None):
+def _s3(endpoint: str | None, _key_id: str | None):
     import boto3
     from botocore.config import Config
 
-    # a session of its own: the credentials resolved now, not those boto3's default session cached; retried
-    # with backoff (the store going away for a moment), bounded: about 10 attempts, then a sentence
+    # a session of its own: the credentials resolved now, not those boto3's default session cached
+    patient()
     return boto3.session.Session().client("s3", endpoint_url=endpoint or None,
-                                          config=Config(retries={"max_attempts": 10, "mode": "standard"},
-                                                        connect_timeout=5, read_timeout=30))
+                                          config=Config(connect_timeout=5, read_timeout=30))
 
 
-def endpoint() -> str | None:
-    """The S3-compatible store the environment names (None: AWS's own)."""
+@functools.lru_cache(maxsize=None)
+def _gcs(emulator: str | None, _credentials: str | None):
+    from google.cloud import storage
+
+    patient()
+    if emulator:  # the library reads STORAGE_EMULATOR_HOST itself; an emulator takes no credentials
+        from google.auth.credentials import AnonymousCredentials
+        return storage.Client(project="emulator", credentials=AnonymousCredentials())
+    return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT"))  # reads need no project
+
+
+def endpoint(url: str = "s3://") -> str | None:
+    """The store the environment names for `url`'s scheme (None: the cloud's own)."""
+    if in_gcs(url):
+        return os.environ.get("STORAGE_EMULATOR_HOST")
     return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
 
 
-def client():
-    """boto3's S3 client, one per endpoint and access key in the environment (made once: a client costs more
-    than a request)."""
-    return _client(endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"))
+def client(url: str = "s3://"):
+    """The store's client for `url`: one per endpoint and credentials in the environment (made once: a client
+    costs more than a request)."""
+    if in_gcs(url):
+        return _gcs(endpoint(url), os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"))
+    return _s3(endpoint(url), os.environ.get("AWS_ACCESS_KEY_ID"))
 
 
-def where() -> str:
+def where(url: str = "s3://") -> str:
     """' at ENDPOINT' for a sentence, where the environment names one."""
-    return f" at {endpoint()}" if endpoint() else ""
+    return f" at {endpoint(url)}" if endpoint(url) else ""
 
 
 def failure(url: str, err: Exception) -> UserError:
     """The store's error as one sentence naming the URL and the cause."""
+    return (_gcs_failure if in_gcs(url) else _s3_failure)(url, err)
+
+
+def _s3_failure(url: str, err: Exception) -> UserError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     bucket, _ = split_url(url)
@@ -65,18 +111,48 @@ def failure(url: str, err: Exception) -> UserError:
         return UserError(f"no credentials to read {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, write "
                          f"them to ~/.aws/credentials, or run where an instance role grants them")
     if isinstance(err, EndpointConnectionError):
-        return UserError(f"cannot reach the store{where()} to read {url}: check AWS_ENDPOINT_URL and the network")
+        return UserError(f"cannot reach the store{where(url)} to read {url}: check AWS_ENDPOINT_URL and the network")
     if isinstance(err, ClientError):
         code = err.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
-            return UserError(f"bucket {bucket} does not exist{where()} (reading {url})")
+            return UserError(f"bucket {bucket} does not exist{where(url)} (reading {url})")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"):
-            return UserError(f"access to {url} is denied{where()} ({code}): check the credentials and the bucket's "
-                             f"policy")
+            return UserError(f"access to {url} is denied{where(url)} ({code}): check the credentials and the "
+                             f"bucket's policy")
         if code in ("NoSuchKey", "404"):
-            return UserError(f"{url} does not exist{where()}")
-        return UserError(f"the store{where()} refused to read {url}: {code or err}")
-    return UserError(f"cannot read {url}{where()}: {err}")
+            return UserError(f"{url} does not exist{where(url)}")
+        return UserError(f"the store{where(url)} refused to read {url}: {code or err}")
+    return UserError(f"cannot read {url}{where(url)}: {err}")
+
+
+def _gcs_failure(url: str, err: Exception) -> UserError:
+    from google.api_core import exceptions
+    from google.auth.exceptions import DefaultCredentialsError
+
+    bucket, _ = split_url(url)
+    if isinstance(err, DefaultCredentialsError):
+        return UserError(f"no credentials to read {url}: set GOOGLE_APPLICATION_CREDENTIALS to a key file, run "
+                         f"'gcloud auth application-default login', or run where a service account grants them")
+    if isinstance(err, exceptions.NotFound):
+        if "object" in str(err).lower():
+            return UserError(f"{url} does not exist{where(url)}")
+        return UserError(f"bucket {bucket} does not exist{where(url)} (reading {url})")
+    if isinstance(err, (exceptions.Forbidden, exceptions.Unauthorized)):
+        return UserError(f"access to {url} is denied{where(url)} ({err.code}): check the credentials and the "
+                         f"bucket's IAM policy")
+    if isinstance(err, exceptions.GoogleAPIError) and getattr(err, "code", None):
+        return UserError(f"the store{where(url)} refused to read {url}: {err.code} {err.message}")
+    return UserError(f"cannot reach the store{where(url)} to read {url}: {type(err).__name__}")
+
+
+def _store_errors(url: str) -> tuple[type[Exception], ...]:
+    if in_gcs(url):
+        import requests
+        from google.api_core.exceptions import GoogleAPIError
+        from google.auth.exceptions import GoogleAuthError
+        return GoogleAPIError, GoogleAuthError, requests.RequestException
+    from botocore.exceptions import BotoCoreError, ClientError
+    return BotoCoreError, ClientError
 
 
 def _calls(url: str):
@@ -84,11 +160,9 @@ def _calls(url: str):
     def decorator(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            from botocore.exceptions import BotoCoreError, ClientError
-
             try:
                 return fn(*args, **kwargs)
-            except (BotoCoreError, ClientError) as err:
+            except _store_errors(url) as err:
                 raise failure(url, err) from None
         return wrapper
     return decorator
@@ -100,14 +174,20 @@ def list_matching(pattern: str) -> dict[str, tuple[int, int]]:
     bucket, key = split_url(pattern)
     prefix = re.split(r"[*?\[]", key, maxsplit=1)[0]
 
+    scheme = pattern.split("://", 1)[0]
+
+    def ns(when) -> int:
+        return int(when.timestamp() * 1e9)
+
     @_calls(pattern)
     def listing():
-        found = {}
-        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                if fnmatch.fnmatchcase(obj["Key"], key):
-                    found[f"s3://{bucket}/{obj['Key']}"] = (obj["Size"], int(obj["LastModified"].timestamp() * 1e9))
-        return found
+        if in_gcs(pattern):
+            objects = ((b.name, b.size, ns(b.updated)) for b in client(pattern).list_blobs(bucket, prefix=prefix))
+        else:
+            pages = client(pattern).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            objects = ((o["Key"], o["Size"], ns(o["LastModified"])) for page in pages for o in page.get("Contents", []))
+        return {f"{scheme}://{bucket}/{name}": (size, when) for name, size, when in objects
+                if fnmatch.fnmatchcase(name, key)}
     return listing()
 
 
@@ -115,10 +195,14 @@ def read_bytes(url: str, start: int = 0, size: int | None = None) -> bytes:
     """The object's bytes, or `size` of them from `start` (a ranged read)."""
     bucket, key = split_url(url)
 
+    end = None if size is None else start + size - 1  # the last byte, inclusive (HTTP's ranges)
+
     @_calls(url)
     def read():
-        extra = {} if size is None and not start else {"Range": f"bytes={start}-{'' if size is None else start + size - 1}"}
-        return client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+        if in_gcs(url):
+            return client(url).bucket(bucket).blob(key).download_as_bytes(start=start or None, end=end)
+        extra = {} if end is None and not start else {"Range": f"bytes={start}-{'' if end is None else end}"}
+        return client(url).get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
     return read()
 
 
@@ -156,10 +240,13 @@ def indexes_beside(shards: list[str]) -> tuple[list[str], list[tuple[int, int, i
 
 
 def upload(path: str | os.PathLike, url: str) -> None:
-    """A local file to the object at `url` (boto3's transfer: multipart for large files, retried)."""
+    """A local file to the object at `url` (multipart or resumable for large files, retried)."""
     bucket, key = split_url(url)
 
     @_calls(url)
     def put():
-        client().upload_file(str(path), bucket, key)
+        if in_gcs(url):
+            client(url).bucket(bucket).blob(key).upload_from_filename(str(path))
+        else:
+            client(url).upload_file(str(path), bucket, key)
     put()

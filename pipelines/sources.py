@@ -42,6 +42,12 @@ class Source:
     def encoded(self) -> bool:
         return self.files is not None
 
+    @property
+    def remote(self) -> bool:
+        """Tar shards in a bucket (pipelines.bucket)."""
+        from pipelines import bucket
+        return bool(self.shards) and bucket.is_remote(self.shards[0])
+
     def subset(self, index: np.ndarray) -> "Source":
         files = [self.files[i] for i in index] if self.files is not None else None
         images = self.images[index] if self.images is not None else None

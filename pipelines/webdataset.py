@@ -120,7 +120,7 @@ def find_shards(pattern: str) -> list[str]:
     if bucket.is_remote(pattern):
         shards = sorted(url for url in bucket.list_matching(pattern) if url.endswith(".tar"))
         if not shards:
-            raise UserError(f"no tar shards match {pattern!r}{bucket.where()}")
+            raise UserError(f"no tar shards match {pattern!r}{bucket.where(pattern)}")
         return shards
     shards = sorted(glob.glob(pattern))
     if not shards:

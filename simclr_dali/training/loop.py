@@ -30,6 +30,7 @@ from simclr_dali.training.optim import build_optimizer, scaled_lr, warmup_epochs
 from simclr_dali.training.ahead import AHEAD_FRACTION, NextEpoch
 from simclr_dali.training.peers import Exchange, one_voice
 from simclr_dali.training.peers import watch as watch_peers
+from simclr_dali.training.signals import how_to_go_on, saved_so_far
 from simclr_dali.training.setup import (
     batch_norm,
     build_model,
@@ -326,6 +327,7 @@ def train(argv: list[str] | None = None) -> int:
 
 def train_run(p: Parts, cfg: Config, given: set[str], argv: list[str] | None) -> int:
     """train() once the output folder is this run's."""
+    from pipelines.failures import StoreLost
     from simclr_dali.training.report import Report
 
     screen = prepare_data(p)
@@ -353,6 +355,9 @@ def train_run(p: Parts, cfg: Config, given: set[str], argv: list[str] | None) ->
     except KeyboardInterrupt:  # a second signal: stop at once; the checkpoint on disk is whole
         report.interrupted(loop.stop.abort_message(loop.step, p.out, loop.saved))
         return 130
+    except StoreLost as err:  # the bucket is gone past the retries: what is saved, and how to go on
+        raise StoreLost(f"{err}; {saved_so_far(loop.saved, p.out)}: once the store answers, "
+                        f"{how_to_go_on(loop.argv, acc.num_processes)}") from None
     finally:
         loop.stop.restore()
         loop.next_epoch.discard()

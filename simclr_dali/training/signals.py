@@ -52,22 +52,30 @@ class StopSignal:
 
     def message(self, step: int, out: Path, argv: list[str] | None, world: int) -> str:
         """The one line printed after the checkpoint: where it is and how to go on."""
-        args, given = [], iter(sys.argv[1:] if argv is None else argv)
-        for arg in given:  # the newest checkpoint is the one to go on from, whichever this run started from
-            if arg == "--resume-from":
-                next(given, None)
-            elif arg != "--resume" and not arg.startswith("--resume-from="):
-                args.append(arg)
-        how = "launch it as before with --resume" if world > 1 else \
-            "continue with  " + shlex.join(["python", "train.py", *args, "--resume"])
-        return f"{self.name} at step {step}: the checkpoint is in {out / 'checkpoint'}; {how}"
+        return f"{self.name} at step {step}: the checkpoint is in {out / 'checkpoint'}; {how_to_go_on(argv, world)}"
 
     @staticmethod
     def abort_message(step: int, out: Path, saved: int | None) -> str:
-        where = f"the checkpoint of step {saved} in {out / 'checkpoint'} is whole" if saved is not None \
-            else "no checkpoint was written yet"
-        return f"stopped at once at step {step} by a second signal; {where}"
+        return f"stopped at once at step {step} by a second signal; {saved_so_far(saved, out)}"
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def saved_so_far(saved: int | None, out: Path) -> str:
+    """What a run stopped without a checkpoint of its own leaves: `saved`, the step of its newest one."""
+    return f"the checkpoint of step {saved} in {out / 'checkpoint'} is whole" if saved is not None \
+        else "no checkpoint was written yet"
+
+
+def how_to_go_on(argv: list[str] | None, world: int) -> str:
+    """How to continue a stopped run from its newest checkpoint, whichever checkpoint this run started from."""
+    args, given = [], iter(sys.argv[1:] if argv is None else argv)
+    for arg in given:
+        if arg == "--resume-from":
+            next(given, None)
+        elif arg != "--resume" and not arg.startswith("--resume-from="):
+            args.append(arg)
+    return "launch it as before with --resume" if world > 1 else \
+        "continue with  " + shlex.join(["python", "train.py", *args, "--resume"])
