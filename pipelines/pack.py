@@ -64,8 +64,8 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
 
 
 def refuse_old_shards(out: str) -> None:
-    """Shards already in OUT (a folder, or s3://BUCKET/PREFIX) would be read with the new ones (a glob matches
-    both): refuse, writing nothing."""
+    """Shards already in OUT (a folder, or a bucket's s3:// or gs:// prefix) would be read with the new ones (a
+    glob matches both): refuse, writing nothing."""
     if bucket.is_remote(out):
         old = sorted(u.rsplit("/", 1)[1] for prefix in (TRAIN_PREFIX, TEST_PREFIX)
                      for u in bucket.list_matching(f"{out.rstrip('/')}/{prefix}*.tar"))
@@ -79,8 +79,8 @@ def refuse_old_shards(out: str) -> None:
 
 
 class Destination:
-    """Where the shards go: a folder, or a bucket (s3://BUCKET/PREFIX), each shard and its index then written
-    to a temporary folder and uploaded once whole, then removed: never more than one shard on local disk."""
+    """Where the shards go: a folder, or a bucket (s3:// or gs://BUCKET/PREFIX), each shard and its index then
+    written to a temporary folder and uploaded once whole, then removed: never more than one shard on local disk."""
 
     def __init__(self, out: str):
         self.out, self.remote = out.rstrip("/"), bucket.is_remote(out)

@@ -232,7 +232,8 @@ def test_two_processes_train_from_a_bucket_and_one_goes_on_from_the_epoch_bounda
 
 
 def test_train_py_on_gcs_ends_bit_for_bit_as_on_disk(gcs, on_disk, tmp_path):
-    assert train_here("--data", "wds:gs://data/shards/shard-*.tar", "--out", str(tmp_path / "run"), "--epochs", "2") == 0
+    spec = "wds:gs://data/shards/shard-*.tar"
+    assert train_here("--data", spec, "--out", str(tmp_path / "run"), "--epochs", "2") == 0
     assert same_weights(tmp_path / "run" / "backbone.safetensors", on_disk)
 
 
