@@ -34,23 +34,32 @@ PerView = float | tuple[float, float]  # one value for both views, or (view 1, v
 class Augment:
     """The augmentations of the two views. Every setting is one value for both views, or a pair (view 1, view 2)
     where a method's paper makes them differ (BYOL's blur and solarisation); `views()` splits them."""
-    crop_min_area: PerView = setting(0.08, low=0, high=1, above=True)  # random resized crop: smallest fraction of the image area kept
-    crop_max_area: PerView = setting(1.0, low=0, high=1, above=True)  # random resized crop: largest fraction of the image area kept
-    crop_min_ratio: PerView = setting(3 / 4, low=0, above=True)  # random resized crop: smallest aspect ratio
-    crop_max_ratio: PerView = setting(4 / 3, low=0, above=True)  # random resized crop: largest aspect ratio
-    flip_p: PerView = setting(0.5, low=0, high=1)  # probability of a horizontal flip
-    jitter_strength: PerView = setting(1.0, low=0)  # colour jitter strength s, which scales the four ranges below
-    jitter_brightness: PerView = setting(0.8, low=0)  # colour jitter: brightness factor in [1 - b s, 1 + b s] (b, at s = 1)
-    jitter_contrast: PerView = setting(0.8, low=0)  # colour jitter: contrast factor in [1 - c s, 1 + c s] (c, at s = 1)
-    jitter_saturation: PerView = setting(0.8, low=0)  # colour jitter: saturation factor in [1 - a s, 1 + a s] (a, at s = 1)
-    jitter_hue: PerView = setting(0.2, low=0, high=0.5)  # colour jitter: hue turned by up to h s of a full turn (h, at s = 1)
-    jitter_p: PerView = setting(0.8, low=0, high=1)  # probability that colour jitter is applied
-    gray_p: PerView = setting(0.2, low=0, high=1)  # probability of converting a view to grayscale
-    blur_p: PerView = setting(0.5, low=0, high=1)  # probability of Gaussian blur (0 switches blur off, as for CIFAR)
-    blur_sigma_min: PerView = setting(0.1, low=0, above=True)  # Gaussian blur: smallest sigma, in pixels
-    blur_sigma_max: PerView = setting(2.0, low=0, above=True)  # Gaussian blur: largest sigma, in pixels
-    blur_kernel_frac: PerView = setting(0.1, low=0, high=1, above=True)  # Gaussian blur: kernel side as a fraction of the output side
-    solarize_p: PerView = setting(0.0, low=0, high=1)  # probability of solarisation: levels of 128 and above inverted (BYOL)
+    crop_min_area: PerView = setting(0.08, low=0, high=1, above=True, help="random resized crop: smallest fraction of "
+                                     "the image area kept")
+    crop_max_area: PerView = setting(1.0, low=0, high=1, above=True, help="random resized crop: largest fraction of "
+                                     "the image area kept")
+    crop_min_ratio: PerView = setting(3 / 4, low=0, above=True, help="random resized crop: smallest aspect ratio")
+    crop_max_ratio: PerView = setting(4 / 3, low=0, above=True, help="random resized crop: largest aspect ratio")
+    flip_p: PerView = setting(0.5, low=0, high=1, help="probability of a horizontal flip")
+    jitter_strength: PerView = setting(1.0, low=0, help="colour jitter strength s, which scales the four ranges below")
+    jitter_brightness: PerView = setting(0.8, low=0, help="colour jitter: brightness factor in [1 - b s, 1 + b s] (b, "
+                                         "at s = 1)")
+    jitter_contrast: PerView = setting(0.8, low=0, help="colour jitter: contrast factor in [1 - c s, 1 + c s] (c, at s "
+                                       "= 1)")
+    jitter_saturation: PerView = setting(0.8, low=0, help="colour jitter: saturation factor in [1 - a s, 1 + a s] (a, "
+                                         "at s = 1)")
+    jitter_hue: PerView = setting(0.2, low=0, high=0.5, help="colour jitter: hue turned by up to h s of a full turn "
+                                  "(h, at s = 1)")
+    jitter_p: PerView = setting(0.8, low=0, high=1, help="probability that colour jitter is applied")
+    gray_p: PerView = setting(0.2, low=0, high=1, help="probability of converting a view to grayscale")
+    blur_p: PerView = setting(0.5, low=0, high=1, help="probability of Gaussian blur (0 switches blur off, as for "
+                              "CIFAR)")
+    blur_sigma_min: PerView = setting(0.1, low=0, above=True, help="Gaussian blur: smallest sigma, in pixels")
+    blur_sigma_max: PerView = setting(2.0, low=0, above=True, help="Gaussian blur: largest sigma, in pixels")
+    blur_kernel_frac: PerView = setting(0.1, low=0, high=1, above=True, help="Gaussian blur: kernel side as a fraction "
+                                        "of the output side")
+    solarize_p: PerView = setting(0.0, low=0, high=1, help="probability of solarisation: levels of 128 and above "
+                                  "inverted (BYOL)")
 
     ORDERED = (("crop_min_area", "crop_max_area"), ("crop_min_ratio", "crop_max_ratio"),
                ("blur_sigma_min", "blur_sigma_max"))  # each (smallest, largest) pair in order (cli.check_args)

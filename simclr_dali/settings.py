@@ -1,14 +1,12 @@
-"""Settings declared once beside their dataclass field (`setting`: default, range, help from the comment),
+"""Settings declared once as their dataclass field (`setting`: default, range, help),
 exposed as dashed flags, checked before any work starts, and read back from a run's config.json."""
 from __future__ import annotations
 
 import argparse
 import copy as copylib
 import dataclasses
-import inspect
 import json
 import math
-import re
 import sys
 import weakref
 from pathlib import Path
@@ -138,9 +136,10 @@ def set_given(obj, names) -> None:
     _GIVEN[id(obj)] = {f.name for f in dataclasses.fields(obj)} & set(names)
 
 
-def setting(default, **check):
-    """A dataclass field with the values it accepts: `epochs: int = setting(100, low=1)  # comment`."""
-    return dataclasses.field(default=default, metadata={"check": Check(**check)})
+def setting(default, help: str = "", **check):
+    """A dataclass field with its --help text and the values it accepts:
+    `epochs: int = setting(100, low=1, help="training epochs")`."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": Check(**check) if check else None})
 
 
 def checked(parser, *flags: str, check: Check, **kwargs) -> argparse.Action:
@@ -173,33 +172,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                                 f": the smallest value must not exceed the largest")
 
 
-def field_comments(cls) -> dict[str, str]:
-    """The trailing `# comment` of each field of a dataclass, used as its --help text."""
-    comments = {}
-    for klass in reversed(cls.__mro__):
-        try:
-            lines = inspect.getsource(klass).splitlines()
-        except (OSError, TypeError):
-            continue
-        for line in lines:
-            m = re.match(r"\s+(\w+)\s*:[^=#]+=[^#]*#\s*(.+)$", line)
-            if m:
-                comments[m.group(1)] = m.group(2).strip()
-    return comments
-
-
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
                         per_view: bool = False, notes: dict[str, str] | None = None) -> None:
     """One dashed flag per dataclass field: `lr_scaling` -> `--lr-scaling`, bools as on/off pairs; its help shows
     the parser's default (set_defaults changes it) and the field's note, if any (where other defaults come from).
     per_view: each takes one value (both views) or two (view 1, view 2), and gives a list."""
-    helps = field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool):
             action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:

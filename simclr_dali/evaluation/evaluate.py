@@ -47,31 +47,40 @@ from simclr_dali.training.peers import one_voice
 @tracks_given
 @dataclass
 class EvalConfig:
-    config: str = ""  # start from the settings an evaluation recorded (RUN/eval_config.json); flags given here override
-    run: str = ""  # the training run's output folder (holds config.json and backbone.safetensors)
-    data: str = ""  # training split to fit kNN and the probe on (default: the run's --data)
-    test_data: str = ""  # test split (default: the run's --test-data, or the data's own test split)
-    batch_size: int = setting(256, low=1)  # images per feature-extraction batch
-    workers: int = setting(2, low=1)  # DALI CPU threads
-    crop: float = setting(-1.0, low=0, high=1, above=True, off=-1.0, off_means="auto")  # evaluation view: the central fraction kept (shorter side resized to S / crop, then an S x S centre crop); 1 keeps the whole image; -1 (auto): 1 at 32 px and below, as google-research/simclr evaluates CIFAR, else 0.875, the usual protocol
-    knn_k: int = setting(200, low=1)  # neighbours for the weighted kNN vote (capped at the train size)
-    knn_temperature: float = setting(0.1, low=0, above=True)  # kNN vote weight exp(cosine / T)
-    knn_memory_mb: float = setting(-1.0, low=0, above=True, off=-1.0, off_means="auto")  # kNN: memory the bank's normalised copy may take, else it is read a part at a time; -1 (auto): 4096 on a GPU, 256 on the CPU (host memory, which also holds the features)
-    probe_epochs: int = setting(100, low=1)  # linear probe epochs over the cached features
-    probe_lr: float = setting(1e-3, low=0, above=True)  # linear probe AdamW learning rate
-    probe_weight_decay: float = setting(1e-4, low=0)  # linear probe weight decay
-    seed: int = setting(0, low=0)  # seeds the random-init backbone, the probe, the labelled subset and fine-tuning
-    finetune: bool = False  # also fine-tune backbone + linear head on a fraction of the labels
-    label_fraction: float = setting(0.1, low=0, high=1, above=True)  # fine-tuning: class-balanced fraction of the training labels (0.01, 0.1, 1.0)
-    finetune_epochs: int = setting(0, low=0)  # fine-tuning epochs (0 = the paper's: 60 at label fractions <= 0.01, 30 above)
-    finetune_min_steps: int = setting(100, low=0)  # fine-tuning: at least this many steps, however few the labels
-    finetune_batch_size: int = setting(256, low=1)  # fine-tuning: images per step (capped at the labelled subset)
-    finetune_lr: float = setting(0.05, low=0, above=True)  # fine-tuning: SGD Nesterov learning rate, cosine to zero
-    finetune_augment: bool = True  # fine-tuning: the pretraining's crop and flip (colour, gray, blur off)
-    plots: bool = True  # write PNGs beside the run: training curves, t-SNE map, retrieval grid
-    plot_points: int = setting(2000, low=1)  # most test images drawn in the t-SNE map
-    embed: str = ""  # a folder of images to embed with the frozen backbone instead of evaluating
-    to: str = ""  # with --embed: the .npy file for the (N, F) embeddings (paths go to FILE.paths.txt)
+    config: str = setting("", help="start from the settings an evaluation recorded (RUN/eval_config.json); flags given "
+                          "here override")
+    run: str = setting("", help="the training run's output folder (holds config.json and backbone.safetensors)")
+    data: str = setting("", help="training split to fit kNN and the probe on (default: the run's --data)")
+    test_data: str = setting("", help="test split (default: the run's --test-data, or the data's own test split)")
+    batch_size: int = setting(256, low=1, help="images per feature-extraction batch")
+    workers: int = setting(2, low=1, help="DALI CPU threads")
+    crop: float = setting(-1.0, low=0, high=1, above=True, off=-1.0, off_means="auto", help="evaluation view: the "
+                          "central fraction kept (shorter side resized to S / crop, then an S x S centre crop); 1 "
+                          "keeps the whole image; -1 (auto): 1 at 32 px and below, as google-research/simclr evaluates "
+                          "CIFAR, else 0.875, the usual protocol")
+    knn_k: int = setting(200, low=1, help="neighbours for the weighted kNN vote (capped at the train size)")
+    knn_temperature: float = setting(0.1, low=0, above=True, help="kNN vote weight exp(cosine / T)")
+    knn_memory_mb: float = setting(-1.0, low=0, above=True, off=-1.0, off_means="auto", help="kNN: memory the bank's "
+                                   "normalised copy may take, else it is read a part at a time; -1 (auto): 4096 on a "
+                                   "GPU, 256 on the CPU (host memory, which also holds the features)")
+    probe_epochs: int = setting(100, low=1, help="linear probe epochs over the cached features")
+    probe_lr: float = setting(1e-3, low=0, above=True, help="linear probe AdamW learning rate")
+    probe_weight_decay: float = setting(1e-4, low=0, help="linear probe weight decay")
+    seed: int = setting(0, low=0, help="seeds the random-init backbone, the probe, the labelled subset and fine-tuning")
+    finetune: bool = setting(False, help="also fine-tune backbone + linear head on a fraction of the labels")
+    label_fraction: float = setting(0.1, low=0, high=1, above=True, help="fine-tuning: class-balanced fraction of the "
+                                    "training labels (0.01, 0.1, 1.0)")
+    finetune_epochs: int = setting(0, low=0, help="fine-tuning epochs (0 = the paper's: 60 at label fractions <= 0.01, "
+                                   "30 above)")
+    finetune_min_steps: int = setting(100, low=0, help="fine-tuning: at least this many steps, however few the labels")
+    finetune_batch_size: int = setting(256, low=1, help="fine-tuning: images per step (capped at the labelled subset)")
+    finetune_lr: float = setting(0.05, low=0, above=True, help="fine-tuning: SGD Nesterov learning rate, cosine to "
+                                 "zero")
+    finetune_augment: bool = setting(True, help="fine-tuning: the pretraining's crop and flip (colour, gray, blur off)")
+    plots: bool = setting(True, help="write PNGs beside the run: training curves, t-SNE map, retrieval grid")
+    plot_points: int = setting(2000, low=1, help="most test images drawn in the t-SNE map")
+    embed: str = setting("", help="a folder of images to embed with the frozen backbone instead of evaluating")
+    to: str = setting("", help="with --embed: the .npy file for the (N, F) embeddings (paths go to FILE.paths.txt)")
 
 
 # -- frozen scores -----------------------------------------------------------------------------
@@ -138,7 +147,8 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
     first.add_argument("--config", default="")
     recorded = first.parse_known_args(argv)[0].config
     if recorded:
-        parser.set_defaults(**recorded_settings(read_recorded(recorded), EvalConfig, recorded, skip=frozenset({"config"})))
+        parser.set_defaults(**recorded_settings(read_recorded(recorded), EvalConfig, recorded,
+                                                skip=frozenset({"config"})))
     args = parser.parse_args(argv)
     check_args(parser, args)
     cfg = dataclass_from_args(EvalConfig, args)

@@ -36,11 +36,13 @@ ATOL = 1e-4  # largest |exported - PyTorch| accepted on the check batch (float32
 
 @dataclass
 class ExportConfig:
-    run: str = ""  # the training run's output folder (holds config.json and backbone.safetensors)
-    format: str = setting("onnx", choices=tuple(FILES))  # onnx, timm (a folder timm loads) or torchscript
-    out: str = ""  # where to write it (default: RUN/export/backbone.onnx, RUN/export/timm, RUN/export/backbone.torchscript.pt)
-    opset: int = setting(18, low=13)  # ONNX opset
-    check: bool = True  # compare the export with PyTorch on a batch of two (onnx: needs onnxruntime); --no-check skips it
+    run: str = setting("", help="the training run's output folder (holds config.json and backbone.safetensors)")
+    format: str = setting("onnx", choices=tuple(FILES), help="onnx, timm (a folder timm loads) or torchscript")
+    out: str = setting("", help="where to write it (default: RUN/export/backbone.onnx, RUN/export/timm, "
+                       "RUN/export/backbone.torchscript.pt)")
+    opset: int = setting(18, low=13, help="ONNX opset")
+    check: bool = setting(True, help="compare the export with PyTorch on a batch of two (onnx: needs onnxruntime); "
+                          "--no-check skips it")
 
 
 def needs(module: str, what: str, package: str | None = None) -> None:

@@ -2,7 +2,6 @@
 before any work starts, recorded in config.json and re-runnable with --config."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -33,51 +32,79 @@ CHOICES = {"method": tuple(METHODS), "recipe": ("auto", *RECIPES), "optimizer": 
 @tracks_given
 @dataclass
 class Config:
-    config: str = ""  # start from the settings a run recorded (its config.json); flags given here override them
-    data: str = "digits"  # 'digits', a folder of images (class sub-folders give labels), 'list:FILE' (an image list from pipelines.verify), 'wds:PATTERN' (tar shards, e.g. 'wds:/data/shard-*.tar'), 'cifar10:PATH' or 'cifar100:PATH'
-    test_data: str = ""  # separate test data for evaluation, in any form --data takes (else a folder keeps 10% aside, shards their test-*.tar)
-    out: str = "runs/simclr"  # output folder: config, metrics, checkpoint, backbone weights
-    backbone: str = "resnet18"  # any timm model name
-    small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32-pixel images
-    sync_bn: bool = True  # BatchNorm over the global batch (the paper's global BN) where several CUDA processes train; --no-sync-bn: per process
-    proj_hidden: int = setting(0, low=0)  # projection head hidden width (0 = the backbone's feature width)
-    proj_dim: int = setting(128, low=1)  # projection head output size
-    image_size: int = setting(32, low=8)  # side of the augmented views, in pixels
-    epochs: int = setting(100, low=1)  # training epochs
-    batch_size: int = setting(256, low=1)  # images per process per step (each gives two views)
-    lr: float = setting(0.3, low=0, above=True)  # base learning rate per 256 images, scaled by the global batch
-    lr_scaling: str = setting("linear", choices=CHOICES["lr_scaling"])  # linear: lr * B/256; sqrt: lr * sqrt(B/256)
-    optimizer: str = setting("lars", choices=CHOICES["optimizer"])  # lars (timm), sgd (Nesterov), momentum (SGD with plain momentum) or adamw
-    momentum: float = setting(0.9, low=0, high=1, below=True)  # momentum for lars, sgd and momentum (sgd: Nesterov momentum when above 0)
-    weight_decay: float = setting(1e-6, low=0)  # weight decay (biases and norm weights are exempt)
-    warmup_epochs: float = setting(-1.0, low=0, off=-1.0, off_means="the default")  # linear warmup in epochs, then cosine decay to zero (-1: the method's paper value, 10 for SimCLR and BYOL, 12 for SupCon, 0 for MoCo, at most a tenth of the run)
-    recipe: str = setting("auto", choices=("auto", *RECIPES))  # defaults that fit the data, under the flags given: small (the paper's CIFAR-10 setting) for images of 64 px or less, imagenet above (auto), or either by name (README, Recipes)
-    method: str = setting("simclr", choices=tuple(METHODS))  # simclr, supcon (needs labels), moco or byol; each brings its paper's defaults for the settings not given (README, Methods)
-    temperature: float = setting(0.1, low=0, above=True)  # tau of the contrastive loss (NT-Xent, SupCon, MoCo)
-    queue_size: int = setting(65536, low=1)  # MoCo: keys of earlier steps in the queue of negatives
-    target_momentum: float = setting(0.996, low=0, high=1)  # MoCo, BYOL: EMA coefficient m0 of the momentum network
-    momentum_schedule: str = setting("cosine", choices=("cosine", "constant"))  # MoCo, BYOL: m rises from m0 to 1 on a cosine over the run, or stays m0
-    pred_hidden: int = setting(4096, low=1)  # BYOL: hidden width of the predictor
-    loss_impl: str = setting("auto", choices=("auto", "triton", "tiled", "reference"))  # NT-Xent implementation: auto, triton, tiled or reference
-    loss_precision: str = setting("auto", choices=("auto", "fp32"))  # NT-Xent products: auto follows the mixed precision (bf16/fp16 operands, fp32 sums), or fp32
-    channels_last: str = setting("auto", choices=("auto", "on", "off"))  # channels-last model and views: on, off, auto (on for CUDA, off on the CPU)
-    compile: bool = False  # torch.compile the model (backbone and head)
-    seed: int = setting(0, low=0)  # seeds weights, data order and augmentations
-    resume: bool = False  # continue from OUT/checkpoint
-    resume_from: str = ""  # continue from this checkpoint folder instead (OUT/checkpoint.prev, the one before the newest); implies --resume
-    stop_after: int = setting(0, low=0)  # end this invocation after this many epochs, checkpointed (0 = never)
-    workers: int = setting(0, low=0)  # DALI CPU threads per process (0 = cores / processes)
-    log_every: int = setting(10, low=1)  # steps between lines in metrics.jsonl: the only steps (with epoch ends) that read the device
-    save_every_minutes: float = setting(10.0, low=0)  # checkpoint at the first log step or epoch end this long after the last (0 = every epoch end)
-    save_every_steps: int = setting(0, low=0)  # also checkpoint every this many steps (0 = off)
-    on_bad_image: str = setting("skip", choices=("skip", "error"))  # images DALI cannot decode: skip (listed in OUT/skipped.txt) or error
-    max_nonfinite: int = setting(0, low=0)  # steps with a non-finite loss or gradient to skip before stopping the run
-    knn_every: int = setting(0, low=0)  # epochs between online kNN top-1 checks on held-out labelled data (0 = off)
-    knn_train: int = setting(1000, low=1)  # online kNN: labelled training images that vote, spread evenly over the classes
-    knn_per_class: int = setting(20, low=1)  # online kNN: at least this many voting images of each class (all a class has where it has fewer)
-    knn_test: int = setting(500, low=1)  # online kNN: held-out test images it scores
-    log_with: str = ""  # also log metrics through accelerate's trackers, comma-separated: tensorboard (OUT/tensorboard), mlflow (MLFLOW_TRACKING_URI, else OUT/mlflow.db), wandb (WANDB_MODE=offline keeps it in OUT/wandb)
-    aug: Augment = field(default_factory=Augment)  # augmentation settings (flags of their own)
+    config: str = setting("", help="start from the settings a run recorded (its config.json); flags given here "
+                          "override them")
+    data: str = setting("digits", help="'digits', a folder of images (class sub-folders give labels), 'list:FILE' (an "
+                        "image list from pipelines.verify), 'wds:PATTERN' (tar shards, e.g. 'wds:/data/shard-*.tar'), "
+                        "'cifar10:PATH' or 'cifar100:PATH'")
+    test_data: str = setting("", help="separate test data for evaluation, in any form --data takes (else a folder "
+                             "keeps 10% aside, shards their test-*.tar)")
+    out: str = setting("runs/simclr", help="output folder: config, metrics, checkpoint, backbone weights")
+    backbone: str = setting("resnet18", help="any timm model name")
+    small_stem: bool = setting(False, help="3x3 stride-1 stem without max-pool, for 32-pixel images")
+    sync_bn: bool = setting(True, help="BatchNorm over the global batch (the paper's global BN) where several CUDA "
+                            "processes train; --no-sync-bn: per process")
+    proj_hidden: int = setting(0, low=0, help="projection head hidden width (0 = the backbone's feature width)")
+    proj_dim: int = setting(128, low=1, help="projection head output size")
+    image_size: int = setting(32, low=8, help="side of the augmented views, in pixels")
+    epochs: int = setting(100, low=1, help="training epochs")
+    batch_size: int = setting(256, low=1, help="images per process per step (each gives two views)")
+    lr: float = setting(0.3, low=0, above=True, help="base learning rate per 256 images, scaled by the global batch")
+    lr_scaling: str = setting("linear", choices=CHOICES["lr_scaling"], help="linear: lr * B/256; sqrt: lr * "
+                              "sqrt(B/256)")
+    optimizer: str = setting("lars", choices=CHOICES["optimizer"], help="lars (timm), sgd (Nesterov), momentum (SGD "
+                             "with plain momentum) or adamw")
+    momentum: float = setting(0.9, low=0, high=1, below=True, help="momentum for lars, sgd and momentum (sgd: Nesterov "
+                              "momentum when above 0)")
+    weight_decay: float = setting(1e-6, low=0, help="weight decay (biases and norm weights are exempt)")
+    warmup_epochs: float = setting(-1.0, low=0, off=-1.0, off_means="the default", help="linear warmup in epochs, then "
+                                   "cosine decay to zero (-1: the method's paper value, 10 for SimCLR and BYOL, 12 for "
+                                   "SupCon, 0 for MoCo, at most a tenth of the run)")
+    recipe: str = setting("auto", choices=("auto", *RECIPES), help="defaults that fit the data, under the flags given: "
+                          "small (the paper's CIFAR-10 setting) for images of 64 px or less, imagenet above (auto), or "
+                          "either by name (README, Recipes)")
+    method: str = setting("simclr", choices=tuple(METHODS), help="simclr, supcon (needs labels), moco or byol; each "
+                          "brings its paper's defaults for the settings not given (README, Methods)")
+    temperature: float = setting(0.1, low=0, above=True, help="tau of the contrastive loss (NT-Xent, SupCon, MoCo)")
+    queue_size: int = setting(65536, low=1, help="MoCo: keys of earlier steps in the queue of negatives")
+    target_momentum: float = setting(0.996, low=0, high=1, help="MoCo, BYOL: EMA coefficient m0 of the momentum "
+                                     "network")
+    momentum_schedule: str = setting("cosine", choices=("cosine", "constant"), help="MoCo, BYOL: m rises from m0 to 1 "
+                                     "on a cosine over the run, or stays m0")
+    pred_hidden: int = setting(4096, low=1, help="BYOL: hidden width of the predictor")
+    loss_impl: str = setting("auto", choices=("auto", "triton", "tiled", "reference"), help="NT-Xent implementation: "
+                             "auto, triton, tiled or reference")
+    loss_precision: str = setting("auto", choices=("auto", "fp32"), help="NT-Xent products: auto follows the mixed "
+                                  "precision (bf16/fp16 operands, fp32 sums), or fp32")
+    channels_last: str = setting("auto", choices=("auto", "on", "off"), help="channels-last model and views: on, off, "
+                                 "auto (on for CUDA, off on the CPU)")
+    compile: bool = setting(False, help="torch.compile the model (backbone and head)")
+    seed: int = setting(0, low=0, help="seeds weights, data order and augmentations")
+    resume: bool = setting(False, help="continue from OUT/checkpoint")
+    resume_from: str = setting("", help="continue from this checkpoint folder instead (OUT/checkpoint.prev, the one "
+                               "before the newest); implies --resume")
+    stop_after: int = setting(0, low=0, help="end this invocation after this many epochs, checkpointed (0 = never)")
+    workers: int = setting(0, low=0, help="DALI CPU threads per process (0 = cores / processes)")
+    log_every: int = setting(10, low=1, help="steps between lines in metrics.jsonl: the only steps (with epoch ends) "
+                             "that read the device")
+    save_every_minutes: float = setting(10.0, low=0, help="checkpoint at the first log step or epoch end this long "
+                                        "after the last (0 = every epoch end)")
+    save_every_steps: int = setting(0, low=0, help="also checkpoint every this many steps (0 = off)")
+    on_bad_image: str = setting("skip", choices=("skip", "error"), help="images DALI cannot decode: skip (listed in "
+                                "OUT/skipped.txt) or error")
+    max_nonfinite: int = setting(0, low=0, help="steps with a non-finite loss or gradient to skip before stopping the "
+                                 "run")
+    knn_every: int = setting(0, low=0, help="epochs between online kNN top-1 checks on held-out labelled data (0 = "
+                             "off)")
+    knn_train: int = setting(1000, low=1, help="online kNN: labelled training images that vote, spread evenly over the "
+                             "classes")
+    knn_per_class: int = setting(20, low=1, help="online kNN: at least this many voting images of each class (all a "
+                                 "class has where it has fewer)")
+    knn_test: int = setting(500, low=1, help="online kNN: held-out test images it scores")
+    log_with: str = setting("", help="also log metrics through accelerate's trackers, comma-separated: tensorboard "
+                            "(OUT/tensorboard), mlflow (MLFLOW_TRACKING_URI, else OUT/mlflow.db), wandb "
+                            "(WANDB_MODE=offline keeps it in OUT/wandb)")
+    aug: Augment = field(default_factory=Augment, metadata={"help": "augmentation settings (flags of their own)"})
 
 
 def program_name() -> str:
@@ -95,7 +122,8 @@ LAUNCH = ("Several processes (GPUs, machines) and mixed precision come from acce
 
 
 def build_parser(method: str = "simclr", recipe: str = "auto", image_size: int | None = None,
-                 optimizer: str | None = None, lr_scaling: str | None = None, layers: list[dict] | None = None) -> Parser:
+                 optimizer: str | None = None, lr_scaling: str | None = None,
+                 layers: list[dict] | None = None) -> Parser:
     """The flags, their defaults those of this method, recipe, optimiser and lr scaling (what --help shows; or
     `layers`, layers.settings_in_order's), and where a default depends on them, every value it takes."""
     parser = Parser(prog=program_name(), epilog=LAUNCH,
