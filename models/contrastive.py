@@ -27,17 +27,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.ntxent import (
-    _block,
-    _GatherRows,
-    _NTXent,
-    _triton_kernels_cross,
-    _widened,
-    _world,
+from models.loss_core import (
+    GatherRows,
+    RowLogSumExp,
     as_read,
+    block_size,
     gather,
     kernel_operands,
     precision,
+    triton_cross_kernels,
+    widened,
+    world_of,
 )
 from models.ntxent_tiled import cross_grad, cross_stats
 
@@ -86,14 +86,14 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor | None, labels: torch.Tensor,
         raise ValueError("SupCon needs at least one row, got an empty batch")
     dtype, operands, impl = precision(z1, temperature, impl, operands)
     n, rows = z1.shape[0], z1.shape[0] * len(views)
-    world, rank = _world(distributed)
+    world, rank = world_of(distributed)
     with torch.autocast(z1.device.type, enabled=False):
         z = F.normalize(torch.cat(views).to(dtype), dim=1)  # (R, D)
         y = labels.to(z.device, torch.long)
         image = rank * n + torch.arange(n, device=z.device)  # unlabelled (-1): a class per image
         y = torch.where(y >= 0, y, -2 - image).repeat(len(views))  # (R,) both views share their label
         if world > 1:
-            z, y = _GatherRows.apply(z, world, rank), gather(y)  # (RW, D), gradients back to every rank
+            z, y = GatherRows.apply(z, world, rank), gather(y)  # (RW, D), gradients back to every rank
         offset = rank * rows
         ids, read = _class_ids(y), as_read(z, operands, dtype)
         if impl == "reference":
@@ -106,7 +106,7 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor | None, labels: torch.Tensor,
         mean_pos = (mine * (sums[ids[offset:offset + rows]] - mine)).sum(1) / (temperature * positives.clamp(min=1))
         half = n if z2 is not None else 0  # the kernels' own positive (partner, or self), taken back out below
         partner = (mine * mine.roll(half, 0)).sum(1) / temperature
-        lse_part = _NTXent.apply(z, offset, half, temperature, impl, _block(impl, block, z.device, z.shape[0]),
+        lse_part = RowLogSumExp.apply(z, offset, half, temperature, impl, block_size(impl, block, z.device, z.shape[0]),
                                  kernel_operands(impl, operands), rows, keep)  # sum(keep lse) / R - mean(its pos)
         return lse_part + partner.mean() - (keep * mean_pos).sum() / rows
 
@@ -118,7 +118,7 @@ def _reference_queue_lse(q: torch.Tensor, queue: torch.Tensor, temperature: floa
     return torch.logsumexp((q / temperature) @ queue.T, dim=1)  # (R,) builds (R, K)
 
 
-_CROSS = {"tiled": lambda: (_widened(cross_stats), _widened(cross_grad)), "triton": _triton_kernels_cross}
+_CROSS = {"tiled": lambda: (widened(cross_stats), widened(cross_grad)), "triton": triton_cross_kernels}
 
 
 class _QueueLSE(torch.autograd.Function):
@@ -164,6 +164,6 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
         if impl == "reference":
             negatives = _reference_queue_lse(qn, cols, temperature)
         else:
-            negatives = _QueueLSE.apply(qn, cols, temperature, impl, _block(impl, block, q.device,
+            negatives = _QueueLSE.apply(qn, cols, temperature, impl, block_size(impl, block, q.device,
                                         q.shape[0] + queue.shape[0]), kernel_operands(impl, operands))
         return (torch.logaddexp(positive, negatives) - positive).mean()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import contrastive, ntxent
+from models import contrastive, loss_core, ntxent
 from models.backbone import ProjectionHead, SimCLRModel, feature_width
 from simclr_dali.errors import UserError
 
@@ -158,7 +158,7 @@ class MoCo(_Momentum):
     def after_step(self, taken: torch.Tensor, progress: float) -> None:
         super().after_step(taken, progress)
         if self.pending is not None:
-            self.enqueue(ntxent.gather(self.pending), taken)
+            self.enqueue(loss_core.gather(self.pending), taken)
             self.pending = None
 
     @torch.no_grad()

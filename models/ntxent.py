@@ -14,7 +14,7 @@ log-sum-exp and a -inf self-mask:
              Python thread per core.
   triton     two fused kernels (models/ntxent_triton.py) with an online log-sum-exp. CUDA, or CPU
              tensors under TRITON_INTERPRET=1.
-"auto" picks per device and operand dtype (`resolve_impl`): triton for 16-bit operands on CUDA, tiled
+"auto" picks per device and operand dtype (`loss_core.resolve_impl`): triton for 16-bit operands on CUDA, tiled
 otherwise.
 
 Operands: the similarity products read the normalised embeddings in `operands` (16-bit when the inputs
@@ -32,19 +32,16 @@ gradient that reaches rank r's own z is W times the single-process gradient of t
 backward sums every rank's contribution). DDP / accelerate average parameter gradients over the W ranks,
 which gives back exactly the single-process gradient.
 
-Layout, as in a Triton tutorial: the reference (the oracle) first, then the autograd.Function over the
-kernels (tiled ones in ntxent_tiled.py, Triton ones in ntxent_triton.py), the cross-process gather, and
-the public entry point.
+Layout, as in a Triton tutorial: the reference (the oracle) first, then the public entry point. What it
+shares with SupCon and MoCo (the autograd function over the kernels, the choice of implementation, tile
+sizes, precision, the cross-process gather) is in models/loss_core.py.
 """
 from __future__ import annotations
-
-import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-from models.ntxent_tiled import tiled_grad, tiled_stats
+from models.loss_core import GatherRows, RowLogSumExp, as_read, block_size, kernel_operands, precision, world_of
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,186 +65,8 @@ def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float) ->
 
 
 # --------------------------------------------------------------------------------------------
-# autograd.Function: forward keeps only the per-row log-sum-exp; backward recomputes the tiles.
-# --------------------------------------------------------------------------------------------
-class _NTXent(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, row_offset, half, temperature, impl, block, operand_dtype, rows=None, keep=None):
-        # z: (M, D) normalised, gathered; returns the mean loss of the R = 2*half local rows. The kernels
-        # read z rounded to operand_dtype (fp32 accumulation regardless); the backward keeps that copy.
-        # rows, keep (SupCon): R local rows (any half), and a (R,) 0/1 weight of each row's log-sum-exp:
-        # the value is sum(keep * lse) / R - mean(pos); the gradient folds keep into the saved lse
-        # (lse - log keep: +inf where 0), so the kernels leave those rows' softmax out.
-        stats, _ = _KERNELS[impl]()
-        ctx.in_dtype = z.dtype
-        zk = z.to(operand_dtype)
-        r = 2 * half if rows is None else rows
-        with torch.autocast(z.device.type, enabled=False):
-            lse, pos = stats(zk, row_offset, half, 1.0 / temperature, block, r)
-        ctx.args = (row_offset, half, temperature, impl, block, r)
-        if keep is None:
-            ctx.save_for_backward(zk, lse)
-            return (lse - pos).mean().to(z.dtype)
-        ctx.save_for_backward(zk, lse - keep.log())
-        return ((lse * keep).sum() / r - pos.mean()).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        zk, lse = ctx.saved_tensors
-        row_offset, half, temperature, impl, block, r = ctx.args
-        _, grad_fn = _KERNELS[impl]()
-        with torch.autocast(zk.device.type, enabled=False):
-            acc = grad_fn(zk, lse, row_offset, half, 1.0 / temperature, block, r)  # (M, D) fp32
-        dz = acc.to(ctx.in_dtype) * (grad / (r * temperature))  # d lse_i/dz_i = sum_j P_ij z_j / tau
-        return dz, None, None, None, None, None, None, None, None
-
-
-@functools.cache
-def _triton_kernels():
-    from models import ntxent_triton  # lazy: this module imports where triton is missing
-    return ntxent_triton.triton_stats, ntxent_triton.triton_grad
-
-
-@functools.cache
-def _triton_kernels_cross():
-    from models import ntxent_triton  # as _triton_kernels: MoCo's queue against its rows
-    return ntxent_triton.triton_cross_stats, ntxent_triton.triton_cross_grad
-
-
-def _widened(kernel):
-    """A tiled kernel on 16-bit operands widened (exactly) to float32: torch's CPU products of 16-bit
-    tensors return 16-bit results, where the Triton kernels accumulate and keep the products in float32.
-    The wide copies live for one kernel call; what the backward keeps are the 16-bit operands."""
-    def wide(x):
-        return x.float() if isinstance(x, torch.Tensor) and x.dtype in SIXTEEN_BIT else x
-    return lambda *args: kernel(*map(wide, args))
-
-
-_KERNELS = {"tiled": lambda: (_widened(tiled_stats), _widened(tiled_grad)), "triton": _triton_kernels}
-
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather of every rank's rows, concatenated in rank order, with gradients back to each rank.
-
-    The backward sums the gathered gradient over the ranks (all_reduce) and keeps this rank's rows.
-    Ours rather than torch.distributed.nn.functional.all_gather: merely importing that module made
-    about one process in ten abort at exit ("terminate called without an active exception") in our
-    two-process CPU tests with torch 2.14, and it is deprecated.
-    """
-
-    @staticmethod
-    def forward(ctx, x, world, rank):
-        import torch.distributed as dist
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x)
-        ctx.rows, ctx.rank = x.shape[0], rank
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-        grad = grad.clone(memory_format=torch.contiguous_format)  # ours to reduce in place
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None
-
-
-# --------------------------------------------------------------------------------------------
 # Public entry point.
 # --------------------------------------------------------------------------------------------
-IMPLS = ("auto", "reference", "tiled", "triton")
-SIXTEEN_BIT = (torch.bfloat16, torch.float16)
-
-
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def resolve_impl(impl: str, device: torch.device | str, operands: torch.dtype = torch.float32) -> str:
-    """The implementation that `impl` selects for products of `operands` on `device`.
-
-    "auto" follows the measurements (H100, N = 16,384, forward + backward; scripts/gpu_check.sh measures
-    them again on any GPU): 16-bit operands on CUDA go to the Triton kernels (bf16: 3.6 ms, where the
-    tiled path and the reference compute in fp32: 25.7 and 34.1 ms); fp32 goes to the tiled path, since
-    the fp32 Triton kernels need three TF32 products per product to keep 1e-5 and took 37.4 ms, slower
-    than the tiled path (25.7 ms) and even the full-matrix reference (34.1 ms, 12 GB). On the CPU, tiled
-    (Triton runs only under the interpreter there). Under bf16/fp16 mixed precision train.py asks for
-    16-bit operands, so the fused kernels are what trains on a GPU.
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown NT-Xent implementation {impl!r}; choose one of {IMPLS}")
-    if impl != "auto":
-        return impl
-    sixteen_bit = operands in SIXTEEN_BIT
-    return "triton" if torch.device(device).type == "cuda" and sixteen_bit and _triton_installed() else "tiled"
-
-
-def _block(impl: str, block: int | tuple[int, int] | None, device: torch.device, m: int):
-    """Tiles: tiled takes square (b x b) tiles, triton (rows, columns); None picks a default."""
-    pair = (block, block) if isinstance(block, int) else block
-    if pair is not None and (len(pair) != 2 or min(pair) < 1):
-        raise ValueError(f"block must be a positive int or a (rows, columns) pair, got {block}")
-    if impl == "triton":
-        return pair  # None: ntxent_triton picks from dtype and D
-    if pair is not None and pair[0] != pair[1]:
-        raise ValueError(f"the tiled NT-Xent uses square tiles (it pairs tile (I, J) with (J, I)); got {block}")
-    # CPU (m embeddings in all): a 512 x 512 fp32 tile is 1 MB, inside one core's L2 here, and of 384 ...
-    # 1024 the fastest at m = 32768 on 2 cores; smaller batches balance their threads better with 256.
-    # GPU: big tiles, few Python steps.
-    if pair:
-        return pair[0]
-    return 4096 if device.type != "cpu" else 512 if m >= 16384 else 256
-
-
-def _world(distributed: bool | None) -> tuple[int, int]:
-    """(world size, rank) of the process group the loss gathers over; (1, 0) when alone."""
-    import torch.distributed as dist
-    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed and not active:
-        raise ValueError("distributed=True but torch.distributed is not initialised with world size > 1")
-    if distributed is False or not active:
-        return 1, 0
-    return dist.get_world_size(), dist.get_rank()
-
-
-def precision(z: torch.Tensor, temperature: float, impl: str,
-              operands: torch.dtype | None) -> tuple[torch.dtype, torch.dtype, str]:
-    """(dtype of the normalisation, sums and loss; what the products read; the implementation) for the
-    losses on these kernels (NT-Xent here, SupCon and MoCo in models/contrastive.py), checked."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    operands = operands or (z.dtype if z.dtype in SIXTEEN_BIT else dtype)
-    if operands not in (*SIXTEEN_BIT, torch.float32, torch.float64):
-        raise ValueError(f"operands must be torch.bfloat16, float16, float32 or None, got {operands}")
-    impl = resolve_impl(impl, z.device, operands)
-    if impl == "triton" and not _triton_installed():
-        raise ValueError("impl='triton' needs the triton package, which is not installed; use impl='tiled'")
-    return dtype, operands, impl
-
-
-def kernel_operands(impl: str, operands: torch.dtype) -> torch.dtype:
-    """What a kernel reads: Triton computes in fp32 at most."""
-    return torch.float32 if impl == "triton" and operands == torch.float64 else operands
-
-
-def as_read(z: torch.Tensor, operands: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
-    """z as the products read it (rounded once to 16-bit operands), the gradient straight through: what
-    the full-matrix references and the PyTorch terms beside the kernels compute on."""
-    return z + (z.to(operands).to(dtype) - z).detach() if operands in SIXTEEN_BIT else z
-
-
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows in rank order, without gradient (labels, MoCo's keys); x itself when alone."""
-    world, _ = _world(None)
-    if world == 1:
-        return x
-    import torch.distributed as dist
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, *,
                  impl: str = "auto", block: int | tuple[int, int] | None = None,
                  distributed: bool | None = None, operands: torch.dtype | None = None) -> torch.Tensor:
@@ -268,13 +87,13 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, *
         raise ValueError("NT-Xent needs at least one pair of views, got an empty batch")
     dtype, operands, impl = precision(z1, temperature, impl, operands)
     n = z1.shape[0]
-    world, rank = _world(distributed)
-    block = _block(impl, block, z1.device, 2 * n * world)
+    world, rank = world_of(distributed)
+    block = block_size(impl, block, z1.device, 2 * n * world)
     with torch.autocast(z1.device.type, enabled=False):
         z = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # (2n, D) this rank's [z1; z2]
         if world > 1:
-            z = _GatherRows.apply(z, world, rank)  # (2nW, D), per rank [z1_r; z2_r]
+            z = GatherRows.apply(z, world, rank)  # (2nW, D), per rank [z1_r; z2_r]
         offset = rank * 2 * n
         if impl == "reference":  # the same rounded operands (the gradient straight through), sums in dtype
             return _reference_rows(as_read(z, operands, dtype), offset, n, temperature)
-        return _NTXent.apply(z, offset, n, temperature, impl, block, kernel_operands(impl, operands))
+        return RowLogSumExp.apply(z, offset, n, temperature, impl, block, kernel_operands(impl, operands))

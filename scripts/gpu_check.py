@@ -319,7 +319,7 @@ def step_auto(check: Check) -> dict:
     """Per dtype and size: the fastest implementation measured, and the one `auto` picks."""
     import torch
 
-    from models.ntxent import resolve_impl
+    from models.loss_core import resolve_impl
 
     loss = next((s for s in check.steps if s.name == "loss" and s.status == "passed"), None)
     expect(loss is not None, "there are no loss timings to judge by (the loss step failed)")

@@ -18,7 +18,8 @@ from conftest import triton_runs_on  # noqa: F401  (sets TRITON_INTERPRET first 
 from error_bounds import NTXentBound, max_abs_error
 from test_ntxent import TEMPERATURES, fractions_of_bound, products, views
 
-from models.ntxent import _NTXent, _reference_rows
+from models.loss_core import RowLogSumExp
+from models.ntxent import _reference_rows
 
 TILED_TAUS = [0.01, 0.02, 0.025] + TEMPERATURES
 SHAPES = [(37, 70, 5), (37, 70, 16), (37, 70, None), (1, 9, 3), (1, 9, 1), (7, 5, 1), (20, 16, 40), (33, 128, 13)]
@@ -75,7 +76,7 @@ def gathered_fractions(impl: str, block, tau: float, seed: int) -> tuple[float, 
         want = _reference_rows(want_z, rank * 2 * n, n, tau)
         want.backward()
         got_z = z.float().requires_grad_()
-        got = _NTXent.apply(got_z, rank * 2 * n, n, tau, impl, block, torch.float32)
+        got = RowLogSumExp.apply(got_z, rank * 2 * n, n, tau, impl, block, torch.float32)
         got.backward()
         bound = NTXentBound(z, tau, row_offset=rank * 2 * n, half=n, rows="rounded",
                             products=products(impl, torch.float32, "cpu"))

@@ -34,7 +34,7 @@ def _worker(rank, port, z1, z2, q, k, keys, out_dir):
         from models.backbone import create_backbone
         from models.contrastive import moco_loss, supcon_loss
         from models.methods import MoCo
-        from models.ntxent import gather
+        from models.loss_core import gather
 
         rows = slice(rank * N, (rank + 1) * N)
         results = {"supcon": []}

@@ -130,7 +130,7 @@ def resolved(cfg: dict, key: str):
 # -- fast: each cell's pipeline, one batch, the networks and the loss ------------------------------------------------
 @pytest.mark.parametrize("cell", CELLS, ids=IDS)
 def test_a_cells_batch_goes_through_its_pipeline_networks_and_loss(cell, data, tmp_path, monkeypatch):
-    from models.ntxent import resolve_impl
+    from models.loss_core import resolve_impl
 
     for name, value in cell.env.items():
         monkeypatch.setenv(name, value)

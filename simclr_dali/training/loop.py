@@ -122,7 +122,7 @@ def prepare_model(p: Parts, given: set[str]) -> str:
     """Model (global BatchNorm where it applies), memory format, optimiser and schedule, prepared by
     accelerate; what NT-Xent's products read and which implementation computes them. Returns how
     BatchNorm normalises."""
-    from models.ntxent import resolve_impl
+    from models.loss_core import resolve_impl
     from simclr_dali.training.room import check_free_space, checkpoint_bytes, one_checkpoint_bytes
 
     cfg, acc = p.cfg, p.accelerator
