@@ -31,9 +31,10 @@ class FiniteGuard:
         self.state = torch.tensor([0.0, -1.0, -1.0, 0.0], dtype=torch.float64, device=device)
         self.seen = 0  # skipped steps already reported
 
-    def step(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """The optimiser step if finite, skipped on the device if not; zeroes the gradients. Returns the
-        decision, a boolean on the device."""
+    def arm(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """Decides, on the device, whether step `step` is taken (its loss and gradients finite), hands the
+        decision to the optimiser, whose next step() then changes nothing where it is not, and counts it.
+        Returns the decision, a boolean on the device."""
         loss = loss.detach().float()
         ok = torch.isfinite(loss)
         if self.accelerator.scaler is None:  # under fp16 the scaler finds non-finite gradients itself
@@ -44,8 +45,6 @@ class FiniteGuard:
         bad = ~ok
         if self.accelerator.scaler is None:
             self.inner.found_inf, self.inner.grad_scale = bad.float(), None
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         count, first, last, value = self.state.unbind()
         self.state = torch.stack([count + bad, torch.where(bad & (first < 0), step, first),
                                   torch.where(bad, step, last), torch.where(bad, loss.double(), value)])

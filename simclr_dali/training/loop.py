@@ -280,11 +280,13 @@ def train_epochs(loop: Loop, start_epoch: int, last: int) -> int | None:
             loss = p.method.loss(outputs, labels)
             acc.backward(loss)
             loop.step += 1
+            taken = loop.guard.arm(loss, loop.step)  # a non-finite step: the optimiser's step changes nothing
+            p.optimizer.step()
+            p.optimizer.zero_grad(set_to_none=True)
+            p.method.after_step(taken, loop.step / total)
             if not ahead and loop.step >= build_next_at:
                 loop.next_epoch.start(epoch + 1, lambda e=epoch + 1: loop.loader(e, 0))
                 ahead = True
-            taken = loop.guard.step(loss, loop.step)
-            p.method.after_step(taken, loop.step / total)
             report.step(loss, taken, p.optimizer.param_groups[0]["lr"], p.global_batch)
             if loop.step % steps == 0:
                 break  # the epoch's end synchronises below
