@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 
+from models.loss_core import resolve_impl
+from pipelines.failures import StoreLost
+from simclr_dali.environment import check_environment
+from simclr_dali.settings import given as given_fields
+from simclr_dali.training.ahead import AHEAD_FRACTION, NextEpoch
 from simclr_dali.training.checkpoint import (
+    SaveClock,
     Saved,
     check_metrics,
     export_backbone,
@@ -26,11 +32,13 @@ from simclr_dali.training.checkpoint import (
     write_json,
 )
 from simclr_dali.training.config import Config, parse_command
+from simclr_dali.training.finite import FiniteGuard
+from simclr_dali.training.layers import flat_resolved, given_record, resume_changes
 from simclr_dali.training.optim import build_optimizer, scaled_lr, warmup_epochs
-from simclr_dali.training.ahead import AHEAD_FRACTION, NextEpoch
 from simclr_dali.training.peers import Exchange, one_voice
 from simclr_dali.training.peers import watch as watch_peers
-from simclr_dali.training.signals import how_to_go_on, saved_so_far
+from simclr_dali.training.recipes import recipe_record
+from simclr_dali.training.room import check_free_space, checkpoint_bytes, one_checkpoint_bytes
 from simclr_dali.training.setup import (
     batch_norm,
     build_model,
@@ -42,6 +50,8 @@ from simclr_dali.training.setup import (
     memory_format_and_compile,
     threads_per_process,
 )
+from simclr_dali.training.signals import StopSignal, how_to_go_on, saved_so_far
+from simclr_dali.training.trackers import PROJECT, prepare_stores
 
 
 @dataclass
@@ -76,7 +86,6 @@ def open_run(cfg: Config, given: set[str]) -> Parts:
     first), with the run's global batch spread over however many processes this invocation has."""
     from accelerate.utils import set_seed
 
-    from simclr_dali.environment import check_environment
 
     check_environment()  # what accelerate and torch.distributed read, before they read it
     accelerator = make_accelerator(cfg.log_with, cfg.out)
@@ -122,9 +131,6 @@ def prepare_model(p: Parts, given: set[str]) -> str:
     """Model (global BatchNorm where it applies), memory format, optimiser and schedule, prepared by
     accelerate; what NT-Xent's products read and which implementation computes them. Returns how
     BatchNorm normalises."""
-    from models.loss_core import resolve_impl
-    from simclr_dali.training.room import check_free_space, checkpoint_bytes, one_checkpoint_bytes
-
     cfg, acc = p.cfg, p.accelerator
     model = build_model(cfg)
     if acc.is_main_process:  # room for the checkpoints, before the first step
@@ -152,9 +158,6 @@ def record(p: Parts, bn: str, screen, given: set[str]) -> None:
     now, and to the runs it was recorded from or resumes), and each change a resume made (`changes`: from the
     step it holds, the earlier resumes' first). `given`: the names given on this command line."""
     from pipelines.loader import placement
-    from simclr_dali.settings import given as given_fields
-    from simclr_dali.training.layers import flat_resolved, given_record, resume_changes
-    from simclr_dali.training.recipes import recipe_record
 
     acc, cfg = p.accelerator, p.cfg
     values = flat_resolved(dataclasses.asdict(cfg))
@@ -177,8 +180,6 @@ def record(p: Parts, bn: str, screen, given: set[str]) -> None:
 def start_trackers(p: Parts, report) -> None:
     """--log-with: accelerate's trackers (trackers.py), given the settings as flat scalars (others as
     JSON text)."""
-    from simclr_dali.training.trackers import PROJECT, prepare_stores
-
     if not p.cfg.log_with:
         return
     if p.accelerator.is_main_process:
@@ -195,10 +196,6 @@ class Loop:
     epoch; the checkpoint."""
 
     def __init__(self, p: Parts, report, start_step: int, loader_state: bytes | None, argv):
-        from simclr_dali.training.checkpoint import SaveClock
-        from simclr_dali.training.finite import FiniteGuard
-        from simclr_dali.training.signals import StopSignal
-
         self.p, self.report, self.loader_state, self.argv = p, report, loader_state, argv
         self.step, self.saved = start_step, (start_step if p.cfg.resume else None)
         self.guard = FiniteGuard(p.accelerator, p.model, p.optimizer, p.cfg.max_nonfinite)  # on the device
@@ -329,7 +326,6 @@ def train(argv: list[str] | None = None) -> int:
 
 def train_run(p: Parts, cfg: Config, given: set[str], argv: list[str] | None) -> int:
     """train() once the output folder is this run's."""
-    from pipelines.failures import StoreLost
     from simclr_dali.training.report import Report
 
     screen = prepare_data(p)
