@@ -9,8 +9,8 @@ is one sentence naming the URL and the cause.
 
 S3: both clients retry a request the store fails or does not answer, in the SDKs' "standard" mode: up to
 AWS_MAX_ATTEMPTS tries (RETRIES unless the environment says otherwise, AWS_RETRY_MODE likewise), with a
-backoff that doubles up to 20 s. DALI's client left to its own default gives up on a store gone for 2 s; with
-10 tries it waited 63 s and 104 s here (the server killed, DALI's error timed). GCS: STORAGE_EMULATOR_HOST (the
+backoff that doubles up to 20 s. DALI's client left to its own default gave up on a store gone for 2.3 s; with
+10 tries it waits about a minute or more (python -m bench.store_outage). GCS: STORAGE_EMULATOR_HOST (the
 client libraries' name for an emulator's address) is passed on to DALI as DALI_GCS_ENDPOINT_URL, read without
 credentials (DALI_GCS_ANONYMOUS), as emulators take none.
 """
@@ -78,14 +78,14 @@ def _gcs(emulator: str | None, _credentials: str | None):
     return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT"))  # reads need no project
 
 
-def endpoint(url: str = "s3://") -> str | None:
+def endpoint(url: str) -> str | None:
     """The store the environment names for `url`'s scheme (None: the cloud's own)."""
     if in_gcs(url):
         return os.environ.get("STORAGE_EMULATOR_HOST")
     return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
 
 
-def client(url: str = "s3://"):
+def client(url: str):
     """The store's client for `url`: one per endpoint and credentials in the environment (made once: a client
     costs more than a request)."""
     if in_gcs(url):
@@ -93,7 +93,7 @@ def client(url: str = "s3://"):
     return _s3(endpoint(url), os.environ.get("AWS_ACCESS_KEY_ID"))
 
 
-def where(url: str = "s3://") -> str:
+def where(url: str) -> str:
     """' at ENDPOINT' for a sentence, where the environment names one."""
     return f" at {endpoint(url)}" if endpoint(url) else ""
 

@@ -50,9 +50,10 @@ def check_again(source: Source) -> str:
 
 @contextlib.contextmanager
 def dali_errors(feeder, candidates=lambda: ()):
-    """DALI raising on data it cannot decode (truncated, damaged past its signature) is one sentence naming
-    the file or shard member, found among `candidates()` (the paths or members it may have been reading), with
-    DALI's own words where none is found; never DALI's traceback."""
+    """DALI raising, as a pipeline is built or run, is one sentence, never DALI's traceback: on data it cannot
+    decode (truncated, damaged past its signature), naming the file or shard member found among `candidates()`
+    (the paths or members it may have been reading), with DALI's own words where none is found; on a bucket
+    whose reads failed past the retries, StoreLost. Other build errors (a checkpoint's state refused) pass."""
     try:
         yield
     except RuntimeError as err:

@@ -10,8 +10,8 @@ Commands, a line each on standard input:
                            at once, for SECONDS (or until `up`)
     down-when PATH         the store goes away as PATH appears (a run's first checkpoint), until `up`
     up                     the store answers again
-LOG holds, as JSON after every change: reads (DALI's tar GETs forwarded), cut (connections reset while away),
-down.
+LOG holds, as JSON after every change of the first three: reads (DALI's tar GETs forwarded), cut (connections
+reset while away), down, and peak (the most DALI requests awaiting their responses at once, over the run).
 """
 import json
 import os
@@ -31,6 +31,8 @@ class Proxy:
         self.server_port, self.log = server_port, log
         self.lock = threading.Lock()
         self.reads, self.cut, self.down, self.down_at, self.back_after = 0, 0, False, None, None
+        self.waiting: set[socket.socket] = set()  # connections whose DALI request awaits its response
+        self.peak = 0  # the most DALI requests in flight at once
         self.open: set[socket.socket] = set()
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -40,7 +42,7 @@ class Proxy:
 
     def write(self) -> None:
         with open(self.log + ".tmp", "w") as f:
-            json.dump({"reads": self.reads, "cut": self.cut, "down": self.down}, f)
+            json.dump({"reads": self.reads, "cut": self.cut, "down": self.down, "peak": self.peak}, f)
         os.replace(self.log + ".tmp", self.log)
 
     def serve(self) -> None:
@@ -73,7 +75,14 @@ class Proxy:
     def pump(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
         try:
             while data := src.recv(1 << 16):
-                reads = len(SHARD_READ.findall(data)) if requests and DALI in data.lower() else 0
+                dali = requests and DALI in data.lower()
+                reads = len(SHARD_READ.findall(data)) if dali else 0
+                with self.lock:  # HTTP/1.1 on one connection: a request, then its response
+                    if dali:
+                        self.waiting.add(src)
+                        self.peak = max(self.peak, len(self.waiting))
+                    elif not requests:
+                        self.waiting.discard(dst)
                 if reads:
                     with self.lock:
                         if self.down_at is not None and self.reads + reads > self.down_at:
@@ -88,6 +97,7 @@ class Proxy:
             with self.lock:
                 for sock in (src, dst):
                     self.open.discard(sock)
+                    self.waiting.discard(sock)
                     self.reset(sock)
 
     def go_down(self) -> None:
