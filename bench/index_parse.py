@@ -52,7 +52,7 @@ def main() -> None:
     write(root / "shards", args.shards)
     os.environ["XDG_CACHE_HOME"] = str(root / "cache")  # a cache of its own, empty at first
     shutil.rmtree(root / "cache", ignore_errors=True)
-    from pipelines.sources import load_source
+    from simclr_dali.pipelines.sources import load_source
 
     for what in ("first start (parsed)", "again (cached)"):
         t = time.perf_counter()

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightly.loss import NTXentLoss
     from safetensors.torch import save_file
 
-    from pipelines.sources import load_source
+    from simclr_dali.pipelines.sources import load_source
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="digits")

@@ -49,10 +49,10 @@ def main() -> None:
                 time.sleep(0.05)
         import boto3
 
-        from pipelines import bucket, pack
-        from pipelines.failures import StoreLost
-        from pipelines.loader import eval_loader
-        from pipelines.sources import load_source
+        from simclr_dali.pipelines import bucket, pack
+        from simclr_dali.pipelines.failures import StoreLost
+        from simclr_dali.pipelines.loader import eval_loader
+        from simclr_dali.pipelines.sources import load_source
         from simclr_dali import training
         from simclr_dali.tools.benchmark.startup import make_folder
 

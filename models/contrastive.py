@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.loss_core import (
+from simclr_dali.models.loss_core import (
     GatherRows,
     RowLogSumExp,
     as_read,
@@ -39,7 +39,7 @@ from models.loss_core import (
     widened,
     world_of,
 )
-from models.ntxent_tiled import cross_grad, cross_stats
+from simclr_dali.models.ntxent_tiled import cross_grad, cross_stats
 
 
 # --------------------------------------------------------------------------------------------

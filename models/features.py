@@ -40,7 +40,7 @@ def split_extract(model, source, part_loader, rank: int, world: int,
     """Features (on the main process; None on the others) and labels (on every process) of `source`, whose
     parts (pipelines.sources.Source.part) the `world` processes extract (`part_loader`: this process's, None
     for an empty part), in the source's order whatever the number of processes."""
-    from models.backbone import feature_width
+    from simclr_dali.models.backbone import feature_width
 
     if part_loader is None:
         x, y = torch.empty((0, feature_width(model)), dtype=torch.float16), torch.empty(0, dtype=torch.long)

@@ -10,7 +10,7 @@ import importlib.util
 
 import torch
 
-from models.ntxent_tiled import tiled_grad, tiled_stats
+from simclr_dali.models.ntxent_tiled import tiled_grad, tiled_stats
 
 IMPLS = ("auto", "reference", "tiled", "triton")
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
@@ -53,13 +53,13 @@ class RowLogSumExp(torch.autograd.Function):
 
 @functools.cache
 def triton_kernels():
-    from models import ntxent_triton  # lazy: this module imports where triton is missing
+    from simclr_dali.models import ntxent_triton  # lazy: this module imports where triton is missing
     return ntxent_triton.triton_stats, ntxent_triton.triton_grad
 
 
 @functools.cache
 def triton_cross_kernels():
-    from models import ntxent_triton  # as triton_kernels: MoCo's queue against its rows
+    from simclr_dali.models import ntxent_triton  # as triton_kernels: MoCo's queue against its rows
     return ntxent_triton.triton_cross_stats, ntxent_triton.triton_cross_grad
 
 

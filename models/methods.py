@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import contrastive, loss_core, ntxent
-from models.backbone import ProjectionHead, SimCLRModel, feature_width
+from simclr_dali.models import contrastive, loss_core, ntxent
+from simclr_dali.models.backbone import ProjectionHead, SimCLRModel, feature_width
 from simclr_dali.errors import UserError
 
 

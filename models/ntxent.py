@@ -41,7 +41,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.loss_core import GatherRows, RowLogSumExp, as_read, block_size, kernel_operands, precision, world_of
+from simclr_dali.models.loss_core import (GatherRows, RowLogSumExp, as_read, block_size, kernel_operands, precision,
+                                          world_of)
 
 
 # --------------------------------------------------------------------------------------------

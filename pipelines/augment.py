@@ -18,7 +18,7 @@ import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 
-from pipelines import EVAL_CROP
+from simclr_dali.pipelines import EVAL_CROP
 from simclr_dali.errors import UserError
 from simclr_dali.settings import setting, tracks_given
 
@@ -113,7 +113,7 @@ def per_view(values) -> PerView:
 def signature_masks() -> tuple[np.ndarray, np.ndarray]:
     """(signatures, masks), (K, HEAD_BYTES) uint8 each: sample bytes b match signature k where
     (b ^ signatures[k]) & masks[k] is all zero."""
-    from pipelines.verify import HEAD_BYTES, SIGNATURES
+    from simclr_dali.pipelines.verify import HEAD_BYTES, SIGNATURES
 
     sigs, masks = np.zeros((len(SIGNATURES), HEAD_BYTES), np.uint8), np.zeros((len(SIGNATURES), HEAD_BYTES), np.uint8)
     for k, parts in enumerate(SIGNATURES):
@@ -136,7 +136,7 @@ def unreadable_sample(encoded):
     """Per sample, whether its first bytes match no signature of a format the decoder reads (an empty sample
     included: it is padded with zeros). CPU operators before the decoder, whatever the device: a slice, a
     reshape, one arithmetic expression, two reductions and a comparison, once per image (not per view)."""
-    from pipelines.verify import HEAD_BYTES
+    from simclr_dali.pipelines.verify import HEAD_BYTES
 
     sigs, masks = signature_masks()
     head = fn.slice(encoded, start=[0], shape=[HEAD_BYTES], axes=[0], out_of_bounds_policy="pad", fill_values=0)

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, Augment
-from pipelines.sources import Source
+from simclr_dali.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, Augment
+from simclr_dali.pipelines.sources import Source
 
 
 def simclr_transform(size: int, aug: Augment):

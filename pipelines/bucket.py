@@ -232,8 +232,8 @@ def indexes_beside(shards: list[str]) -> tuple[list[str], list[tuple[int, int, i
         index = shard[:-len(".tar")] + ".idx"
         if index not in listed:
             raise UserError(f"{shard} has no index beside it ({index}): index the shards with 'python -m "
-                            f"pipelines.index' (or write them with 'python -m pipelines.pack') and upload each .idx "
-                            f"beside its .tar")
+                            f"simclr_dali.pipelines.index' (or write them with 'python -m simclr_dali.pipelines.pack') "
+                            f"and upload each .idx beside its .tar")
         indexes.append(index)
         keys.append(listed[shard] + listed[index])
     return indexes, keys

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 
-from pipelines.sources import Source
+from simclr_dali.pipelines.sources import Source
 from simclr_dali.errors import UserError
 
 
@@ -30,7 +30,7 @@ class StoreLost(UserError):
 def store_lost(source: Source, text: str, said: str) -> StoreLost:
     """The sentence for DALI's reader failing on a bucket (`text`, its error; `said`, the line after
     "encountered:"): the object it names and curl's cause, where DALI's words hold them."""
-    from pipelines import bucket
+    from simclr_dali.pipelines import bucket
 
     first = source.shards[0]
     at = bucket.where(first)
@@ -45,7 +45,7 @@ def store_lost(source: Source, text: str, said: str) -> StoreLost:
 
 
 def check_again(source: Source) -> str:
-    return "python -m pipelines.pack" if source.shards is not None else "python -m pipelines.verify"
+    return f"python -m simclr_dali.pipelines.{'pack' if source.shards is not None else 'verify'}"
 
 
 @contextlib.contextmanager
@@ -79,7 +79,7 @@ def dali_errors(feeder, candidates=lambda: ()):
 def first_unreadable(candidates, check=None) -> tuple[str, str] | None:
     """(name, reason) of the first candidate DALI cannot decode: a file path, or a (name, read(n bytes)) pair
     for a shard member; `check` (on the first bytes) in place of a whole decode (verify.check_bytes)."""
-    from pipelines.verify import HEAD_BYTES, check_bytes, check_image
+    from simclr_dali.pipelines.verify import HEAD_BYTES, check_bytes, check_image
 
     for candidate in candidates:
         if isinstance(candidate, str):

@@ -1,7 +1,7 @@
 """Index tar shards written by any tool (the webdataset library, img2dataset, `tar -cf`) for `--data wds:...`.
 
-    python -m pipelines.index '/data/shards/*.tar'
-    python -m pipelines.index /data/shards/00042.tar --force     # replaces the index it has
+    python -m simclr_dali.pipelines.index '/data/shards/*.tar'
+    python -m simclr_dali.pipelines.index /data/shards/00042.tar --force     # replaces the index it has
 
 Training indexes a shard that has none when it loads it; this does it ahead, and replaces an index that
 DALI's wds2idx wrote for a tar whose members are out of order (it groups only adjacent members, so a
@@ -15,7 +15,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from pipelines.webdataset import cache_dir, cached_index_path, find_index, find_shards, write_index
+from simclr_dali.pipelines.webdataset import cache_dir, cached_index_path, find_index, find_shards, write_index
 from simclr_dali.errors import exit_on_user_error
 from simclr_dali.settings import Parser, check_args
 

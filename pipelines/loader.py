@@ -16,11 +16,11 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipelines import EVAL_CROP, eval_crop
-from pipelines.augment import Augment, center_view, decode, simclr_view, two_views
-from pipelines.failures import UnreadableData, check_again, dali_errors, first_unreadable
-from pipelines.sources import Source
-from pipelines.webdataset import IMAGE_EXTS, LABEL_BYTES, parse_labels
+from simclr_dali.pipelines import EVAL_CROP, eval_crop
+from simclr_dali.pipelines.augment import Augment, center_view, decode, simclr_view, two_views
+from simclr_dali.pipelines.failures import UnreadableData, check_again, dali_errors, first_unreadable
+from simclr_dali.pipelines.sources import Source
+from simclr_dali.pipelines.webdataset import IMAGE_EXTS, LABEL_BYTES, parse_labels
 
 
 @dataclass
@@ -133,7 +133,7 @@ class ShardReader:
         self.source, self.batch_size, self.shard = source, batch_size, shard
         self.shuffle, self.drop_last, self.epoch = shuffle, drop_last, epoch
         if source.remote:  # before DALI's S3 client is made, in every process (the main one listed the shards)
-            from pipelines import bucket
+            from simclr_dali.pipelines import bucket
             bucket.patient()
         self.steps = epoch_steps(len(source), shard.count, batch_size, drop_last)
         self.reader_name = None if drop_last else "Reader"  # evaluation: every sample once
@@ -147,7 +147,7 @@ class ShardReader:
     def members(self):
         """("SHARD:MEMBER", read(n bytes)) of each sample's image in this epoch's shards, in the reader's
         order (webdataset.image_members)."""
-        from pipelines.webdataset import image_members
+        from simclr_dali.pipelines.webdataset import image_members
 
         return image_members(self.paths, self.index_paths)
 
@@ -275,7 +275,7 @@ class Loader:
     def unreadable(self, sample: int) -> UnreadableData:
         """The sentence for sample `sample` of the next batch, which augment.decode found to be no image (DALI
         did not fail: it decoded a stand-in)."""
-        from pipelines.verify import signature_problem
+        from simclr_dali.pipelines.verify import signature_problem
 
         feeder, source = self.feeder, self.feeder.source
         if isinstance(feeder, FileReader):

@@ -1,8 +1,8 @@
 """Pack a folder of images into WebDataset tar shards (with DALI index files) for `--data wds:...`.
 
-    python -m pipelines.pack /data/images /data/shards --shard-size 10000
+    python -m simclr_dali.pipelines.pack /data/images /data/shards --shard-size 10000
     python train.py --data 'wds:/data/shards/shard-*.tar' ...
-    python -m pipelines.pack /data/images s3://my-bucket/imagenet     # straight into a bucket
+    python -m simclr_dali.pipelines.pack /data/images s3://my-bucket/imagenet     # straight into a bucket
 
 Samples are written in a seeded random order, so that every shard mixes the folder's classes, and a
 stratified tenth of each class (--holdout) goes to test shards, test-NNNNNN.tar, beside the training
@@ -21,10 +21,10 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from pipelines import bucket
-from pipelines.sources import HOLDOUT_FRACTION, load_folder
-from pipelines.verify import Screening
-from pipelines.webdataset import TEST_PREFIX, TRAIN_PREFIX, index_path, write_shards
+from simclr_dali.pipelines import bucket
+from simclr_dali.pipelines.sources import HOLDOUT_FRACTION, load_folder
+from simclr_dali.pipelines.verify import Screening
+from simclr_dali.pipelines.webdataset import TEST_PREFIX, TRAIN_PREFIX, index_path, write_shards
 from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.settings import Check, Parser, check_args, checked
 

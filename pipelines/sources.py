@@ -14,12 +14,12 @@ from typing import Callable
 
 import numpy as np
 
-from pipelines import IMAGE_EXTENSIONS
+from simclr_dali.pipelines import IMAGE_EXTENSIONS
 from simclr_dali.errors import UserError
 
 HOLDOUT_FRACTION = 0.1  # a single folder keeps this much aside as its test split (pipelines.pack: of each class)
 DIGITS_SIZE = 32
-LIST_HEADER = "# simclr image list v1"  # first line of a list written by `python -m pipelines.verify`
+LIST_HEADER = "# simclr image list v1"  # first line of a list written by `python -m simclr_dali.pipelines.verify`
 Screen = Callable[[list[str], Path], list[int]]  # (files, their folder) -> indices of the ones to keep
 
 
@@ -45,7 +45,7 @@ class Source:
     @property
     def remote(self) -> bool:
         """Tar shards in a bucket (pipelines.bucket)."""
-        from pipelines import bucket
+        from simclr_dali.pipelines import bucket
         return bool(self.shards) and bucket.is_remote(self.shards[0])
 
     def subset(self, index: np.ndarray) -> "Source":
@@ -126,7 +126,7 @@ def load_webdataset(pattern: str, split: str) -> Source:
     """Tar shards. "train": those matching the pattern, less any test shard; "test": the test shards
     (test-NNNNNN.tar, a stratified held-out part written by pipelines.pack --holdout) beside them;
     "all": every match. Labels arrive with the samples (.cls), so they are unknown (-1) here."""
-    from pipelines.webdataset import (
+    from simclr_dali.pipelines.webdataset import (
         TEST_PREFIX,
         TRAIN_PREFIX,
         find_shards,
@@ -145,7 +145,8 @@ def load_webdataset(pattern: str, split: str) -> Source:
         shards = test_shards_beside(shards)
         if not shards:
             raise UserError(f"wds:{pattern} has no test shards ({TEST_PREFIX}NNNNNN.tar beside its shards, which "
-                            f"'python -m pipelines.pack' writes with --holdout): evaluate it with --test-data")
+                            f"'python -m simclr_dali.pipelines.pack' writes with --holdout): evaluate it with "
+                            f"--test-data")
     indexes, counts, nbytes = read_indexes(shards)
     return Source(f"wds:{pattern}", np.full(sum(counts), -1, dtype=np.int64), shards=shards, indexes=indexes,
                   nbytes=nbytes, counts=counts)
@@ -257,7 +258,7 @@ def load_folder(path: str, split: str, screen: Screen | None = None) -> Source:
                         f"'cifar10:PATH' or 'cifar100:PATH')")
     if not root.is_dir():
         raise UserError(f"data path {root} is neither a folder of images nor an image list "
-                        f"written by `python -m pipelines.verify`")
+                        f"written by `python -m simclr_dali.pipelines.verify`")
     if not any(root.iterdir()):
         raise UserError(f"data folder {root} is empty")
     files = on_main(screen, lambda: list_images(root))  # several processes: one lists, the others take its list
@@ -291,7 +292,7 @@ def holdout(source: Source, split: str) -> Source:
     return source.subset(index)
 
 
-# -- an image list: the files of a folder that `python -m pipelines.verify` found decodable --------
+# -- an image list: the files of a folder that `python -m simclr_dali.pipelines.verify` found decodable --------
 # A text file: LIST_HEADER, "# root: ROOT", "# classes: A<TAB>B..." (empty when unlabeled), then one
 # "RELATIVE/PATH<TAB>LABEL" line per image (label -1 when unlabeled).
 def is_image_list(spec: str) -> bool:
@@ -314,17 +315,17 @@ def write_image_list(path: Path, source: Source, root: Path) -> None:
 def load_list(path: str, split: str) -> Source:
     file = Path(path)
     if not is_image_list(path):
-        raise UserError(f"{file} is not an image list written by `python -m pipelines.verify`")
+        raise UserError(f"{file} is not an image list written by `python -m simclr_dali.pipelines.verify`")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"image list {file} is damaged (it holds binary data): run `python -m pipelines.verify "
-                        f"FOLDER --out {file}` again") from None
+        raise UserError(f"image list {file} is damaged (it holds binary data): run "
+                        f"`python -m simclr_dali.pipelines.verify FOLDER --out {file}` again") from None
     lines = text.splitlines()
     if len(lines) < 3 or not lines[1].startswith("# root: ") or not lines[2].startswith("# classes:"):
         raise UserError(f"image list {file} lacks its '# root:' and '# classes:' header lines: run "
-                        f"`python -m pipelines.verify FOLDER --out {file}` again")
-    again = f"run `python -m pipelines.verify {lines[1][len('# root: '):]} --out {file}` again"
+                        f"`python -m simclr_dali.pipelines.verify FOLDER --out {file}` again")
+    again = f"run `python -m simclr_dali.pipelines.verify {lines[1][len('# root: '):]} --out {file}` again"
     if not text.endswith("\n"):  # every line ends with one: a list without it was cut short
         raise UserError(f"image list {file} is cut short (its last line is incomplete): {again}")
     root = Path(lines[1][len("# root: "):])
@@ -341,5 +342,5 @@ def load_list(path: str, split: str) -> Source:
     missing = next((f for f in files if not os.path.isfile(f)), None)
     if missing is not None:
         raise UserError(f"{missing}, named in image list {file}, does not exist: "
-                        f"run `python -m pipelines.verify {root}` again")
+                        f"run `python -m simclr_dali.pipelines.verify {root}` again")
     return holdout(Source(str(file), np.array(labels, dtype=np.int64), files=files, classes=classes), split)

@@ -13,7 +13,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipelines import cache_home
+from simclr_dali.pipelines import cache_home
 
 HEADER = "# simclr image verdicts v1"
 GONE = (-1, -1)  # the (size, mtime) of a file that could not be stat'ed: never matches a verdict

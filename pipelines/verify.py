@@ -1,6 +1,6 @@
 """Find the images DALI cannot decode before training meets them; write the list of the good ones.
 
-    python -m pipelines.verify /data/train --out train.tsv --workers 16
+    python -m simclr_dali.pipelines.verify /data/train --out train.tsv --workers 16
     python train.py --data train.tsv ...
 
 A folder of a million images is scanned once; train.py takes the list as it is. Without a list,
@@ -172,7 +172,7 @@ class Screening:
 
     def check(self, files: list[str], root: Path | None) -> tuple[list[tuple[int, str]], int]:
         """((index, reason) of every file DALI cannot decode, in order; how many verdicts came from the cache)."""
-        from pipelines import verdicts
+        from simclr_dali.pipelines import verdicts
 
         keys, ready, todo = None, {}, list(range(len(files)))
         if self.main and root is not None:
@@ -212,7 +212,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    from pipelines.sources import load_folder, write_image_list
+    from simclr_dali.pipelines.sources import load_folder, write_image_list
 
     parser = build_parser()
     args = parser.parse_args(argv)

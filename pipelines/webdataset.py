@@ -6,7 +6,7 @@ them, `test-NNNNNN.tar` (a `wds:` source's test split, never read for training).
 Index format (DALI's, version v1.2): a header `v1.2 N` then one line per sample listing each of its
 components as `ext offset size name`. Shards written by any tool (the webdataset library, img2dataset,
 `tar -cf` on a folder) are indexed here (`index_tar`) where they come without one: written beside the
-shard, or in a cache folder where that folder cannot be written (`python -m pipelines.index` does it
+shard, or in a cache folder where that folder cannot be written (`python -m simclr_dali.pipelines.index` does it
 ahead).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import IMAGE_EXTENSIONS, cache_home
+from simclr_dali.pipelines import IMAGE_EXTENSIONS, cache_home
 from simclr_dali.errors import UserError
 
 IMAGE_SUFFIXES = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # a component's ext, lower-cased
@@ -39,7 +39,7 @@ def is_test_shard(path: str) -> bool:
 
 def test_shards_beside(shards: list[str]) -> list[str]:
     """The test shards in the folders that hold `shards`, sorted."""
-    from pipelines import bucket
+    from simclr_dali.pipelines import bucket
 
     if shards and bucket.is_remote(shards[0]):
         folders = sorted({s.rsplit("/", 1)[0] for s in shards})
@@ -54,12 +54,12 @@ def index_path(shard: str) -> str:
 
 def index_command(shard: str) -> str:
     """The command that writes our index of `shard`, replacing the one it has."""
-    return f"python -m pipelines.index {shlex.quote(str(shard))} --force"
+    return f"python -m simclr_dali.pipelines.index {shlex.quote(str(shard))} --force"
 
 
 def reindex(shard: str) -> str:
     """How a bad index is made good: the end of every sentence about one."""
-    return (f"write the shards again with 'python -m pipelines.pack', or index the shard again with "
+    return (f"write the shards again with 'python -m simclr_dali.pipelines.pack', or index the shard again with "
             f"'{index_command(shard)}'")
 
 
@@ -68,7 +68,7 @@ def count_samples(index_file: str, shard: str, end: int | None = None) -> tuple[
     'v1.2 N' header, N lines of 'EXT OFFSET SIZE NAME' components, each sample with an image, each component
     inside its tar shard (of `end` bytes; default: its size on disk). A shard in a bucket (pipelines.bucket)
     is read the same way, its index whole and the tar headers checked by ranged reads."""
-    from pipelines import bucket
+    from simclr_dali.pipelines import bucket
 
     remote = bucket.is_remote(shard)
     path, shard = (index_file, shard) if remote else (Path(index_file), Path(shard))
@@ -115,7 +115,7 @@ def count_samples(index_file: str, shard: str, end: int | None = None) -> tuple[
 
 def find_shards(pattern: str) -> list[str]:
     """Shards matching `pattern` (a glob, or s3://BUCKET/PREFIX/GLOB), sorted."""
-    from pipelines import bucket
+    from simclr_dali.pipelines import bucket
 
     if bucket.is_remote(pattern):
         shards = sorted(url for url in bucket.list_matching(pattern) if url.endswith(".tar"))
@@ -137,7 +137,7 @@ def read_indexes(shards: list[str]) -> tuple[list[str], list[int], int]:
     each and their encoded bytes in all. What a check found is kept on this machine (`checked_path`), keyed by
     each shard's and index's size and modification time, so an index is parsed once per data set, not at every
     start: a shard or index written again is checked again."""
-    from pipelines import bucket
+    from simclr_dali.pipelines import bucket
 
     if shards and bucket.is_remote(shards[0]):
         indexes, keys = bucket.indexes_beside(shards)
@@ -158,7 +158,7 @@ CHECKED_HEADER = "# simclr checked indexes v1"
 
 def checked_path(indexes: list[str]) -> Path:
     """The file that keeps what the check of these indexes found, named by their real paths (their URLs)."""
-    from pipelines import bucket
+    from simclr_dali.pipelines import bucket
 
     ident = "\0".join(i if bucket.is_remote(i) else os.path.realpath(i) for i in indexes).encode(
         "utf-8", "surrogateescape")
@@ -346,7 +346,7 @@ def image_members(shards: list[str], indexes: list[str]):
     """("SHARD:MEMBER", read) for each sample's image component, shard by shard in their index's order (the
     order DALI's reader reads them): read(n) gives its first n bytes (all with None). For naming a sample
     DALI could not decode: the indexes were checked whole when the source was loaded."""
-    from pipelines import bucket
+    from simclr_dali.pipelines import bucket
 
     for shard, index in zip(shards, indexes):
         remote = bucket.is_remote(index)
@@ -359,7 +359,7 @@ def image_members(shards: list[str], indexes: list[str]):
 
 def _member_reader(shard: str, offset: int, size: int):
     def read(n: int | None) -> bytes:
-        from pipelines import bucket
+        from simclr_dali.pipelines import bucket
 
         if bucket.is_remote(shard):
             return bucket.read_bytes(shard, offset, size if n is None else min(n, size))

@@ -273,7 +273,7 @@ def benchmark(check: Check, name: str, *args: str) -> list[dict]:
 
 def step_pipeline(check: Check) -> dict:
     """DALI (on the GPU when there is one) against torchvision with one DataLoader worker per CPU core."""
-    from pipelines.sources import load_source, write_image_list
+    from simclr_dali.pipelines.sources import load_source, write_image_list
 
     p = check.plan
     source = load_source(str(check.images()), "train", str(check.images()))
@@ -319,7 +319,7 @@ def step_auto(check: Check) -> dict:
     """Per dtype and size: the fastest implementation measured, and the one `auto` picks."""
     import torch
 
-    from models.loss_core import resolve_impl
+    from simclr_dali.models.loss_core import resolve_impl
 
     loss = next((s for s in check.steps if s.name == "loss" and s.status == "passed"), None)
     expect(loss is not None, "there are no loss timings to judge by (the loss step failed)")

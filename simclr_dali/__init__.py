@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 __all__ = ["Augment", "Config", "EvalConfig", "Run", "pretrain"]
 
 _HOMES = {"pretrain": "simclr_dali.api", "Run": "simclr_dali.api", "Config": "simclr_dali.training.config",
-          "EvalConfig": "simclr_dali.evaluation.evaluate", "Augment": "pipelines.augment"}
+          "EvalConfig": "simclr_dali.evaluation.evaluate", "Augment": "simclr_dali.pipelines.augment"}
 
 
 def __getattr__(name: str):

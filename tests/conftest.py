@@ -205,13 +205,13 @@ def nan(loss):  # the loss, and so every gradient, becomes NaN
 
 @pytest.fixture
 def hooks(monkeypatch) -> StepHooks:
-    import models.ntxent
+    from simclr_dali.models import ntxent
 
-    real, hooks = models.ntxent.nt_xent_loss, StepHooks()
+    real, hooks = ntxent.nt_xent_loss, StepHooks()
 
     def loss(*args, **kwargs):
         hooks.count += 1
         return hooks.get(hooks.count, lambda value: value)(real(*args, **kwargs))
 
-    monkeypatch.setattr(models.ntxent, "nt_xent_loss", loss)
+    monkeypatch.setattr(ntxent, "nt_xent_loss", loss)
     return hooks

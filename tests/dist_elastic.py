@@ -9,13 +9,13 @@ import signal
 import sys
 from pathlib import Path
 
-import models.ntxent
-import pipelines.loader
+from simclr_dali.models import ntxent
+from simclr_dali.pipelines import loader
 from simclr_dali import training as train
 
 RANK, STOP_AT = int(os.environ.get("RANK", "0")), int(os.environ.get("STOP_AT", "0"))
 RECORD, calls = Path(os.environ["RECORD"]) / f"seen_{os.environ['TAG']}_{RANK}.jsonl", {"n": 0}
-real_iter, real_loss = pipelines.loader.Loader.__iter__, models.ntxent.nt_xent_loss
+real_iter, real_loss = loader.Loader.__iter__, ntxent.nt_xent_loss
 
 
 def recording_iter(self):
@@ -32,5 +32,5 @@ def loss(*args, **kwargs):
     return real_loss(*args, **kwargs)
 
 
-pipelines.loader.Loader.__iter__, models.ntxent.nt_xent_loss = recording_iter, loss
+loader.Loader.__iter__, ntxent.nt_xent_loss = recording_iter, loss
 sys.exit(train.main(sys.argv[1:]))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-import models.ntxent
+from simclr_dali.models import ntxent
 from simclr_dali.training import loop as train
 
 RANK, calls, models_built = int(os.environ["RANK"]), {"n": 0}, []
-real_loss, real_build = models.ntxent.nt_xent_loss, train.build_model
+real_loss, real_build = ntxent.nt_xent_loss, train.build_model
 
 
 def loss(*args, **kwargs):
@@ -27,7 +27,7 @@ def build_model(cfg):
     return models_built[-1]
 
 
-models.ntxent.nt_xent_loss, train.build_model = loss, build_model
+ntxent.nt_xent_loss, train.build_model = loss, build_model
 code = train.main(sys.argv[1:])
 weights = torch.cat([p.detach().reshape(-1) for p in models_built[0].parameters()])
 digest = {"rank": RANK, "code": code, "finite": bool(torch.isfinite(weights).all()),

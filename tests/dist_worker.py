@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from models.ntxent import nt_xent_loss
-from pipelines.augment import Augment
-from pipelines.loader import Shard, train_loader
-from pipelines.sources import Source, load_source
+from simclr_dali.models.ntxent import nt_xent_loss
+from simclr_dali.pipelines.augment import Augment
+from simclr_dali.pipelines.loader import Shard, train_loader
+from simclr_dali.pipelines.sources import Source, load_source
 from simclr_dali.training import build_model, make_accelerator, parse_args
 
 TAU = 0.2
@@ -106,7 +106,7 @@ def main() -> None:
     result.update(compare_gradients(accelerator, seed=0))
 
     # 3. rows of unequal parts (one empty), in chunks of 3 rows, float32 where one part needs it, placed by order
-    from models.features import gather_rows
+    from simclr_dali.models.features import gather_rows
     part = torch.arange(7 * 2, dtype=torch.float32).view(7, 2) if rank == 0 else torch.zeros((0, 2), dtype=torch.float16)
     order = np.arange(7)[::-1].copy()
     got = gather_rows(part, torch.device("cpu"), chunk_bytes=3 * 2 * 4, keep=rank == 0, order=order)

@@ -18,8 +18,8 @@ from conftest import triton_runs_on  # noqa: F401  (sets TRITON_INTERPRET first 
 from error_bounds import NTXentBound, max_abs_error
 from test_ntxent import TEMPERATURES, fractions_of_bound, products, views
 
-from models.loss_core import RowLogSumExp
-from models.ntxent import _reference_rows
+from simclr_dali.models.loss_core import RowLogSumExp
+from simclr_dali.models.ntxent import _reference_rows
 
 TILED_TAUS = [0.01, 0.02, 0.025] + TEMPERATURES
 SHAPES = [(37, 70, 5), (37, 70, 16), (37, 70, None), (1, 9, 3), (1, 9, 1), (7, 5, 1), (20, 16, 40), (33, 128, 13)]

@@ -1,6 +1,6 @@
 """The Python API: the README's block runs as it stands (read out of the README, in a fresh process, on
-the built-in digits), settings built in Python pass the flags' own checks, and they turn back into the
-command line that gives them."""
+the built-in digits, from a folder whose own models.py and pipelines.py stay theirs), settings built in Python
+pass the flags' own checks, and they turn back into the command line that gives them."""
 from __future__ import annotations
 
 import re
@@ -8,11 +8,11 @@ import re
 import pytest
 from conftest import ROOT, run_cli
 
-from pipelines.augment import Augment
 from simclr_dali import Config, EvalConfig, pretrain
 from simclr_dali import training as train
 from simclr_dali.errors import UserError
 from simclr_dali.evaluation import evaluate
+from simclr_dali.pipelines.augment import Augment
 from simclr_dali.settings import to_argv
 
 
@@ -24,7 +24,10 @@ def readme_block() -> str:
 
 @pytest.mark.slow
 def test_the_readme_block_runs_as_it_stands(tmp_path):
-    (tmp_path / "block.py").write_text(readme_block())
+    # a notebook's folder with modules of the two common names: the block imports simclr_dali's, not these
+    (tmp_path / "models.py").write_text("raise ImportError('the user models.py was imported')\n")
+    (tmp_path / "pipelines.py").write_text("raise ImportError('the user pipelines.py was imported')\n")
+    (tmp_path / "block.py").write_text(readme_block() + "\nimport sys\nassert 'models' not in sys.modules\n")
     r = run_cli("block.py", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()

@@ -9,7 +9,7 @@ import torch
 from conftest import make_folder
 from safetensors.torch import load_file
 
-from models.backbone import create_backbone
+from simclr_dali.models.backbone import create_backbone
 from simclr_dali import training as train
 
 VIT = "vit_tiny_patch16_224"

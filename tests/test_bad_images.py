@@ -12,8 +12,8 @@ from conftest import make_folder, panel_words, run_cli, train_here, write_image
 from nvidia.dali import pipeline_def
 from PIL import Image
 
-from pipelines.sources import load_source
-from pipelines.verify import Screening, check_image
+from simclr_dali.pipelines.sources import load_source
+from simclr_dali.pipelines.verify import Screening, check_image
 from simclr_dali.errors import UserError
 
 BAD = {  # relative path -> start of the reason pipelines.verify gives
@@ -82,7 +82,7 @@ def test_check_image_agrees_with_dalis_decoder(bad_folder):
 @pytest.mark.slow
 def test_verify_writes_the_list_that_training_reads(bad_folder, tmp_path):
     listing = tmp_path / "good.tsv"
-    r = run_cli("-m", "pipelines.verify", str(bad_folder), "--out", str(listing), "--workers", "2")
+    r = run_cli("-m", "simclr_dali.pipelines.verify", str(bad_folder), "--out", str(listing), "--workers", "2")
     assert r.returncode == 0, r.stderr
     assert f"{5 + 36 + len(ODD_BUT_GOOD)} images" in r.stdout and f"{len(BAD)} cannot be decoded" in r.stdout
     lines = listing.read_text().splitlines()
@@ -137,7 +137,7 @@ def test_on_bad_image_error_names_the_first_bad_file(bad_folder, tmp_path, capsy
 
 
 def test_pack_leaves_out_what_training_would_skip(bad_folder, tmp_path, capsys):
-    from pipelines import pack
+    from simclr_dali.pipelines import pack
 
     out = tmp_path / "shards"
     assert pack.main([str(bad_folder), str(out), "--shard-size", "10", "--workers", "1"]) == 0

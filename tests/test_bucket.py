@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import ENV, TINY, free_port, make_folder, run_cli, train_here
 
-from pipelines.sources import load_folder, load_source
-from pipelines.webdataset import TEST_PREFIX, write_shards
+from simclr_dali.pipelines.sources import load_folder, load_source
+from simclr_dali.pipelines.webdataset import TEST_PREFIX, write_shards
 from simclr_dali.errors import UserError
 
 pytestmark = pytest.mark.slow  # a server in a process of its own
@@ -148,7 +148,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def test_shards_in_a_bucket_read_as_the_same_shards_on_disk(scheme, store):
-    from pipelines.loader import eval_loader
+    from simclr_dali.pipelines.loader import eval_loader
 
     _, local, _ = store
     for split in ("train", "test"):
@@ -298,13 +298,13 @@ def test_access_denied_by_the_store_is_one_sentence_before_any_training(tmp_path
 
 
 def test_pack_writes_shards_straight_into_a_bucket_and_refuses_to_mix_them_with_old_ones(scheme, tmp_path, capsys):
-    from pipelines import pack
+    from simclr_dali.pipelines import pack
     folder = make_folder(tmp_path / "images", per_class=5)  # 15 images: 12 train, 3 test
     assert pack.main([str(folder), f"{scheme}://data/packed", "--shard-size", "5"]) == 0
     assert "wrote 12 samples in 3 shard(s) and 3 test samples" in capsys.readouterr().out
     train, test = (load_source(f"wds:{scheme}://data/packed/shard-*.tar", split) for split in ("train", "test"))
     assert (train.counts, test.counts) == ([5, 5, 2], [3])
-    from pipelines.loader import eval_loader
+    from simclr_dali.pipelines.loader import eval_loader
     labels = torch.cat([y for s in (train, test) for _, y in eval_loader(s, batch_size=4, size=32, workers=1,
                                                                            device_id=None)])
     assert sorted(labels.tolist()) == sorted(load_folder(str(folder), "all").labels.tolist())

@@ -13,8 +13,8 @@ from conftest import dali_device_id
 from nvidia.dali.pipeline import do_not_convert, pipeline_def
 from PIL import Image
 
-from pipelines import augment
-from pipelines.augment import ORDERS, Augment
+from simclr_dali.pipelines import augment
+from simclr_dali.pipelines.augment import ORDERS, Augment
 
 MEANS = {"dark": 41, "mid-grey": 128, "bright": 210}  # the mean grey level each generated image is built around
 FACTORS = np.linspace(0.2, 1.8, 9)  # the paper's range at s = 1: 1 -+ 0.8
@@ -306,8 +306,8 @@ def test_the_gpu_placement_traces_with_operators_that_dali_has_on_the_gpu(kind, 
     import nvidia.dali.backend as backend
     from conftest import make_folder
 
-    from pipelines.loader import Shard, make_input, two_view_pipeline
-    from pipelines.sources import Source, load_source
+    from simclr_dali.pipelines.loader import Shard, make_input, two_view_pipeline
+    from simclr_dali.pipelines.sources import Source, load_source
 
     rng = np.random.default_rng(0)
     source = Source("arrays", np.arange(16), images=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)) \

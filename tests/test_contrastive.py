@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import triton_runs_on
 from error_bounds import InfoNCEBound, SupConBound, max_abs_error
 
-from models.contrastive import _class_ids, moco_loss, supcon_loss
-from models.ntxent import nt_xent_loss
+from simclr_dali.models.contrastive import _class_ids, moco_loss, supcon_loss
+from simclr_dali.models.ntxent import nt_xent_loss
 
 
 def supcon_oracle(z: torch.Tensor, y: list[int], tau: float) -> torch.Tensor:

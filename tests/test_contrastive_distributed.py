@@ -31,10 +31,10 @@ def _worker(rank, port, z1, z2, q, k, keys, out_dir):
         os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        from models.backbone import create_backbone
-        from models.contrastive import moco_loss, supcon_loss
-        from models.methods import MoCo
-        from models.loss_core import gather
+        from simclr_dali.models.backbone import create_backbone
+        from simclr_dali.models.contrastive import moco_loss, supcon_loss
+        from simclr_dali.models.methods import MoCo
+        from simclr_dali.models.loss_core import gather
 
         rows = slice(rank * N, (rank + 1) * N)
         results = {"supcon": []}
@@ -71,7 +71,7 @@ def ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{i}-{b}-{str(d)[6:]}" for i, b, d in CASES])
 def test_supcon_on_two_processes_is_supcon_on_one(ranks, case):
-    from models.contrastive import supcon_loss
+    from simclr_dali.models.contrastive import supcon_loss
 
     (z1, z2, *_), results = ranks
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
@@ -93,9 +93,9 @@ def test_supcon_on_two_processes_is_supcon_on_one(ranks, case):
 
 
 def test_moco_on_two_processes_is_moco_on_one(ranks):
-    from models.backbone import create_backbone
-    from models.contrastive import moco_loss
-    from models.methods import MoCo
+    from simclr_dali.models.backbone import create_backbone
+    from simclr_dali.models.contrastive import moco_loss
+    from simclr_dali.models.methods import MoCo
 
     (_, _, q, k, keys), results = ranks
     torch.manual_seed(0)

@@ -245,8 +245,8 @@ def test_a_damaged_dali_state_of_a_mid_epoch_checkpoint(finished, tmp_path, hook
 # -- the data files the tools read back: image lists from pipelines.verify, shard indexes ------------
 @pytest.fixture(scope="module")
 def data_files(finished, tmp_path_factory) -> dict[str, Path]:
-    from pipelines.sources import load_folder, write_image_list
-    from pipelines.webdataset import write_shards
+    from simclr_dali.pipelines.sources import load_folder, write_image_list
+    from simclr_dali.pipelines.webdataset import write_shards
 
     root, folder = tmp_path_factory.mktemp("data"), finished[0]
     source = load_folder(str(folder), "all")
@@ -265,7 +265,7 @@ def test_a_damaged_image_list(data_files, tmp_path, capsys, damage):
               "empty": f"error: data path {listing} is neither a folder of images nor an image list",
               "garbage": f"error: data path {listing} is neither a folder of images nor an image list",
               "cut": f"error: image list {listing} is cut short (its last line is incomplete): run `python -m "
-                     f"pipelines.verify {data_files['list'].parent.parent / 'damaged0' / 'images'}"}[damage]
+                     f"simclr_dali.pipelines.verify {data_files['list'].parent.parent / 'damaged0' / 'images'}"}[damage]
     assert err.startswith(expect[:60]), err
     if damage == "cut":
         assert err.endswith(f" --out {listing}` again")
@@ -282,7 +282,7 @@ def test_a_damaged_shard_or_index(data_files, tmp_path, capsys, name, damage):
         return  # one shard fewer: a smaller data set, not a damaged one
     index, shard = shards / "shard-000001.idx", shards / "shard-000001.tar"
     if name.endswith(".idx") and damage == "deleted":  # a shard without an index is indexed where it is loaded
-        from pipelines.sources import load_source
+        from simclr_dali.pipelines.sources import load_source
         assert len(load_source(args[1], "train")) == 18
         assert index.read_text() == (data_files["shards"] / "shard-000001.idx").read_text()  # as pack wrote it
         return
@@ -296,7 +296,7 @@ def test_a_damaged_shard_or_index(data_files, tmp_path, capsys, name, damage):
         assert err.startswith(f"error: {index} is not a DALI webdataset index (its first line should be 'v1.2 N')")
     else:
         assert err.startswith(f"error: {index} is cut short (")
-    assert "pipelines.pack" in err
+    assert "simclr_dali.pipelines.pack" in err
 
 
 def test_an_image_damaged_inside_a_shard_is_one_sentence(data_files, tmp_path, capsys):
@@ -316,7 +316,7 @@ def test_an_image_damaged_inside_a_shard_is_one_sentence(data_files, tmp_path, c
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     member = re.fullmatch(rf"error: {re.escape(str(shards / 'shard-000000.tar'))}:(\d+)\.(jpg|png), read from "
                           rf"{re.escape(pattern)}, is not an image in a format DALI decodes: the data changed "
-                          rf"after it was checked; check it again with python -m pipelines\.pack", err)
+                          rf"after it was checked; check it again with python -m simclr_dali\.pipelines\.pack", err)
     assert member is not None, err
     lines = (shards / "shard-000000.idx").read_text().splitlines()
     assert f"{member[1]}.{member[2]}" in [line.split()[3] for line in lines[2:-1]]  # one of those zeroed

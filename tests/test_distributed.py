@@ -11,8 +11,8 @@ import torch
 from conftest import ROOT, free_port, make_folder, panel_words, run_cli
 from error_bounds import gamma, unit_roundoff
 
-from pipelines.sources import load_folder
-from pipelines.webdataset import TEST_PREFIX, write_shards
+from simclr_dali.pipelines.sources import load_folder
+from simclr_dali.pipelines.webdataset import TEST_PREFIX, write_shards
 
 pytestmark = pytest.mark.slow  # two processes through accelerate launch
 
@@ -121,9 +121,9 @@ def one_process_monitor(out, spec: str) -> tuple[float, int]:
     many of its 5 decisions two computations' roundings could change (test_evaluate.knn_fragile)."""
     from test_evaluate import feature_error, knn_fragile
 
-    from models.features import extract
-    from pipelines.loader import eval_loader
-    from pipelines.sources import load_source
+    from simclr_dali.models.features import extract
+    from simclr_dali.pipelines.loader import eval_loader
+    from simclr_dali.pipelines.sources import load_source
     from simclr_dali.evaluation.backbone import load_backbone
     from simclr_dali.training.monitor import KnnMonitor
 
@@ -146,9 +146,9 @@ def one_process_knn(out, folder, n_test: int) -> tuple[float, int]:
     two computations' roundings could change."""
     from test_evaluate import feature_error, knn_fragile
 
-    from models.features import extract, knn_top1
-    from pipelines.loader import eval_loader
-    from pipelines.sources import load_source
+    from simclr_dali.models.features import extract, knn_top1
+    from simclr_dali.pipelines.loader import eval_loader
+    from simclr_dali.pipelines.sources import load_source
     from simclr_dali.evaluation.backbone import load_backbone
 
     backbone = load_backbone(json.loads((out / "config.json").read_text()), out / "backbone.safetensors")
@@ -170,8 +170,8 @@ def test_one_process_meets_a_damaged_image_and_the_run_stops(tmp_path):
     """Rank 1's part of the first epoch holds damaged images inside its shards (past what the indexes
     check), rank 0's none: rank 1 says so in one sentence and exits 2; rank 0, whose collective breaks,
     exits 1 without a traceback; the launcher ends with a non-zero status, naming rank 1 as the cause."""
-    from pipelines.loader import Shard, ShardReader
-    from pipelines.sources import load_source
+    from simclr_dali.pipelines.loader import Shard, ShardReader
+    from simclr_dali.pipelines.sources import load_source
 
     folder = make_folder(tmp_path / "images", per_class=12)  # 36 images in 6 shards of 6
     source = load_folder(str(folder), "all")

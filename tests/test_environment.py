@@ -4,7 +4,7 @@ it accepts."""
 import pytest
 from conftest import make_folder, train_here
 
-from pipelines.sources import load_source
+from simclr_dali.pipelines.sources import load_source
 from simclr_dali.environment import check_environment
 from simclr_dali.errors import UserError
 

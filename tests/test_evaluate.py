@@ -14,9 +14,9 @@ from conftest import make_folder, write_image
 from error_bounds import gamma, unit_roundoff
 from PIL import Image
 
-from models.features import extract, knn_top1
-from pipelines.loader import eval_loader
-from pipelines.sources import load_folder, load_source
+from simclr_dali.models.features import extract, knn_top1
+from simclr_dali.pipelines.loader import eval_loader
+from simclr_dali.pipelines.sources import load_folder, load_source
 from simclr_dali import training as train
 from simclr_dali.evaluation import evaluate, plots
 from simclr_dali.evaluation.backbone import load_backbone

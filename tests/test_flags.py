@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from pipelines import pack, verify
-from pipelines.augment import Augment
+from simclr_dali.pipelines import pack, verify
+from simclr_dali.pipelines.augment import Augment
 from simclr_dali import training as train
 from simclr_dali.evaluation import evaluate
 from simclr_dali.tools import export, preview
@@ -15,8 +15,8 @@ from simclr_dali.tools.benchmark import command as benchmark
 COMMANDS = {  # name: (parser, main, the arguments it needs besides the flag under test)
     "train.py": (train.build_parser, train.main, []),
     "evaluate.py": (evaluate.build_parser, evaluate.main, ["--run", "runs/none"]),
-    "pipelines.verify": (verify.build_parser, verify.main, ["no/such/folder"]),
-    "pipelines.pack": (pack.build_parser, pack.main, ["no/such/folder", "no/such/out"]),
+    "simclr_dali.pipelines.verify": (verify.build_parser, verify.main, ["no/such/folder"]),
+    "simclr_dali.pipelines.pack": (pack.build_parser, pack.main, ["no/such/folder", "no/such/out"]),
     "simclr-preview": (preview.build_parser, preview.main, []),
     "simclr-export": (export.build_parser, export.main, ["--run", "runs/none"]),
     **{f"benchmark.py {name}": (lambda name=name: benchmark.build_parser().sections[name], benchmark.main, [name])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_folder, train_here
 
-from pipelines.augment import Augment
+from simclr_dali.pipelines.augment import Augment
 from simclr_dali import Config, EvalConfig, Run, pretrain
 from simclr_dali import training as train
 from simclr_dali.errors import UserError

@@ -1,6 +1,7 @@
 """The layout follows the data's way through the trainer: every import, at the top of a module or inside a
 function, points down the flow (or within its own layer, without cycles), no module edits sys.path, and the
-scripts at the top level are thin."""
+scripts at the top level are thin. The checkout's pipelines/ and models/ are imported only as
+simclr_dali.pipelines and simclr_dali.models (links inside simclr_dali/), the one import name an installed copy has."""
 from __future__ import annotations
 
 import ast
@@ -8,13 +9,13 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("pipelines", "models", "simclr_dali")
+PACKAGES = ("pipelines", "models", "simclr_dali")  # the folders; the first two are simclr_dali's subpackages
 # The flow, lowest first: what every layer may build on. A module belongs to the first prefix it matches.
 LAYERS = [
     ("base", ("simclr_dali.errors", "simclr_dali.settings", "simclr_dali.readback", "simclr_dali.lock",
               "simclr_dali.environment")),
-    ("data", ("pipelines",)),
-    ("model", ("models",)),
+    ("data", ("simclr_dali.pipelines",)),
+    ("model", ("simclr_dali.models",)),
     ("training", ("simclr_dali.training",)),
     ("evaluation", ("simclr_dali.evaluation",)),
     ("tools", ("simclr_dali.tools", "simclr_dali.api", "simclr_dali")),
@@ -23,6 +24,7 @@ LAYERS = [
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
+    parts = parts if parts[0] == "simclr_dali" else ("simclr_dali", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -49,8 +51,31 @@ def imports(path: Path, modules: set[str]) -> set[str]:
                      for a in node.names]
         else:
             continue
-        found |= {n for n in names if n.split(".")[0] in PACKAGES}
+        found |= {n for n in names if n.split(".")[0] == "simclr_dali"}
     return found
+
+
+def python_files() -> list[Path]:
+    """Every Python file of the checkout (the links inside simclr_dali/ are not followed: their folders are here)."""
+    return [p for p in sorted(ROOT.rglob("*.py")) if not {".venv", ".git", "build"} & set(p.parts)]
+
+
+def test_the_subpackages_are_links_to_the_checkouts_folders():
+    for name in ("pipelines", "models"):
+        link = ROOT / "simclr_dali" / name
+        assert link.is_symlink() and link.resolve() == ROOT / name, link
+
+
+def test_nothing_imports_the_folders_by_their_own_names():
+    # `import models` from the checkout would load a second copy of the modules (two Loader classes, two
+    # registries) and fails where the project is installed
+    offenders = []
+    for path in python_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("models", "pipelines")]
+    assert not offenders, offenders
 
 
 def test_every_import_points_down_the_flow_and_there_is_no_cycle():
@@ -82,17 +107,16 @@ def test_the_pipeline_knows_nothing_of_models_and_training_nothing_of_evaluation
     modules = project_modules()
     for m, p in modules.items():
         got = imports(p, set(modules))
-        if m.startswith("pipelines"):
-            assert not {t for t in got if t.startswith(("models", "simclr_dali.training", "simclr_dali.evaluation"))}, m
+        if m.startswith("simclr_dali.pipelines"):
+            assert not {t for t in got if t.startswith(("simclr_dali.models", "simclr_dali.training",
+                                                        "simclr_dali.evaluation"))}, m
         if m.startswith("simclr_dali.training"):
             assert not {t for t in got if t.startswith(("simclr_dali.evaluation", "simclr_dali.tools"))}, m
 
 
 def test_no_module_edits_sys_path():
     offenders = []
-    for path in sorted(ROOT.rglob("*.py")):
-        if ".venv" in path.parts or ".git" in path.parts:
-            continue
+    for path in python_files():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
                 offenders.append(str(path.relative_to(ROOT)))

@@ -10,8 +10,8 @@ import torch
 from conftest import fixed_batch, make_folder, train_here
 from error_bounds import gamma, unit_roundoff
 
-from models.features import knn_top1
-from pipelines.sources import load_folder
+from simclr_dali.models.features import knn_top1
+from simclr_dali.pipelines.sources import load_folder
 from simclr_dali import training as train
 from simclr_dali.evaluation.evaluate import EvalConfig
 from simclr_dali.evaluation.probes import FinetuneSettings, finetune, finetune_augment, linear_probe_top1
@@ -22,7 +22,7 @@ def small_cfg(*args):
 
 
 def test_a_step_moves_the_weights_and_steps_on_a_fixed_batch_lower_the_loss():
-    from models.ntxent import nt_xent_loss
+    from simclr_dali.models.ntxent import nt_xent_loss
 
     cfg, model, optimizer, views = fixed_batch("--lr", "4.8")  # 0.3 per 256 images at batch 16, times 16
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -158,7 +158,7 @@ def test_the_linear_probe_separates_linearly_separable_features():
 
 
 def test_fine_tuning_changes_the_backbone(tmp_path):
-    from pipelines.loader import eval_loader
+    from simclr_dali.pipelines.loader import eval_loader
     from simclr_dali.evaluation.backbone import load_backbone
 
     folder = load_folder(str(make_folder(tmp_path / "images", per_class=8)), "all")

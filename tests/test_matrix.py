@@ -20,8 +20,8 @@ import pytest
 import torch
 from conftest import make_folder, run_cli, write_cifar
 
-from pipelines.loader import Shard, train_loader
-from pipelines.sources import load_source
+from simclr_dali.pipelines.loader import Shard, train_loader
+from simclr_dali.pipelines.sources import load_source
 from simclr_dali import training as train
 
 BATCH = 4  # images per step (two views each)
@@ -93,7 +93,7 @@ def data(tmp_path_factory) -> dict:
     the `tar` command with upper-case .JPEG members in a shuffled order (a sample's image and label apart)."""
     import webdataset
 
-    from pipelines import pack, verify
+    from simclr_dali.pipelines import pack, verify
 
     root = tmp_path_factory.mktemp("matrix")
     folder = make_folder(root / "images", per_class=4, size=(80, 60))
@@ -130,7 +130,7 @@ def resolved(cfg: dict, key: str):
 # -- fast: each cell's pipeline, one batch, the networks and the loss ------------------------------------------------
 @pytest.mark.parametrize("cell", CELLS, ids=IDS)
 def test_a_cells_batch_goes_through_its_pipeline_networks_and_loss(cell, data, tmp_path, monkeypatch):
-    from models.loss_core import resolve_impl
+    from simclr_dali.models.loss_core import resolve_impl
 
     for name, value in cell.env.items():
         monkeypatch.setenv(name, value)

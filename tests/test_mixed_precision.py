@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import fixed_batch, make_folder, panel_words, train_here
 
-from models.ntxent import nt_xent_loss
+from simclr_dali.models.ntxent import nt_xent_loss
 from simclr_dali import training as train
 from simclr_dali.errors import UserError
 
@@ -16,15 +16,15 @@ from simclr_dali.errors import UserError
 @pytest.fixture
 def losses(monkeypatch) -> list:
     """(embeddings' dtype, operands) of every NT-Xent call a run makes."""
-    import models.ntxent
+    from simclr_dali.models import ntxent
 
-    calls, real = [], models.ntxent.nt_xent_loss
+    calls, real = [], ntxent.nt_xent_loss
 
     def loss(z1, z2, *args, **kwargs):
         calls.append((z1.dtype, kwargs.get("operands")))
         return real(z1, z2, *args, **kwargs)
 
-    monkeypatch.setattr(models.ntxent, "nt_xent_loss", loss)
+    monkeypatch.setattr(ntxent, "nt_xent_loss", loss)
     return calls
 
 

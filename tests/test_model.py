@@ -3,7 +3,7 @@ import timm
 import torch
 from torch import nn
 
-from models.backbone import SimCLRModel, create_backbone
+from simclr_dali.models.backbone import SimCLRModel, create_backbone
 from simclr_dali.errors import UserError
 
 

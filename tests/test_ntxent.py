@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from conftest import triton_runs_on
 from error_bounds import NTXentBound, max_abs_error
 
-from models.loss_core import RowLogSumExp, resolve_impl
-from models.ntxent import _reference_rows, nt_xent_loss, nt_xent_reference
+from simclr_dali.models.loss_core import RowLogSumExp, resolve_impl
+from simclr_dali.models.ntxent import _reference_rows, nt_xent_loss, nt_xent_reference
 
 TEMPERATURES = [0.05, 0.1, 0.5, 1.0]
 

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from conftest import free_port  # noqa: E402
 from error_bounds import NTXentBound  # noqa: E402
 
-from models.ntxent import nt_xent_loss, nt_xent_reference  # noqa: E402
+from simclr_dali.models.ntxent import nt_xent_loss, nt_xent_reference  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two processes over gloo
 

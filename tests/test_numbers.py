@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipelines.augment import Augment
+from simclr_dali.pipelines.augment import Augment
 from simclr_dali.errors import UserError
 from simclr_dali.evaluation.evaluate import EvalConfig
 from simclr_dali.evaluation.evaluate import build_parser as eval_parser

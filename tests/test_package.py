@@ -55,7 +55,11 @@ def test_pyproject_pins_nothing_and_names_every_command():
 def test_the_wheel_holds_the_packages_and_nothing_else(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.startswith("simclr_dali-")}
-    assert tops == {"simclr_dali", "pipelines", "models"}
+    assert tops == {"simclr_dali"}  # the checkout's pipelines/ and models/ are its subpackages, by no other name
+    for folder in ("pipelines", "models"):  # every module of the two folders, and only under simclr_dali
+        expect = {f"simclr_dali/{folder}/{p.relative_to(ROOT / folder).as_posix()}"
+                  for p in (ROOT / folder).rglob("*.py")}
+        assert expect <= set(names), expect - set(names)
     assert "simclr_dali/py.typed" in names and "simclr_dali/training/loop.py" in names
     assert not [n for n in names if n.startswith(("tests/", "scripts/"))]
 
@@ -65,8 +69,9 @@ def test_installed_commands_run_outside_the_checkout(wheel, tmp_path):
     work.mkdir()
     run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, wheel, cwd=work)
     env = outside_env(target)
-    where = run(sys.executable, "-c", "import simclr_dali, pipelines, models; "
-                "print(simclr_dali.__file__, pipelines.__file__, models.__file__)", cwd=work, env=env).stdout.split()
+    where = run(sys.executable, "-c", "import simclr_dali.pipelines, simclr_dali.models; from simclr_dali import api; "
+                "print(api.__file__, simclr_dali.pipelines.__file__, simclr_dali.models.__file__)",
+                cwd=work, env=env).stdout.split()
     assert all(Path(p).is_relative_to(target) for p in where), where  # the installed copy, not the checkout
     ran = ("simclr-train", "simclr-evaluate", "simclr-export")  # these three run below
     for command in sorted(set(COMMANDS) - set(ran)):
@@ -78,6 +83,24 @@ def test_installed_commands_run_outside_the_checkout(wheel, tmp_path):
     assert "linear probe top-1" in r.stdout
     r = run(target / "bin" / "simclr-export", "--run", "run", "--format", "torchscript", cwd=work, env=env)
     assert (work / "run" / "export" / "backbone.torchscript.pt").is_file(), r.stdout
+
+
+def test_the_installed_copy_leaves_a_users_models_and_pipelines_alone(wheel, tmp_path):
+    # a notebook's folder with a models.py and a pipelines/ package of its own (the names are common):
+    # the API imports simclr_dali's, and the user's stay theirs
+    target, work = tmp_path / "site", tmp_path / "notebook"
+    (work / "pipelines").mkdir(parents=True)
+    (work / "models.py").write_text("MINE = 'models.py'\n")
+    (work / "pipelines" / "__init__.py").write_text("MINE = 'pipelines/'\n")
+    (work / "pipelines" / "loader.py").write_text("raise ImportError('the user pipelines/loader.py was imported')\n")
+    run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, wheel, cwd=work)
+    script = ("import models, pipelines\n"
+              "from simclr_dali import Augment, Config, EvalConfig, Run, pretrain\n"
+              "from simclr_dali.models.methods import METHODS\n"
+              "from simclr_dali.pipelines.loader import train_loader\n"
+              "print(models.MINE, pipelines.MINE, sorted(METHODS), Config(aug=Augment(blur_p=0.0)).aug.blur_p)\n")
+    r = run(sys.executable, "-c", script, cwd=work, env=outside_env(target))
+    assert r.stdout.split("\n")[0] == "models.py pipelines/ ['byol', 'moco', 'simclr', 'supcon'] 0.0", r.stdout
 
 
 def test_an_editable_install_runs_the_checkout(tmp_path):

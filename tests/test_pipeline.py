@@ -6,9 +6,9 @@ import torch
 from conftest import dali_device_id, make_folder, state_after
 from error_bounds import gamma, unit_roundoff
 
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
-from pipelines.loader import Shard, eval_loader, shard_order, train_loader
-from pipelines.sources import Source, load_source
+from simclr_dali.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from simclr_dali.pipelines.loader import Shard, eval_loader, shard_order, train_loader
+from simclr_dali.pipelines.sources import Source, load_source
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

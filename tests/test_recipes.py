@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import eval_crop
-from pipelines.loader import eval_loader
-from pipelines.sources import load_folder
+from simclr_dali.pipelines import eval_crop
+from simclr_dali.pipelines.loader import eval_loader
+from simclr_dali.pipelines.sources import load_folder
 from simclr_dali import training as train
 from simclr_dali.training.recipes import recipe_record, resolve
 

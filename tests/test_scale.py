@@ -12,16 +12,16 @@ import torch.distributed as dist
 from conftest import free_port, make_folder, train_here
 from test_bad_images import BAD, add_odd_files
 
-from pipelines import verify
-from pipelines.sources import list_images, load_source
-from pipelines.verify import Screening
+from simclr_dali.pipelines import verify
+from simclr_dali.pipelines.sources import list_images, load_source
+from simclr_dali.pipelines.verify import Screening
 from simclr_dali.training import peers
 from simclr_dali.training.setup import threads_per_process
 
 
 def old_listing(root: Path) -> list[str]:
     """The oracle: what the listing was before (Path.rglob, a stat per file), in Path's order."""
-    from pipelines import IMAGE_EXTENSIONS
+    from simclr_dali.pipelines import IMAGE_EXTENSIONS
     return [str(p) for p in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())]
 
 
@@ -62,7 +62,7 @@ def test_a_folder_is_decoded_once_and_a_changed_file_again(tmp_path, monkeypatch
 
 
 def test_a_damaged_cache_is_only_a_cache(tmp_path):
-    from pipelines import verdicts
+    from simclr_dali.pipelines import verdicts
     root = make_folder(tmp_path / "images", per_class=2)
     Screening("skip")(list_images(root), root)
     verdicts.cache_path(root).write_text("# simclr image verdicts v1\nnot\ta\tverdict\n")
@@ -141,7 +141,7 @@ def test_the_next_epochs_pipeline_is_built_while_the_last_steps_train_and_change
 @pytest.mark.parametrize("memory_mb", [4096.0, 0.05, 0.002])  # the whole bank; 3 parts; 60 parts of 5 rows (< k)
 def test_the_knn_reads_a_bank_larger_than_its_memory_a_part_at_a_time_and_votes_alike(memory_mb):
     """The oracle: the full similarity matrix's top k, in float64 (ties apart, the same neighbours)."""
-    from models.features import knn_top1
+    from simclr_dali.models.features import knn_top1
     gen = torch.Generator().manual_seed(0)
     train_x, test_x = torch.randn(300, 16, generator=gen, dtype=torch.float64), torch.randn(70, 16, generator=gen,
                                                                                             dtype=torch.float64)
@@ -155,9 +155,9 @@ def test_the_knn_reads_a_bank_larger_than_its_memory_a_part_at_a_time_and_votes_
 
 # -- shards' indexes, parsed once ----------------------------------------------------------------
 def test_shard_indexes_are_parsed_once_per_data_set_and_a_changed_one_again(tmp_path, monkeypatch):
-    from pipelines import webdataset
-    from pipelines.sources import load_folder
-    from pipelines.webdataset import index_path, write_shards
+    from simclr_dali.pipelines import webdataset
+    from simclr_dali.pipelines.sources import load_folder
+    from simclr_dali.pipelines.webdataset import index_path, write_shards
 
     source = load_folder(str(make_folder(tmp_path / "images", per_class=4)), "all")
     shards = write_shards(source.files, source.labels, tmp_path / "shards", shard_size=5)  # 5, 5, 2
@@ -193,7 +193,7 @@ class Follower:
 
 @pytest.mark.parametrize("spec", ["wds:{root}/missing/shard-*.tar", "list:{root}/missing.tsv"])
 def test_the_other_processes_take_the_main_processs_shards_and_lists_without_reading_them(spec, tmp_path):
-    from pipelines.sources import Source
+    from simclr_dali.pipelines.sources import Source
     main_source = Source("main's", torch.zeros(3, dtype=torch.long).numpy(), files=["a", "b", "c"])
     # the path does not exist: a process that read it would stop with a sentence
     assert load_source(spec.format(root=tmp_path), "train", screen=Follower(main_source)) is main_source
@@ -202,7 +202,7 @@ def test_the_other_processes_take_the_main_processs_shards_and_lists_without_rea
 def test_parts_hold_each_image_once_and_join_in_the_sources_order():
     import numpy as np
 
-    from pipelines.sources import Source
+    from simclr_dali.pipelines.sources import Source
     shards = Source("s", np.full(18, -1), shards=[f"{i}.tar" for i in range(4)], indexes=[f"{i}.idx" for i in range(4)],
                     counts=[5, 5, 5, 3], nbytes=1800)
     for world in (1, 2, 3, 5):
@@ -231,8 +231,8 @@ class Scaled(torch.nn.Module):
 
 @pytest.mark.parametrize("scale,dtype", [(1.0, torch.float16), (1e6, torch.float32)])
 def test_features_go_into_one_16_bit_buffer_unless_beyond_its_range(scale, dtype):
-    from models.features import extract
-    from pipelines.loader import eval_loader
+    from simclr_dali.models.features import extract
+    from simclr_dali.pipelines.loader import eval_loader
     source = load_source("digits", "test")
     loader = eval_loader(source, batch_size=64, size=32, workers=1, device_id=None)
     x, y = extract(Scaled(scale), loader, torch.device("cpu"))
@@ -266,10 +266,10 @@ def test_the_monitor_reads_shards_draws_once_per_class_and_scores_as_an_offline_
     every call reads the same ones; the score is the kNN of those images' features, computed apart."""
     import numpy as np
 
-    from models.features import extract, knn_top1
-    from pipelines.loader import eval_loader
-    from pipelines.sources import load_folder
-    from pipelines.webdataset import TEST_PREFIX, write_shards
+    from simclr_dali.models.features import extract, knn_top1
+    from simclr_dali.pipelines.loader import eval_loader
+    from simclr_dali.pipelines.sources import load_folder
+    from simclr_dali.pipelines.webdataset import TEST_PREFIX, write_shards
     from simclr_dali.training.monitor import KnnMonitor
     source = load_folder(str(make_folder(tmp_path / "images", per_class=12)), "all")  # 3 classes of 12
     order = np.random.default_rng(1).permutation(len(source))  # classes mixed, as pipelines.pack writes them

@@ -21,11 +21,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from wds2idx import IndexCreator
 
-from pipelines import loader as loader_module
-from pipelines import pack
-from pipelines.augment import Augment
-from pipelines.loader import SHUFFLE_BYTES, Shard, ShardReader, eval_loader, shuffle_buffer, train_loader
-from pipelines.sources import load_source
+from simclr_dali.pipelines import loader as loader_module
+from simclr_dali.pipelines import pack
+from simclr_dali.pipelines.augment import Augment
+from simclr_dali.pipelines.loader import SHUFFLE_BYTES, Shard, ShardReader, eval_loader, shuffle_buffer, train_loader
+from simclr_dali.pipelines.sources import load_source
 from simclr_dali.errors import UserError
 
 CLASSES, PER_CLASS, SHARD, BATCH = 8, 64, 4, 16  # 512 samples in 128 class-sorted shards, 16 per class
@@ -289,7 +289,8 @@ def test_a_shard_set_without_test_shards_is_evaluated_only_with_test_data(sorted
     with pytest.raises(UserError) as err:
         load_source(sorted_shards, "test")
     assert str(err.value) == (f"{sorted_shards} has no test shards (test-NNNNNN.tar beside its shards, which "
-                              f"'python -m pipelines.pack' writes with --holdout): evaluate it with --test-data")
+                              f"'python -m simclr_dali.pipelines.pack' writes with --holdout): evaluate it with "
+                              f"--test-data")
     assert len(load_source(sorted_shards, "test", sorted_shards)) == CLASSES * PER_CLASS  # --test-data
 
 

@@ -18,12 +18,12 @@ from conftest import train_here
 from PIL import Image
 from wds2idx import IndexCreator
 
-from pipelines import index as index_command
-from pipelines import webdataset as wds
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
-from pipelines.loader import Shard, eval_loader, train_loader
-from pipelines.sources import load_source
-from pipelines.webdataset import index_tar, write_shards
+from simclr_dali.pipelines import index as index_command
+from simclr_dali.pipelines import webdataset as wds
+from simclr_dali.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from simclr_dali.pipelines.loader import Shard, eval_loader, train_loader
+from simclr_dali.pipelines.sources import load_source
+from simclr_dali.pipelines.webdataset import index_tar, write_shards
 from simclr_dali.errors import UserError
 
 N, BATCH = 48, 8  # samples in every layout: 6 training steps of 8, every sample once an epoch
@@ -217,7 +217,7 @@ def test_a_wds2idx_index_of_an_out_of_order_tar_is_one_sentence_naming_the_comma
     assert str(err.value) == (
         f"{index} lists sample {number} of shard {shard} ({first[3]}) without an image, as DALI's wds2idx does "
         f"where a sample's members are not next to each other in the tar: index the shard with "
-        f"'python -m pipelines.index {shard} --force'")
+        f"'python -m simclr_dali.pipelines.index {shard} --force'")
 
 
 def test_the_index_command_writes_what_loading_writes_and_force_replaces_a_bad_index(tmp_path, capsys):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import make_folder, write_cifar
 
-from pipelines.sources import HOLDOUT_FRACTION, load_source
+from simclr_dali.pipelines.sources import HOLDOUT_FRACTION, load_source
 from simclr_dali.errors import UserError
 
 

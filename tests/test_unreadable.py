@@ -15,11 +15,11 @@ from conftest import ENV, ROOT, TINY, make_folder, run_cli, train_here
 from nvidia.dali import pipeline_def
 from PIL import Image
 
-from pipelines.augment import Augment, decode, grey_jpeg
-from pipelines.failures import UnreadableData
-from pipelines.loader import Shard, train_loader
-from pipelines.sources import load_source
-from pipelines.verify import check_bytes, signature_problem
+from simclr_dali.pipelines.augment import Augment, decode, grey_jpeg
+from simclr_dali.pipelines.failures import UnreadableData
+from simclr_dali.pipelines.loader import Shard, train_loader
+from simclr_dali.pipelines.sources import load_source
+from simclr_dali.pipelines.verify import check_bytes, signature_problem
 
 
 def encoded(fmt: str, size=(24, 20), colour=(200, 40, 90)) -> bytes:
@@ -79,7 +79,7 @@ def make_sources(root: Path, defect: str) -> dict[str, tuple[str, str]]:
     """{kind: (spec, the name its sentence must give)} for a folder (screening off: the file changed after
     the start), an image list and tar shards, each with one file or member replaced by `defect`'s bytes after
     it was checked."""
-    from pipelines import pack, verify
+    from simclr_dali.pipelines import pack, verify
 
     folder = make_folder(root / "images", per_class=4)  # 12 images: 3 batches of 4, every image read
     verify.main([str(folder), "--out", str(root / "list.txt"), "--workers", "1"])
@@ -97,7 +97,7 @@ def make_sources(root: Path, defect: str) -> dict[str, tuple[str, str]]:
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    from pipelines.webdataset import write_index
+    from simclr_dali.pipelines.webdataset import write_index
     shard.with_suffix(".idx").unlink()
     write_index(str(shard))
     return {"folder": (f"{folder}", str(victim)), "list": (str(root / "list.txt"), str(victim)),
@@ -143,7 +143,7 @@ CHILD = """
 import sys
 sys.path.insert(0, "tests")
 from test_unreadable import make_sources, read_epoch, DEFECTS
-from pipelines.failures import UnreadableData
+from simclr_dali.pipelines.failures import UnreadableData
 from pathlib import Path
 root, repeats = Path(sys.argv[1]), int(sys.argv[2])
 for defect in DEFECTS:
@@ -183,7 +183,7 @@ def test_train_py_stops_in_one_sentence_and_leaves_its_checkpoint_whole(tmp_path
     process leaves at once (errors.leave): a process of its own."""
     folder = make_folder(tmp_path / "images", per_class=8)
     listing = str(tmp_path / "list.txt")  # its own test data: no image held out, 3 batches of 8 read every one
-    run_cli("-m", "pipelines.verify", str(folder), "--out", listing)
+    run_cli("-m", "simclr_dali.pipelines.verify", str(folder), "--out", listing)
     flags = ["--data", listing, "--test-data", listing, "--out", str(tmp_path / "run"), "--epochs", "2"]
     assert train_here(*flags, "--stop-after", "1") == 0
     before = (tmp_path / "run" / "checkpoint" / "progress.json").read_text()

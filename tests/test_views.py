@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import dali_device_id
 
-from pipelines.augment import Augment
-from pipelines.loader import Shard, train_loader
-from pipelines.sources import Source
+from simclr_dali.pipelines.augment import Augment
+from simclr_dali.pipelines.loader import Shard, train_loader
+from simclr_dali.pipelines.sources import Source
 from simclr_dali import training as train
 from simclr_dali.errors import UserError
 from simclr_dali.settings import to_argv

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import make_folder, train_here
 
-from pipelines import pack
-from pipelines.sources import load_folder, load_source
-from pipelines.webdataset import write_shards
+from simclr_dali.pipelines import pack
+from simclr_dali.pipelines.sources import load_folder, load_source
+from simclr_dali.pipelines.webdataset import write_shards
 from simclr_dali.evaluation import evaluate
 
 pytestmark = pytest.mark.slow  # trains on shards
@@ -72,7 +72,7 @@ def test_shards_without_test_shards_train_on_all_and_evaluate_only_with_test_dat
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and err == (
         f"error: {shards['foreign']} has no test shards (test-NNNNNN.tar beside its shards, which 'python -m "
-        f"pipelines.pack' writes with --holdout): evaluate it with --test-data")
+        f"simclr_dali.pipelines.pack' writes with --holdout): evaluate it with --test-data")
     assert evaluate.main(["--run", str(out), "--test-data", shards["labelled"].replace("shard-", "test-"),
                           *QUICK_EVAL]) == 0
     result = json.loads((out / "eval.json").read_text())

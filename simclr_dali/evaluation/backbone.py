@@ -12,7 +12,7 @@ def load_backbone(run_cfg: dict, weights: Path | None):
     """The run's backbone architecture, with its trained weights or (weights=None) at random init."""
     from safetensors.torch import load_file
 
-    from models.backbone import create_backbone
+    from simclr_dali.models.backbone import create_backbone
 
     model = create_backbone(run_cfg["backbone"], run_cfg.get("small_stem", False),
                              run_cfg.get("image_size"))
@@ -24,7 +24,7 @@ def load_backbone(run_cfg: dict, weights: Path | None):
 def load_run(run: Path) -> dict:
     """The run's settings (config.json) and its exported backbone, both read back before any work; a
     damaged one is recovered from the run's checkpoint, as the sentence says."""
-    from models.backbone import create_backbone
+    from simclr_dali.models.backbone import create_backbone
 
     if not (run / "config.json").is_file() and not (run / "checkpoint" / "config.json").is_file():
         raise UserError(f"{run} is not a training run: it has no config.json (pass train.py's --out)")

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.features import split_extract
-from pipelines import eval_crop
+from simclr_dali.models.features import split_extract
+from simclr_dali.pipelines import eval_crop
 from simclr_dali.errors import UserError
 from simclr_dali.evaluation.backbone import load_backbone
 from simclr_dali.evaluation.processes import Processes
@@ -25,9 +25,9 @@ def embed_images(run: Path, run_cfg: dict, folder: str, *, batch_size: int, work
     files DALI could not decode (left out: [(path, reason)]). Under several processes (`rank` of `world`),
     each embeds its part and the main process gets the whole (None elsewhere). `device_id`: DALI's (-1: the
     device's)."""
-    from pipelines.loader import eval_loader
-    from pipelines.sources import load_folder
-    from pipelines.verify import Screening
+    from simclr_dali.pipelines.loader import eval_loader
+    from simclr_dali.pipelines.sources import load_folder
+    from simclr_dali.pipelines.verify import Screening
     from simclr_dali.training.peers import Exchange
 
     exchange = Exchange(rank, world, "simclr/embed")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.features import extract, knn_top1, split_extract
+from simclr_dali.models.features import extract, knn_top1, split_extract
 from simclr_dali.errors import UserError
 from simclr_dali.evaluation.backbone import load_backbone, load_run
 from simclr_dali.evaluation.embed import embed_folder, resolved_crop
@@ -281,9 +281,9 @@ def evaluate_run(cfg: EvalConfig, procs: Processes | None = None) -> dict:
     fine-tuned with --finetune); the table printed, eval.json and eval_config.json written (plots after
     them). Under `accelerate launch`, every process extracts its part of each split and the main process
     does the rest. Returns what eval.json holds (on the main process; {} on the others)."""
-    from pipelines.loader import eval_loader
-    from pipelines.sources import load_source
-    from pipelines.verify import Screening
+    from simclr_dali.pipelines.loader import eval_loader
+    from simclr_dali.pipelines.sources import load_source
+    from simclr_dali.pipelines.verify import Screening
     from simclr_dali.training.peers import Exchange
 
     run = Path(cfg.run)

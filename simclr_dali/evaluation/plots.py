@@ -221,7 +221,7 @@ def retrieval_grid(query_x, query_y: np.ndarray, gallery_x, gallery_y: np.ndarra
     framed green where the class matches and red where it does not. n_queries=0: one per class, 6-10."""
     import torch
 
-    from models.features import Bank
+    from simclr_dali.models.features import Bank
 
     n_queries = n_queries or min(max(len(np.unique(query_y)), 6), 10)
     queries = pick_queries(np.asarray(query_y), n_queries, seed)

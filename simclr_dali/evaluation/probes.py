@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.features import extract
+from simclr_dali.models.features import extract
 from simclr_dali.errors import UserError
 
 
@@ -108,7 +108,7 @@ class FinetuneSettings:
 
 def finetune_augment(run_aug: dict, on: bool):
     """The pretraining's crop and flip, with colour jitter, grayscale and blur off (on=False: none)."""
-    from pipelines.augment import Augment
+    from simclr_dali.pipelines.augment import Augment
 
     if not on:  # the whole image, squashed to a square, never flipped
         return Augment(crop_min_area=1.0, crop_max_area=1.0, crop_min_ratio=1.0, crop_max_ratio=1.0,
@@ -127,8 +127,8 @@ def finetune(backbone: nn.Module, labelled, n_classes: int, test_loader, s: Fine
     as training does; on the CPU in float32. Returns top-1 and top-5 (None with fewer than 5 classes) on the
     test set.
     """
-    from models.backbone import feature_width
-    from pipelines.loader import Shard, train_loader
+    from simclr_dali.models.backbone import feature_width
+    from simclr_dali.pipelines.loader import Shard, train_loader
 
     torch.manual_seed(s.seed)
     head = nn.Linear(feature_width(backbone), n_classes)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.methods import METHODS
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from simclr_dali.models.methods import METHODS
+from simclr_dali.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
 from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.settings import (
     Check,
@@ -46,7 +46,7 @@ def pixels(views: torch.Tensor) -> np.ndarray:
 def augmented_pairs(source, aug: Augment, *, size: int, seed: int, pairs: int,
                     device_id: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
     """`pairs` two-view draws of every image of `source`, each (N, S, S, 3) uint8 in source order."""
-    from pipelines.loader import Shard, train_loader
+    from simclr_dali.pipelines.loader import Shard, train_loader
 
     out = []
     for p in range(pairs):
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
 
-    from pipelines.sources import load_source
+    from simclr_dali.pipelines.sources import load_source
     from simclr_dali.evaluation.plots import display_image
 
     source = load_source(args.data, "train")

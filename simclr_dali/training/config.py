@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.methods import METHODS
-from pipelines.augment import Augment
+from simclr_dali.models.methods import METHODS
+from simclr_dali.pipelines.augment import Augment
 from simclr_dali.settings import (
     Parser,
     add_dataclass_flags,

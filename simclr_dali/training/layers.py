@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipelines.augment import Augment, per_view
+from simclr_dali.pipelines.augment import Augment, per_view
 from simclr_dali.errors import UserError
 from simclr_dali.settings import read_recorded, recorded_settings
 

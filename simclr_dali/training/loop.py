@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from models.loss_core import resolve_impl
-from pipelines.failures import StoreLost
+from simclr_dali.models.loss_core import resolve_impl
+from simclr_dali.pipelines.failures import StoreLost
 from simclr_dali.environment import check_environment
 from simclr_dali.settings import given as given_fields
 from simclr_dali.training.ahead import AHEAD_FRACTION, NextEpoch
@@ -109,8 +109,8 @@ def open_run(cfg: Config, given: set[str]) -> Parts:
 def prepare_data(p: Parts):
     """Each process reads its own shard; steps per epoch are equal on every process. Files DALI cannot
     decode are screened first (skipped or refused, --on-bad-image). Returns the screening."""
-    from pipelines.loader import Shard, epoch_steps
-    from pipelines.verify import Screening
+    from simclr_dali.pipelines.loader import Shard, epoch_steps
+    from simclr_dali.pipelines.verify import Screening
 
     acc, world = p.accelerator, p.accelerator.num_processes
     p.workers = p.cfg.workers or threads_per_process(world)
@@ -157,7 +157,7 @@ def record(p: Parts, bn: str, screen, given: set[str]) -> None:
     """config.json's settings, what the run worked out from them (layers.DERIVED), what it was given (`given`:
     now, and to the runs it was recorded from or resumes), and each change a resume made (`changes`: from the
     step it holds, the earlier resumes' first). `given`: the names given on this command line."""
-    from pipelines.loader import placement
+    from simclr_dali.pipelines.loader import placement
 
     acc, cfg = p.accelerator, p.cfg
     values = flat_resolved(dataclasses.asdict(cfg))
@@ -217,7 +217,7 @@ class Loop:
 
     def loader(self, epoch: int, done: int):
         """This process's two-view batches of `epoch`, after the `done` steps a mid-epoch resume took."""
-        from pipelines.loader import train_loader
+        from simclr_dali.pipelines.loader import train_loader
 
         p, cfg = self.p, self.p.cfg
         state = self.loader_state if done else None

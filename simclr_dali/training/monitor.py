@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.features import knn_top1, split_extract
+from simclr_dali.models.features import knn_top1, split_extract
 from simclr_dali.errors import UserError
 
 OVERREAD = 3  # tar shards: the bank's shards hold this many times the images it keeps (see KnnMonitor)
@@ -42,7 +42,7 @@ class Split:
     def features(self, backbone: nn.Module, device: torch.device, rank: int, world: int, loader_kwargs: dict):
         """(features on the main process, None elsewhere; labels on every process) of what is kept, in the
         source's order whatever the number of processes."""
-        from pipelines.loader import eval_loader
+        from simclr_dali.pipelines.loader import eval_loader
 
         part = self.source.part(rank, world)
         if self.loader is None and len(part):

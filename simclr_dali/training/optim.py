@@ -21,7 +21,7 @@ OPTIMIZER_DEFAULTS = {"lars": {"lr": 0.3, "weight_decay": 1e-6}, "sgd": {"lr": 0
 def warmup_epochs(cfg) -> float:
     """--warmup-epochs, or by default the method's paper value (SimCLR's 10) capped at a tenth of the run
     (a 10-epoch run warms up for 1: a long warmup in a short run leaves little time at the full rate)."""
-    from models.methods import METHODS
+    from simclr_dali.models.methods import METHODS
 
     return cfg.warmup_epochs if cfg.warmup_epochs >= 0 else min(METHODS[getattr(cfg, "method", "simclr")].warmup, cfg.epochs / 10)
 

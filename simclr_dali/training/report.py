@@ -62,7 +62,7 @@ class Report:
             return
         from rich.markup import escape
 
-        from models.backbone import count_parameters
+        from simclr_dali.models.backbone import count_parameters
         from simclr_dali.training.layers import shown
 
         resumed = ""

@@ -36,7 +36,7 @@ def dali_device_id(accelerator) -> int | None:
 
 
 def load_train_source(cfg: Config, world: int, screen=None):
-    from pipelines.sources import load_source
+    from simclr_dali.pipelines.sources import load_source
 
     source = load_source(cfg.data, "train", cfg.test_data or None, screen=screen)
     per_process = len(source) // world
@@ -50,7 +50,7 @@ def load_train_source(cfg: Config, world: int, screen=None):
 def check_method_data(cfg: Config, source, world: int) -> None:
     """What a method asks of the data, in one sentence before any work: SupCon's labels (shards carry
     theirs in the stream: models.methods.SupCon checks its first batch), a MoCo queue shorter than the data."""
-    from models.methods import METHODS
+    from simclr_dali.models.methods import METHODS
 
     if METHODS[cfg.method].needs_labels and source.shards is None and (source.labels < 0).all():
         raise UserError(f"--method {cfg.method} needs labels, and {cfg.data} has none: give it class sub-folders "
@@ -67,7 +67,7 @@ def make_monitor(cfg: Config, source, workers: int, device_id: int | None, scree
     extraction split over the `world` processes."""
     if not cfg.knn_every:
         return None
-    from pipelines.sources import load_source
+    from simclr_dali.pipelines.sources import load_source
     from simclr_dali.training.monitor import KnnMonitor
 
     return KnnMonitor(source, load_source(cfg.data, "test", cfg.test_data or None, screen), n_train=cfg.knn_train,
@@ -78,8 +78,8 @@ def make_monitor(cfg: Config, source, workers: int, device_id: int | None, scree
 
 def build_model(cfg: Config):
     """The method's networks (models/methods.py) around a timm backbone: forward gives what its loss takes."""
-    from models.backbone import create_backbone
-    from models.methods import METHODS
+    from simclr_dali.models.backbone import create_backbone
+    from simclr_dali.models.methods import METHODS
 
     backbone = create_backbone(cfg.backbone, cfg.small_stem, cfg.image_size)
     return METHODS[cfg.method](backbone, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,

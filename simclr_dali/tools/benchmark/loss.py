@@ -33,8 +33,8 @@ def loss_measure(impl: str, n: int, dim: int, device: str, dtype: str, temperatu
     import torch
     import torch.nn.functional as F
 
-    from models.contrastive import moco_loss, supcon_loss
-    from models.ntxent import nt_xent_loss
+    from simclr_dali.models.contrastive import moco_loss, supcon_loss
+    from simclr_dali.models.ntxent import nt_xent_loss
     dt = getattr(torch, dtype)
     keys = F.normalize(torch.randn(queue, dim, device=device), dim=1).to(dt)
 

@@ -89,10 +89,10 @@ def first_step_seconds(args: list[str], out: Path) -> float:
 
 
 def measure(folder: Path, args) -> dict:
-    from pipelines.augment import Augment
-    from pipelines.loader import Shard, train_loader
-    from pipelines.sources import list_images, load_source
-    from pipelines.verify import Screening
+    from simclr_dali.pipelines.augment import Augment
+    from simclr_dali.pipelines.loader import Shard, train_loader
+    from simclr_dali.pipelines.sources import list_images, load_source
+    from simclr_dali.pipelines.verify import Screening
 
     row: dict = {"n": 0}
     t0 = time.perf_counter()

@@ -48,7 +48,7 @@ def bench_data(args, n: int, tmp: Path) -> str:
 
 
 def _load(spec: str):
-    from pipelines.sources import load_source
+    from simclr_dali.pipelines.sources import load_source
 
     return load_source(spec, "train", spec)  # every image: a folder keeps no test split here
 
@@ -80,9 +80,9 @@ def pipeline_measure(data: str, image_size: int, batch_size: int, workers: int, 
     pinned memory. Median over `repeats` epochs."""
     import torch
 
-    from pipelines.augment import Augment
-    from pipelines.baseline import torchvision_loader
-    from pipelines.loader import Shard, train_loader
+    from simclr_dali.pipelines.augment import Augment
+    from simclr_dali.pipelines.baseline import torchvision_loader
+    from simclr_dali.pipelines.loader import Shard, train_loader
 
     torch.set_num_threads(1)  # the main process only consumes batches; the work is in threads/workers
     source, aug, device = _load(data), Augment(), "cuda" if gpu else "cpu"
@@ -134,7 +134,7 @@ def model_measure(flags: list[str], repeats: int, budget_s: float, mixed_precisi
     counts against train.py's efficiency."""
     import torch
 
-    from models.ntxent import nt_xent_loss
+    from simclr_dali.models.ntxent import nt_xent_loss
     from simclr_dali.tools.benchmark.common import time_fn
     from simclr_dali.training import (
         build_model,
