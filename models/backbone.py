@@ -54,8 +54,9 @@ class ProjectionHead(nn.Sequential):
                          nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
-class SimCLRModel(nn.Module):
-    """Backbone + projection head; `forward` returns projections (B, proj_dim)."""
+class Encoder(nn.Module):
+    """A backbone and a projection head: `forward` returns projections (B, proj_dim). Every method is one
+    (models/method.py), and its state dict's names start backbone. and head."""
 
     def __init__(self, backbone: nn.Module, proj_hidden: int = 0, proj_dim: int = 128):
         super().__init__()

@@ -10,6 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -53,25 +54,37 @@ from simclr_dali.training.setup import (
 from simclr_dali.training.signals import StopSignal, how_to_go_on, saved_so_far
 from simclr_dali.training.trackers import PROJECT, prepare_stores
 
+if TYPE_CHECKING:  # modules that --help does not load: read here only for the types of Parts
+    from accelerate import Accelerator
+    from timm.scheduler import CosineLRScheduler
+
+    from simclr_dali.lock import RunLock
+    from simclr_dali.models.method import Method
+    from simclr_dali.pipelines.loader import Shard
+    from simclr_dali.pipelines.sources import Source
+    from simclr_dali.training.monitor import KnnMonitor
+
 
 @dataclass
 class Parts:
     """What the phases before the loop settle; the loop reads them and changes none."""
     cfg: Config
-    accelerator: object
+    accelerator: Accelerator
     out: Path
     resuming: Saved | None
-    lock: object = None  # the output folder's run.lock, held by the main process (simclr_dali.lock)
-    source: object = None
-    shard: object = None
-    device_id: int | None = None
+    lock: RunLock | None = None  # the output folder's run.lock, held by the main process only
+    # prepare_data: what this process reads, with how many threads, on which device
+    source: Source | None = None
+    shard: Shard | None = None
+    device_id: int | None = None  # DALI's: None on the CPU
     workers: int = 1
     steps_per_epoch: int = 0
-    monitor: object = None
-    model: object = None
-    optimizer: object = None
-    method: object = None  # the model unwrapped: the method's loss and after_step (models/methods.py)
-    scheduler: object = None
+    monitor: KnnMonitor | None = None  # --knn-every's, where it is on
+    # prepare_model: the networks as accelerate wraps them, the method itself, its optimiser and schedule
+    model: torch.nn.Module | None = None  # DDP's wrapper, where there are several processes
+    optimizer: torch.optim.Optimizer | None = None  # accelerate's wrapper around it
+    method: Method | None = None  # the model unwrapped: the method's loss and after_step (models/method.py)
+    scheduler: CosineLRScheduler | None = None
     channels_last: bool = False
     global_batch: int = 0
     lr: float = 0.0  # the base lr scaled by the global batch

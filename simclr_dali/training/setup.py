@@ -82,10 +82,7 @@ def build_model(cfg: Config):
     from simclr_dali.models.methods import METHODS
 
     backbone = create_backbone(cfg.backbone, cfg.small_stem, cfg.image_size)
-    return METHODS[cfg.method](backbone, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
-                               temperature=cfg.temperature, queue_size=cfg.queue_size,
-                               target_momentum=cfg.target_momentum, momentum_schedule=cfg.momentum_schedule,
-                               pred_hidden=cfg.pred_hidden, seed=cfg.seed)
+    return METHODS[cfg.method].build(backbone, cfg)  # from the settings the method takes, and no other
 
 
 def memory_format_and_compile(model, cfg: Config, device: torch.device):
