@@ -1,5 +1,5 @@
 """What a bucket costs a run when it misbehaves, against moto's S3 server on the loopback behind the tests' proxy
-(tests/store_proxy.py): the most DALI requests in flight at once during a 2-epoch training run (the next epoch's
+(tests/support/store_proxy.py): the most DALI requests in flight at once during a 2-epoch training run (the next epoch's
 pipeline is built ahead while the last steps of an epoch train), then how long DALI's client retries before it
 gives up on a store gone for good, in the middle of an epoch.
 
@@ -35,7 +35,7 @@ def main() -> None:
     port, proxy_port = free_port(), free_port()
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proxy = subprocess.Popen([sys.executable, str(ROOT / "tests" / "store_proxy.py"), str(proxy_port), str(port),
+    proxy = subprocess.Popen([sys.executable, str(ROOT / "tests" / "support" / "store_proxy.py"), str(proxy_port), str(port),
                               str(work / "proxy.json")], stdin=subprocess.PIPE, text=True)
     os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy_port}", "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

@@ -163,7 +163,7 @@ def _uniform(low: float, high: float):
 # mean grey, and clip to uint8. Saturation (a blend with each pixel's grey) and hue run as one DALI op, hsv: scaling
 # and rotating the chroma commute, so one op drops only the clip between them, and one pass over the pixels costs
 # half of two. DALI's hue rotates the chroma plane (YIQ) where
-# torchvision shifts H in HSV (tests/test_colour.py measures both differences). The order of the three steps is
+# torchvision shifts H in HSV (tests/data/test_colour.py measures both differences). The order of the three steps is
 # drawn per image, as torchvision draws randperm(4): one of their 6 orders.
 def order_of(position: int, brightness_first: bool) -> tuple[str, ...]:
     """The steps in the order that random_order's (colour position, brightness first) names."""

@@ -76,8 +76,8 @@ GPU_PLAN = Plan("cuda", images=4096, image_size=224, batch_size=256, train_backb
 DRY_PLAN = Plan("cpu", images=40, image_size=224, batch_size=8, train_backbone="resnet50", train_epochs=2,
                 probe_epochs=5, pipeline_images=24, bench_backbones=("resnet50",), bench_epochs=2,
                 loss_sizes=(64,), loss_dtypes=("float32", "bfloat16"), repeats=1, timeout_s=900,
-                tests=("tests/test_pipeline.py::test_flip_always_mirrors",
-                       "tests/test_ntxent.py::test_auto_matches_the_float64_reference"),
+                tests=("tests/data/test_pipeline.py::test_flip_always_mirrors",
+                       "tests/models/test_ntxent.py::test_auto_matches_the_float64_reference"),
                 stand_in="test_resnet", matmul_size=512)  # bf16 at 4096 is emulated, and slow, on such CPUs
 MIXED_PRECISION = "bf16"  # what a GPU run trains in (tensor cores); the dry run exercises the same path
 

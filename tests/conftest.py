@@ -215,3 +215,11 @@ def hooks(monkeypatch) -> StepHooks:
 
     monkeypatch.setattr(ntxent, "nt_xent_loss", loss)
     return hooks
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory) -> Path:
+    """A folder of 3 classes x 12 good images plus the files of support/bad_images.py: some DALI cannot decode."""
+    from support.bad_images import add_odd_files  # it builds on this module's writers
+
+    return add_odd_files(make_folder(tmp_path_factory.mktemp("bad") / "images", per_class=12))

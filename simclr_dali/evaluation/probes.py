@@ -2,7 +2,7 @@
 class-balanced fraction of the labels. (The online kNN monitor of training is training/monitor.py.)
 
 Frozen protocols never give the backbone a gradient and run it in eval mode, so neither its weights
-nor its BatchNorm running statistics change (tests/test_evaluate.py checks both).
+nor its BatchNorm running statistics change (tests/evaluation/test_evaluate.py checks both).
 """
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """Never crash on bad data: files DALI cannot decode are found before training, skipped or refused,
 and listed; pipelines.verify writes the list training reads. CPU only, generated data."""
-import io
 import json
 from pathlib import Path
 
@@ -8,51 +7,14 @@ import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 import pytest
-from conftest import make_folder, panel_words, run_cli, train_here, write_image
+from conftest import panel_words, run_cli, train_here
 from nvidia.dali import pipeline_def
 from PIL import Image
+from support.bad_images import BAD, ODD_BUT_GOOD
 
 from simclr_dali.pipelines.sources import load_source
 from simclr_dali.pipelines.verify import Screening, check_image
 from simclr_dali.errors import UserError
-
-BAD = {  # relative path -> start of the reason pipelines.verify gives
-    "cat/empty.jpg": "empty",
-    "dog/half.jpg": "JPEG that cannot be decoded",
-    "dog/no_iend.png": "truncated PNG",
-    "fox/notes.jpg": "not an image",
-    "fox/anim.jpg": "not an image",  # a GIF: Pillow reads it, DALI does not
-}
-ODD_BUT_GOOD = ["cat/cmyk.jpg", "dog/gray.jpg", "dog/gray.png", "fox/tiny.png", "fox/tiny.jpg", "cat/png_named.jpg"]
-
-
-def encoded(image: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt)
-    return buf.getvalue()
-
-
-def add_odd_files(root: Path, seed: int = 1) -> Path:
-    """The BAD files, the ODD_BUT_GOOD ones and a .txt (not an image suffix: never listed)."""
-    rng = np.random.default_rng(seed)
-    for name, mode, size in [("cat/cmyk.jpg", "CMYK", (40, 32)), ("dog/gray.jpg", "L", (40, 32)),
-                             ("dog/gray.png", "L", (40, 32)), ("fox/tiny.png", "RGB", (5, 5)),
-                             ("fox/tiny.jpg", "RGB", (5, 5))]:
-        write_image(root / name, rng, size=size, mode=mode)
-    picture = Image.open(root / "cat" / "001.jpg").convert("RGB")
-    jpeg, png = encoded(picture, "JPEG"), encoded(picture, "PNG")
-    for name, data in [("cat/png_named.jpg", png), ("cat/empty.jpg", b""), ("dog/half.jpg", jpeg[:len(jpeg) // 2]),
-                       ("dog/no_iend.png", png[:-12]),  # Pillow alone would accept it
-                       ("fox/notes.jpg", b"this is not a picture\n" * 10), ("fox/anim.jpg", encoded(picture, "GIF")),
-                       ("fox/readme.txt", b"ignored by its suffix")]:
-        (root / name).write_bytes(data)
-    return root
-
-
-@pytest.fixture(scope="module")
-def bad_folder(tmp_path_factory) -> Path:
-    return add_odd_files(make_folder(tmp_path_factory.mktemp("bad") / "images", per_class=12))
-
 
 def dali_decode(path: Path) -> np.ndarray | None:
     """The oracle: DALI's own CPU decoder as the training pipeline calls it (None: it fails)."""

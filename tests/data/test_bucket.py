@@ -1,6 +1,6 @@
 """Tar shards in a bucket (`wds:s3://...`), against a real S3 server on the loopback: moto's, started in a
 process of its own (DALI's S3 client holds the GIL while it waits, so a server thread in this process would
-never answer it), behind a proxy that can make the store go away (tests/store_proxy.py). Nothing here reaches
+never answer it), behind a proxy that can make the store go away (tests/support/store_proxy.py). Nothing here reaches
 outside this machine."""
 import json
 import os
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ENV, TINY, free_port, make_folder, run_cli, train_here
+from conftest import ENV, ROOT, TINY, free_port, make_folder, run_cli, train_here
 
 from simclr_dali.pipelines.sources import load_folder, load_source
 from simclr_dali.pipelines.webdataset import TEST_PREFIX, write_shards
@@ -29,11 +29,11 @@ SPEC = "wds:s3://data/shards/shard-*.tar"
 
 
 class Proxy:
-    """tests/store_proxy.py in a process of its own, between the tests and the server."""
+    """tests/support/store_proxy.py in a process of its own, between the tests and the server."""
 
     def __init__(self, server_port: int, log: Path):
         self.port, self.log = free_port(), log
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("store_proxy.py")),
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "support" / "store_proxy.py"),
                                          str(self.port), str(server_port), str(log)], stdin=subprocess.PIPE, text=True)
 
     def say(self, command: str) -> None:
@@ -217,7 +217,7 @@ def test_two_processes_train_from_a_bucket_and_one_goes_on_from_the_epoch_bounda
     """Several processes on one bucket (the main one lists the shards and checks the indexes; each process's
     DALI reader reads its own shards from the store), then an elastic resume on one process at the epoch
     boundary. Each epoch trains on all 24 images, 8 of each class (dist_elastic.py records the labels)."""
-    from test_elastic import launch, seen_per_epoch
+    from support.elastic import launch, seen_per_epoch
 
     out, record = tmp_path / "run", tmp_path / "seen"
     record.mkdir()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import dali_device_id, make_folder, state_after
-from error_bounds import gamma, unit_roundoff
+from support.error_bounds import gamma, unit_roundoff
 
 from simclr_dali.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
 from simclr_dali.pipelines.loader import Shard, eval_loader, shard_order, train_loader

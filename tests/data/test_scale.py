@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import free_port, make_folder, train_here
-from test_bad_images import BAD, add_odd_files
+from support.bad_images import BAD, add_odd_files
 
 from simclr_dali.pipelines import verify
 from simclr_dali.pipelines.sources import list_images, load_source

@@ -206,7 +206,7 @@ def test_elastic_resume_of_shards_holds_at_epoch_boundaries(tmp_path, capsys):
     2 processes stopped mid-epoch, a resume on 1 is refused in one sentence, the epoch is finished on
     2 (--stop-after 1), and the run goes on from the boundary on 1. Every epoch trains on 32 different
     samples, none twice."""
-    from test_elastic import RUN, launch, seen_per_epoch
+    from support.elastic import RUN, launch, seen_per_epoch
 
     from simclr_dali import training as train
 

@@ -141,7 +141,7 @@ def test_a_defect_met_while_training_is_one_sentence_naming_the_file(damaged, ki
 REPEATS = 21  # (6/7)^21 < 4%: a crash in 1 run of 7 passes unseen less than once in 25 times
 CHILD = """
 import sys
-sys.path.insert(0, "tests")
+sys.path.insert(0, "tests/data")
 from test_unreadable import make_sources, read_epoch, DEFECTS
 from simclr_dali.pipelines.failures import UnreadableData
 from pathlib import Path

@@ -18,7 +18,7 @@ from simclr_dali.settings import to_argv
 
 def readme_block() -> str:
     text = (ROOT / "README.md").read_text()
-    marker = text.index("<!-- python-api: tests/test_api.py runs the next block -->")
+    marker = text.index("<!-- python-api: tests/e2e/test_api.py runs the next block -->")
     return re.search(r"```python\n(.*?)```", text[marker:], re.S).group(1)
 
 

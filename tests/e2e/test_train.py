@@ -52,7 +52,7 @@ def test_training_writes_every_output(two_epochs):
 @pytest.mark.slow
 def test_resume_continues_from_the_saved_epoch_and_matches(folder, tmp_path, capsys):
     """In this process: a run straight through, one stopped after its first epoch and resumed (the
-    signals, kills and other numbers of processes are tests/test_interruption.py's and test_elastic.py's)."""
+    signals, kills and other numbers of processes are tests/training/test_interruption.py's and test_elastic.py's)."""
     out, args = tmp_path / "resumed", ["--data", str(folder), "--epochs", "2", *TINY]
     assert train.main([*args, "--out", str(tmp_path / "straight")]) == 0
     assert train.main([*args, "--stop-after", "1", "--out", str(out)]) == 0

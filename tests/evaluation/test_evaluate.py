@@ -9,9 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import make_folder, write_image
-from error_bounds import gamma, unit_roundoff
+from support.error_bounds import feature_error, knn_fragile, unit_roundoff
 from PIL import Image
 
 from simclr_dali.models.features import extract, knn_top1
@@ -82,40 +81,6 @@ class Float64(torch.nn.Module):
 @torch.no_grad()
 def features64(model: Float64, loader) -> torch.Tensor:
     return torch.cat([model(images) for images, _ in loader])
-
-
-def feature_error(backbone: torch.nn.Module, dtype: torch.dtype) -> float:
-    """How far eval-mode features computed in `dtype` may be from the exact ones, as a fraction of the
-    image's largest feature. A rounding bound through 20 layers is not practical (products of |W| are
-    astronomically loose), so an allowance: each of the L sums on a path adds at most gamma(K) of its
-    output's scale (K: the longest dot product), and eval BN, ReLU and residual adds carry that on
-    without growth. L counts every convolution and linear layer (at least those on any path) + the pool
-    (whose sum, over the last feature map's few positions, is shorter than K)."""
-    k, layers = 1, 1
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            k, layers = max(k, m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups), layers + 1
-        elif isinstance(m, torch.nn.Linear):
-            k, layers = max(k, m.in_features), layers + 1
-    return layers * gamma(k, unit_roundoff(dtype))
-
-
-def knn_fragile(train_x, train_y, test_x, k: int, temperature: float, feature_rel: float) -> int:
-    """How many queries' kNN decisions could differ between two computations of knn_top1 (in the features'
-    dtype) on features that differ by `feature_rel` of their 2-norm: their k-th and (k+1)-th cosines, or
-    their two largest class votes, closer than both computations' errors."""
-    u, dim, k = unit_roundoff(train_x.dtype), train_x.shape[1], min(k, len(train_x))
-    # a cosine: both directions move by feature_rel (the normalisation's Jacobian is 1/|f|), plus its own
-    # rounding (two norms, a division, a dim-term dot product); a vote: exp(s / T) makes that relative, / T
-    cosine = 2 * feature_rel + 2 * gamma(dim, u) + 4 * u
-    vote = (cosine + u) / temperature + 2 * u + gamma(k, u)
-    sims = F.normalize(test_x.double(), dim=1) @ F.normalize(train_x.double(), dim=1).T  # (queries, train)
-    top, idx = sims.sort(dim=1, descending=True)
-    votes = torch.zeros(len(sims), int(train_y.max()) + 1, dtype=sims.dtype)
-    votes.scatter_add_(1, train_y[idx[:, :k]], (top[:, :k] / temperature).exp())
-    first, second = votes.topk(2, dim=1).values.unbind(1)
-    near_k = top[:, k - 1] - top[:, k] <= 2 * cosine if k < len(train_x) else torch.zeros(len(sims), dtype=bool)
-    return int((near_k | (first - second <= vote * (first + second))).sum())
 
 
 def backbone_and_loaders(run, data, batch_size=8):

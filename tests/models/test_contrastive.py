@@ -1,13 +1,13 @@
 """SupCon and MoCo's InfoNCE (models/contrastive.py) against float64 oracles written from their papers'
 formulas, value and gradients, on odd shapes; every implementation (reference, tiled, Triton under the
-interpreter on the CPU) held to the rounding-error bounds in tests/error_bounds.py."""
+interpreter on the CPU) held to the rounding-error bounds in tests/support/error_bounds.py."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import triton_runs_on
-from error_bounds import InfoNCEBound, SupConBound, max_abs_error
+from support.error_bounds import InfoNCEBound, SupConBound, max_abs_error
 
 from simclr_dali.models.contrastive import _class_ids, moco_loss, supcon_loss
 from simclr_dali.models.ntxent import nt_xent_loss

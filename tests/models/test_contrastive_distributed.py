@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import free_port
-from error_bounds import InfoNCEBound, SupConBound, max_abs_error
+from support.error_bounds import InfoNCEBound, SupConBound, max_abs_error
 
 pytestmark = pytest.mark.slow  # two processes over gloo
 

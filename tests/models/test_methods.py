@@ -10,8 +10,9 @@ from conftest import fixed_batch, make_folder, train_here
 from safetensors.torch import load_file
 
 from simclr_dali.models.backbone import create_backbone
-from simclr_dali.models.methods import BYOL, METHODS, MoCo, SimCLR, SupCon
 from simclr_dali import training as train
+from simclr_dali.models.method import Method, MomentumMethod
+from simclr_dali.models.methods import BYOL, METHODS, MoCo, SimCLR, SupCon
 
 # -- defaults ---------------------------------------------------------------------------------------
 SIMCLR = {"temperature": 0.1, "optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6, "proj_hidden": 0, "proj_dim": 128}
@@ -63,31 +64,56 @@ def test_an_unknown_method_is_refused_in_one_sentence(capsys):
     assert "--method" in capsys.readouterr().err
 
 
+# -- the contract -------------------------------------------------------------------------------------
+def test_each_method_is_built_from_its_own_settings_and_no_other():
+    assert SimCLR.settings() == ("proj_hidden", "proj_dim", "temperature")
+    assert SupCon.settings() == SimCLR.settings()
+    assert MoCo.settings() == ("proj_hidden", "proj_dim", "temperature", "target_momentum", "momentum_schedule",
+                               "queue_size", "seed")
+    assert BYOL.settings() == ("proj_hidden", "proj_dim", "target_momentum", "momentum_schedule", "pred_hidden")
+    fields = set(train.parse_args([]).__dataclass_fields__)
+    assert all(set(cls.settings()) <= fields for cls in METHODS.values())  # each a training setting
+    cfg = train.parse_args(["--method", "byol", "--proj-hidden", "16", "--proj-dim", "8", "--pred-hidden", "12"])
+    model = BYOL.build(create_backbone("test_resnet"), cfg)
+    assert not hasattr(model, "temperature")  # BYOL has no temperature to carry
+    assert (model.head[-1].out_features, model.predictor[0].out_features, model.target_momentum) == (8, 12, 0.996)
+    with pytest.raises(TypeError, match="queue_size"):  # a setting a method does not take is never swallowed
+        BYOL(create_backbone("test_resnet"), queue_size=8)
+
+
+def test_the_momentum_methods_share_a_base_and_not_simclrs():
+    assert issubclass(MoCo, MomentumMethod) and issubclass(BYOL, MomentumMethod)
+    assert not issubclass(MoCo, SimCLR) and not issubclass(BYOL, SimCLR)
+    assert all(issubclass(cls, Method) for cls in METHODS.values())
+
+
 # -- the momentum network ---------------------------------------------------------------------------
 def momentum_model(cls, **kwargs):
     torch.manual_seed(0)
     return cls(create_backbone("test_resnet"), proj_hidden=16, proj_dim=8, **kwargs).train()
 
 
-@pytest.mark.parametrize("cls", [MoCo, BYOL])
-def test_the_momentum_network_takes_no_gradient_and_moves_by_exactly_its_ema(cls):
-    model = momentum_model(cls, queue_size=32, target_momentum=0.9, momentum_schedule="constant")
+@pytest.mark.parametrize("cls,own", [(MoCo, {"queue_size": 32}), (BYOL, {"pred_hidden": 16})])
+def test_the_momentum_network_takes_no_gradient_and_moves_by_exactly_its_ema(cls, own):
+    model = momentum_model(cls, target_momentum=0.9, momentum_schedule="constant", **own)
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    for target, online in zip(model.targets(), model.online()):  # starts as a copy
+    targets, onlines = [t for _, t in model.pairs()], [o for o, _ in model.pairs()]
+    assert [type(t) for t in targets] == [type(model.backbone), type(model.head)]
+    for target, online in zip(targets, onlines):  # starts as a copy
         assert all(torch.equal(a, b) for a, b in zip(target.parameters(), online.parameters()))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.loss(model(images), torch.zeros(4, dtype=torch.long)).backward()
-    assert all(p.grad is None for t in model.targets() for p in t.parameters())
+    assert all(p.grad is None for t in targets for p in t.parameters())
     optimizer.step()
-    before = [[p.clone() for p in t.parameters()] for t in model.targets()]
+    before = [[p.clone() for p in t.parameters()] for t in targets]
     model.after_step(torch.tensor(True), 0.3)
-    for target, online, old in zip(model.targets(), model.online(), before):
+    for target, online, old in zip(targets, onlines, before):
         for p, o, b in zip(target.parameters(), online.parameters(), old):
             assert torch.equal(p, b.lerp(o, torch.tensor(0.1, dtype=p.dtype)))  # b + (1 - m) (o - b), m = 0.9
         assert any(not torch.equal(p, b) for p, b in zip(target.parameters(), old))
-    moved = [[p.clone() for p in t.parameters()] for t in model.targets()]
+    moved = [[p.clone() for p in t.parameters()] for t in targets]
     model.after_step(torch.tensor(False), 0.4)  # a step the guard skipped moves nothing
-    assert all(torch.equal(p, b) for t, old in zip(model.targets(), moved) for p, b in zip(t.parameters(), old))
+    assert all(torch.equal(p, b) for t, old in zip(targets, moved) for p, b in zip(t.parameters(), old))
 
 
 def test_the_cosine_schedule_rises_from_m0_to_one():

@@ -3,13 +3,13 @@ import timm
 import torch
 from torch import nn
 
-from simclr_dali.models.backbone import SimCLRModel, create_backbone
+from simclr_dali.models.backbone import Encoder, create_backbone
 from simclr_dali.errors import UserError
 
 
 @pytest.mark.parametrize("name,width", [("resnet18", 512), ("mobilenetv3_small_050", 1024)])
 def test_forward_shapes_for_timm_names(name, width):
-    model = SimCLRModel(create_backbone(name), proj_hidden=64, proj_dim=32).eval()
+    model = Encoder(create_backbone(name), proj_hidden=64, proj_dim=32).eval()
     x = torch.randn(3, 3, 32, 32)
     assert model.backbone(x).shape == (3, width)
     assert model(x).shape == (3, 32)

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from conftest import free_port  # noqa: E402
-from error_bounds import NTXentBound  # noqa: E402
+from support.error_bounds import NTXentBound  # noqa: E402
 
 from simclr_dali.models.ntxent import nt_xent_loss, nt_xent_reference  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_elastic.py, alone or under `accelerate launch --multi_gpu --num_processes 2` on the
+"""Run by tests/training/test_elastic.py, alone or under `accelerate launch --multi_gpu --num_processes 2` on the
 CPU: train.main, recording the labels of every batch this process trains on (the test's images each
 have a class of their own, so labels name images), a line per batch in $RECORD/seen_$TAG_RANK.jsonl
 (written at once: a launcher may end the other processes as soon as one exits); with $STOP_AT, rank 0

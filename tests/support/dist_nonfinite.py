@@ -1,4 +1,4 @@
-"""Run by tests/test_steps.py under `accelerate launch --multi_gpu --num_processes 2` on the CPU:
+"""Run by tests/training/test_steps.py under `accelerate launch --multi_gpu --num_processes 2` on the CPU:
 train.main with rank 1's loss NaN at its second step (rank 0's stays finite). Each rank writes
 $DIGESTS/rank{R}.json with a digest of its final weights."""
 import hashlib

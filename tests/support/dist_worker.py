@@ -1,4 +1,4 @@
-"""Run under `accelerate launch --multi_gpu --num_processes 2` by tests/test_distributed.py.
+"""Run under `accelerate launch --multi_gpu --num_processes 2` by tests/training/test_distributed.py.
 
 Checks, with the project's own parts on 2 CPU processes over gloo:
 1. shards: in one epoch the two processes read disjoint samples that together cover the data

@@ -1,25 +1,34 @@
 """How much of its rounding-error bound each NT-Xent case uses, over many seeds and thread counts.
 
-    .venv/bin/python tests/margins.py [--seeds 20] [--threads 1 2] [--json FILE]
+    .venv/bin/python -m tests.support.margins [--seeds 20] [--threads 1 2] [--json FILE]
 
-The grid of tests/test_ntxent.py (every implementation, every temperature, the odd shapes) is run on
-`--seeds` different inputs with each torch thread count, and for each case the largest error of the loss
-and of any gradient row is printed as a fraction of its bound (tests/error_bounds.py). The tests pass a
+The grid of tests/models/test_ntxent.py (every implementation, every temperature, the odd shapes; its cases
+in support/ntxent_grid.py) is run on `--seeds` different inputs with each torch thread count, and for each
+case the largest error of the loss and of any gradient row is printed as a fraction of its bound
+(support/error_bounds.py). The tests pass a
 case at a fraction of 1; the margin we keep is at most 0.5 everywhere.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
-from conftest import triton_runs_on  # noqa: F401  (sets TRITON_INTERPRET first where there is no GPU)
-from error_bounds import NTXentBound, max_abs_error
-from test_ntxent import TEMPERATURES, fractions_of_bound, products, views
 
-from simclr_dali.models.loss_core import RowLogSumExp
-from simclr_dali.models.ntxent import _reference_rows
+if not torch.cuda.is_available():  # the kernels run on CPU tensors under Triton's interpreter, chosen before it loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from simclr_dali.models.loss_core import RowLogSumExp  # noqa: E402
+from simclr_dali.models.ntxent import _reference_rows  # noqa: E402
+
+from .error_bounds import NTXentBound, max_abs_error  # noqa: E402
+from .ntxent_grid import TEMPERATURES, fractions_of_bound, products, views  # noqa: E402
+
+
+def triton_runs_on(device: str) -> bool:
+    return device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 TILED_TAUS = [0.01, 0.02, 0.025] + TEMPERATURES
 SHAPES = [(37, 70, 5), (37, 70, 16), (37, 70, None), (1, 9, 3), (1, 9, 1), (7, 5, 1), (20, 16, 40), (33, 128, 13)]

@@ -1,8 +1,8 @@
 """A TCP proxy on the loopback in front of a test's S3 server, which makes the store go away on cue: the
-tests' way to cut a bucket off in the middle of an epoch (tests/test_bucket.py). A process of its own, as the
+tests' way to cut a bucket off in the middle of an epoch (tests/data/test_bucket.py). A process of its own, as the
 server is: DALI's S3 client holds the GIL while it waits.
 
-    python tests/store_proxy.py LISTEN_PORT SERVER_PORT LOG
+    python tests/support/store_proxy.py LISTEN_PORT SERVER_PORT LOG
 
 Commands, a line each on standard input:
     down AFTER [SECONDS]   after AFTER more reads of a tar shard by DALI (its client's GET requests), the

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, free_port, make_folder, panel_words, run_cli
-from error_bounds import gamma, unit_roundoff
+from support.error_bounds import gamma, unit_roundoff
 
 from simclr_dali.pipelines.sources import load_folder
 from simclr_dali.pipelines.webdataset import TEST_PREFIX, write_shards
@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 def test_two_processes_read_disjoint_shards_and_match_one_process(data):
     _, shards = data
-    r = run_cli(*LAUNCH, "tests/dist_worker.py", shards)
+    r = run_cli(*LAUNCH, "tests/support/dist_worker.py", shards)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["world"] == 2
@@ -119,7 +119,7 @@ def test_two_process_training_writes_one_set_of_outputs(data, source, tmp_path):
 def one_process_monitor(out, spec: str) -> tuple[float, int]:
     """The online kNN of the run's final backbone computed by one process (the same draw, seed 0), and how
     many of its 5 decisions two computations' roundings could change (test_evaluate.knn_fragile)."""
-    from test_evaluate import feature_error, knn_fragile
+    from support.error_bounds import feature_error, knn_fragile
 
     from simclr_dali.models.features import extract
     from simclr_dali.pipelines.loader import eval_loader
@@ -144,7 +144,7 @@ def one_process_monitor(out, spec: str) -> tuple[float, int]:
 def one_process_knn(out, folder, n_test: int) -> tuple[float, int]:
     """evaluate.py's kNN top-1 of the run's backbone computed by one process, and how many of its decisions
     two computations' roundings could change."""
-    from test_evaluate import feature_error, knn_fragile
+    from support.error_bounds import feature_error, knn_fragile
 
     from simclr_dali.models.features import extract, knn_top1
     from simclr_dali.pipelines.loader import eval_loader

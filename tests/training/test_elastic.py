@@ -2,11 +2,11 @@
 batch, every image of the interrupted epoch trained on once (CPU processes over gloo)."""
 import json
 import signal
-from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT, make_folder, run_cli
+from conftest import make_folder
+from support.elastic import launch, seen_per_epoch
 from safetensors.torch import load_file
 
 from simclr_dali.errors import UserError
@@ -14,10 +14,6 @@ from simclr_dali.training.checkpoint import Saved, resumed_batch
 
 pytestmark = pytest.mark.slow  # two processes, stopped and resumed
 
-LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-RUN = ["--backbone", "test_resnet", "--image-size", "32", "--warmup-epochs", "1", "--workers", "1",
-       "--log-every", "1", "--epochs", "3"]
 GLOBAL_BATCH, STEPS = 8, 4  # 36 training images: 4 global batches of 8 per epoch, 4 images dropped
 
 
@@ -26,21 +22,6 @@ def folder(tmp_path_factory):
     """40 images, each in a class of its own: a label names its image (10% is kept aside: 36 train)."""
     return make_folder(tmp_path_factory.mktemp("elastic") / "images", classes=[f"c{i:02d}" for i in range(40)],
                        per_class=1)
-
-
-def launch(processes: int, folder, out, tmp_path, tag: str, *args: str, stop_at: int = 0):
-    env = {"RECORD": str(tmp_path), "TAG": tag, **({"STOP_AT": str(stop_at)} if stop_at else {})}
-    prefix = LAUNCH if processes == 2 else []
-    return run_cli(*prefix, "tests/dist_elastic.py", "--data", str(folder), "--out", str(out), *RUN, *args,
-                   cwd=ROOT, env=env)
-
-
-def seen_per_epoch(tmp_path) -> dict[int, Counter]:
-    epochs: dict[int, Counter] = {}
-    for path in tmp_path.glob("seen_*.jsonl"):
-        for epoch, labels in map(json.loads, path.read_text().splitlines()):
-            epochs.setdefault(epoch, Counter()).update(labels)
-    return epochs
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])

@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import ENV, ROOT, TINY, make_folder, nan, progress, run_cli, train_here
 from safetensors.torch import load_file
-from test_bad_images import bad_folder  # noqa: F401  (a fixture)
 
 from simclr_dali.readback import check_manifest, manifest
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import fixed_batch, make_folder, train_here
-from error_bounds import gamma, unit_roundoff
+from support.error_bounds import gamma, unit_roundoff
 
 from simclr_dali.models.features import knn_top1
 from simclr_dali.pipelines.sources import load_folder

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 from conftest import ROOT, make_folder, nan, run_cli
-from error_bounds import gamma, unit_roundoff
+from support.error_bounds import gamma, unit_roundoff
 from safetensors.torch import load_file
 from timm.optim import Lars, create_optimizer_v2
 
@@ -174,7 +174,7 @@ def test_two_processes_take_the_same_decision(folders, tmp_path):
     """Only rank 1's loss is NaN at its step 2: both ranks skip that step, and end with the same weights."""
     small, _ = folders
     out = tmp_path / "run"
-    r = run_cli(*LAUNCH, "tests/dist_nonfinite.py", "--data", str(small), "--out", str(out), "--epochs", "2",
+    r = run_cli(*LAUNCH, "tests/support/dist_nonfinite.py", "--data", str(small), "--out", str(out), "--epochs", "2",
                 "--max-nonfinite", "1", "--log-every", "1", *RUN, cwd=ROOT, env={"DIGESTS": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
