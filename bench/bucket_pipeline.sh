@@ -12,7 +12,7 @@ mkdir -p "$ROOT"
 import sys; from pathlib import Path
 from simclr_dali.tools.benchmark.startup import make_folder
 make_folder(Path('$ROOT'), $N, 100)"
-[ -f "$ROOT/shards/shard-000000.tar" ] || "$PY" -m pipelines.pack "$ROOT/images-$N-100" "$ROOT/shards" --shard-size "${SHARD:-500}" --holdout 0
+[ -f "$ROOT/shards/shard-000000.tar" ] || "$PY" -m simclr_dali.pipelines.pack "$ROOT/images-$N-100" "$ROOT/shards" --shard-size "${SHARD:-500}" --holdout 0
 PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 "$(dirname "$PY")/moto_server" -H 127.0.0.1 -p "$PORT" > /dev/null 2>&1 &
 SERVER=$!

@@ -109,13 +109,12 @@ def triton_installed() -> bool:
 def resolve_impl(impl: str, device: torch.device | str, operands: torch.dtype = torch.float32) -> str:
     """The implementation that `impl` selects for products of `operands` on `device`.
 
-    "auto" follows the measurements (H100, N = 16,384, forward + backward; scripts/gpu_check.sh measures
-    them again on any GPU): 16-bit operands on CUDA go to the Triton kernels (bf16: 3.6 ms, where the
-    tiled path and the reference compute in fp32: 25.7 and 34.1 ms); fp32 goes to the tiled path, since
-    the fp32 Triton kernels need three TF32 products per product to keep 1e-5 and took 37.4 ms, slower
-    than the tiled path (25.7 ms) and even the full-matrix reference (34.1 ms, 12 GB). On the CPU, tiled
-    (Triton runs only under the interpreter there). Under bf16/fp16 mixed precision train.py asks for
-    16-bit operands, so the fused kernels are what trains on a GPU.
+    "auto" follows the loss benchmark (docs/results.md; scripts/gpu_check.sh measures it again on any GPU):
+    16-bit operands on CUDA go to the Triton kernels, several times faster there than the tiled path and the
+    reference, which compute in fp32; fp32 goes to the tiled path, since the fp32 Triton kernels need three
+    TF32 products per product to keep 1e-5 and were slower than the tiled path and even the full-matrix
+    reference. On the CPU, tiled (Triton runs only under the interpreter there). Under bf16/fp16 mixed
+    precision train.py asks for 16-bit operands, so the fused kernels are what trains on a GPU.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown NT-Xent implementation {impl!r}; choose one of {IMPLS}")

@@ -22,7 +22,7 @@ from simclr_dali.models.method import Method, MomentumMethod
 class SimCLR(Method):
     """Chen et al. 2020: NT-Xent over the two views of the global batch."""
     title, kernels = "SimCLR", True
-    defaults: dict = {}  # the settings' own defaults are SimCLR's ImageNet values (README, Methods)
+    defaults: dict = {}  # the settings' own defaults are SimCLR's ImageNet values (docs/design.md, Methods)
 
     def __init__(self, backbone: nn.Module, *, proj_hidden: int = 0, proj_dim: int = 128, temperature: float = 0.1):
         super().__init__(backbone, proj_hidden=proj_hidden, proj_dim=proj_dim)

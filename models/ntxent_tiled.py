@@ -35,12 +35,12 @@ def _tasks(work, local: list[int], make_buffer, device: torch.device, block: int
 
     scratch is the thread's own (2, block, block) workspace for tiles. Every tile op writes into it
     (`out=`, in place) rather than allocating: a fresh 1 MB tile is often a fresh mmap whose first
-    touches page-fault (a quarter of one backward tile's time, measured alone; 5-10% end to end).
+    touches page-fault (a quarter of one backward tile's time; docs/results.md).
 
     On the CPU the tasks are shared among one Python thread per intra-op thread, each running
     single-threaded ops: thousands of small multi-threaded ops would each end in an OpenMP barrier, and
-    those stall whenever another process holds a core (on 2 shared cores, 13-16 s instead of 1.4-1.7 s
-    for a forward at N = 8192).
+    those stall whenever another process holds a core (about ten times slower on 2 shared cores:
+    docs/results.md).
     """
     intra_op = torch.get_num_threads()
     threads = min(intra_op, len(local), 16) if device.type == "cpu" else 1  # 16: bounds the buffers

@@ -9,10 +9,11 @@ is one sentence naming the URL and the cause.
 
 S3: both clients retry a request the store fails or does not answer, in the SDKs' "standard" mode: up to
 AWS_MAX_ATTEMPTS tries (RETRIES unless the environment says otherwise, AWS_RETRY_MODE likewise), with a
-backoff that doubles up to 20 s. DALI's client left to its own default gave up on a store gone for 2.3 s; with
-10 tries it waits about a minute or more (python -m bench.store_outage). GCS: STORAGE_EMULATOR_HOST (the
-client libraries' name for an emulator's address) is passed on to DALI as DALI_GCS_ENDPOINT_URL, read without
-credentials (DALI_GCS_ANONYMOUS), as emulators take none.
+backoff that doubles up to 20 s. DALI's client left to its own default gives up within seconds; with 10
+tries it waits about a minute or more (docs/results.md, A store that goes away: python -m
+bench.store_outage). GCS: STORAGE_EMULATOR_HOST (the client libraries' name for an emulator's address) is
+passed on to DALI as DALI_GCS_ENDPOINT_URL, read without credentials (DALI_GCS_ANONYMOUS), as emulators take
+none.
 """
 from __future__ import annotations
 

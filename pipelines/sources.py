@@ -83,7 +83,7 @@ class Source:
 
 def load_source(spec: str, split: str = "train", test_spec: str | None = None,
                 screen: Screen | None = None) -> Source:
-    """The `split` ("train" or "test") of the data named by `spec` (see README: Data).
+    """The `split` ("train" or "test") of the data named by `spec` (README, Training on your own images).
 
     `screen` sees every file of a folder before the held-out split and returns the indices of the
     ones to keep (pipelines.verify drops files DALI cannot decode); image lists are already screened.

@@ -4,7 +4,7 @@
 # print one table (kNN and probe top-1, random init beside them, training images/s).
 #   bash scripts/compare_methods.sh [OUT] [extra train.py flags...]
 # MoCo's queue is the one setting given: the paper's 65536 keys are more than digits' 1,437 images.
-# --recipe imagenet and evaluate.py --crop 1: as the README's figures were measured, before recipes and
+# --recipe imagenet and evaluate.py --crop 1: as docs/results.md's figures were measured, before recipes and
 # the 87.5% evaluation crop existed (leave them out to measure with today's defaults).
 set -euo pipefail
 cd "$(dirname "$0")/.."

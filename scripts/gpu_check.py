@@ -16,7 +16,7 @@ Steps, each timed and reported passed or failed; a failed step does not stop the
   auto          which implementation `auto` picks per dtype, against those timings
 A step passes when it ran and its outputs hold what they must; speed targets are judged apart (the targets
 table). Writes OUT/gpu_check.json (every figure, hardware, versions, commands), OUT/gpu_check.md (tables for
-the README) and OUT/gpu_check.log (every command's output). Needs no network and no weights.
+docs/results.md) and OUT/gpu_check.log (every command's output). Needs no network and no weights.
 Exit status: 0 when every step passed, 1 when one failed, 2 when the machine cannot run the check.
 """
 from __future__ import annotations

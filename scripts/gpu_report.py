@@ -1,4 +1,4 @@
-"""gpu_check's report: the speed targets and the Markdown tables that go into the README."""
+"""gpu_check's report: the speed targets and the Markdown tables that go into docs/results.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,7 +87,8 @@ def _summary(step: dict) -> str:
     return ""
 
 
-# (path, the steps that must all have passed for it), as the README's "What was verified where" names them
+# (path, the steps that must all have passed for it), as docs/verification.md's "What was verified where"
+# names them
 VERIFIED = (
     ("DALI pipeline, GPU placement (mixed decoder, `.gpu()`, augmentations on the GPU)", ("tests", "train", "pipeline")),
     ("NT-Xent: tiled and Triton kernels compiled (fp32, bf16, fp16), `auto` per dtype", ("tests", "loss", "auto")),

@@ -29,8 +29,8 @@ def pretrain(config=None, **settings) -> Run:
     """Train in this process as `train.py` would with the fields of `config` (a training Config, default
     Config()) that its caller set, and `settings` (more field names, `aug=Augment(...)` included) over them: a
     value set is a value given, equal to the field's default or not, and what was not set the method and the
-    recipe decide (README, Settings). Returns the Run. A run stopped by a signal raises KeyboardInterrupt after
-    its checkpoint."""
+    recipe decide (docs/design.md, Settings and recipes). Returns the Run. A run stopped by a signal raises
+    KeyboardInterrupt after its checkpoint."""
     from simclr_dali.training.config import Config
     from simclr_dali.training.loop import train
 

@@ -10,7 +10,7 @@ AHEAD_FRACTION = 0.05  # the next epoch's pipeline is built during the last 5% o
 
 class NextEpoch:
     """The next epoch's loader, built in a thread while the current epoch's last steps train, so that an epoch
-    boundary does not wait for the pipeline's build (about 7.5 µs per listed file) and its first batches. DALI
+    boundary does not wait for the pipeline's build (which grows with the files listed) and its first batches. DALI
     keeps the pipeline being defined per thread, so a thread may build one while another pipeline runs."""
 
     def __init__(self):

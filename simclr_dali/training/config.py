@@ -35,8 +35,8 @@ class Config:
     config: str = setting("", help="start from the settings a run recorded (its config.json); flags given here "
                           "override them")
     data: str = setting("digits", help="'digits', a folder of images (class sub-folders give labels), 'list:FILE' (an "
-                        "image list from pipelines.verify), 'wds:PATTERN' (tar shards, e.g. 'wds:/data/shard-*.tar'), "
-                        "'cifar10:PATH' or 'cifar100:PATH'")
+                        "image list from simclr_dali.pipelines.verify), 'wds:PATTERN' (tar shards, e.g. "
+                        "'wds:/data/shard-*.tar'), 'cifar10:PATH' or 'cifar100:PATH'")
     test_data: str = setting("", help="separate test data for evaluation, in any form --data takes (else a folder "
                              "keeps 10% aside, shards their test-*.tar)")
     out: str = setting("runs/simclr", help="output folder: config, metrics, checkpoint, backbone weights")
@@ -62,9 +62,9 @@ class Config:
                                    "SupCon, 0 for MoCo, at most a tenth of the run)")
     recipe: str = setting("auto", choices=("auto", *RECIPES), help="defaults that fit the data, under the flags given: "
                           "small (the paper's CIFAR-10 setting) for images of 64 px or less, imagenet above (auto), or "
-                          "either by name (README, Recipes)")
+                          "either by name (README, Methods and recipes)")
     method: str = setting("simclr", choices=tuple(METHODS), help="simclr, supcon (needs labels), moco or byol; each "
-                          "brings its paper's defaults for the settings not given (README, Methods)")
+                          "brings its paper's defaults for the settings not given (README, Methods and recipes)")
     temperature: float = setting(0.1, low=0, above=True, help="tau of the contrastive loss (NT-Xent, SupCon, MoCo)")
     queue_size: int = setting(65536, low=1, help="MoCo: keys of earlier steps in the queue of negatives")
     target_momentum: float = setting(0.996, low=0, high=1, help="MoCo, BYOL: EMA coefficient m0 of the momentum "

@@ -4,16 +4,17 @@ A recipe sits under the flags: every setting given on the command line (or given
 and what the recipe set is recorded in config.json and shown in the start-up panel.
 
   imagenet  the paper's ImageNet recipe, the settings' own defaults: colour strength 1.0, blur with
-            probability 0.5, and the method's loss and optimiser defaults (README, Methods).
+            probability 0.5, and the method's loss and optimiser defaults (README, Methods and recipes).
   small     the paper's CIFAR-10 setting (Chen et al. 2020, appendix B.9) for 32 to 64 px images: crop
             and flip kept, colour distortion strength 0.5, no Gaussian blur; for SimCLR, the official
             implementation's CIFAR-10 command (google-research/simclr README): lr 1.0 per 256 images
             (LARS, linear scaling) and weight decay 1e-4, with solo-learn's temperature 0.2
             (scripts/pretrain/cifar/simclr.yaml) rather than that command's 0.5, which B.8 finds best
-            only after 300 epochs: on digits at 10 epochs 0.2 gave kNN 74.2% against 71.7% (README,
-            Recipes). Other methods keep their own loss and optimiser defaults: the recipe's are SimCLR's.
+            only after 300 epochs: 0.2 scored higher on digits at 10 epochs (docs/results.md, Recipes).
+            Other methods keep their own loss and optimiser defaults: the recipe's are SimCLR's.
 The small stem (3x3 stride-1, no max-pool), which B.9 also uses, stays a flag of its own (--small-stem):
-it keeps every activation at full resolution, about 16 times the work per image (README, Recipes).
+it keeps every activation at full resolution, about 16 times the work per image (docs/results.md, The small
+stem).
 """
 from __future__ import annotations
 

@@ -87,8 +87,8 @@ def build_model(cfg: Config):
 
 def memory_format_and_compile(model, cfg: Config, device: torch.device):
     """(model, channels_last): channels-last where --channels-last says so (auto: on CUDA, what bf16
-    convolutions on tensor cores want; not on the CPU, where it measured no faster: README, Measured
-    throughput), then compiled in place with --compile (the state dict keeps its names, no _orig_mod.)."""
+    convolutions on tensor cores want; not on the CPU, where it measured no faster: docs/results.md,
+    Throughput), then compiled in place with --compile (the state dict keeps its names, no _orig_mod.)."""
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
     if channels_last:  # the views come channels-last from DALI (HWC), without a copy
         model = model.to(memory_format=torch.channels_last)

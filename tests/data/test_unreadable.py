@@ -3,6 +3,7 @@ never takes the process down: it is one sentence naming the file or member, what
 source kind. CPU only, generated data; the repeated runs are in the slow tier."""
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -141,7 +142,6 @@ def test_a_defect_met_while_training_is_one_sentence_naming_the_file(damaged, ki
 REPEATS = 21  # (6/7)^21 < 4%: a crash in 1 run of 7 passes unseen less than once in 25 times
 CHILD = """
 import sys
-sys.path.insert(0, "tests/data")
 from test_unreadable import make_sources, read_epoch, DEFECTS
 from simclr_dali.pipelines.failures import UnreadableData
 from pathlib import Path
@@ -165,7 +165,8 @@ def test_every_defect_in_every_source_kind_many_times_in_one_process_that_lives(
     pipeline, seed and order, and once from a folder; then the process exits as usual, tearing every pipeline
     down. It must end with status 0, each read having said its sentence (the PNG named .jpg, which trains, once)."""
     done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), str(REPEATS)], cwd=ROOT, capture_output=True,
-                          text=True, env={**ENV, "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=900)
+                          text=True, env={**ENV, "PYTHONPATH": os.pathsep.join(str(d) for d in (ROOT, ROOT / "tests", Path(__file__).parent)),
+                               "PATH": "/usr/bin:/bin"}, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("read ")]
     assert len(lines) == (len(DEFECTS) - 1) * (2 * REPEATS + 1) + 3

@@ -39,7 +39,7 @@ def reference_on_operands(z1, z2, tau, operand):
     """The float64 reference on the operands 16-bit kernels read: the float32-normalised rows rounded to
     `operand`, the gradient passed straight through that rounding (as the implementation's cast passes
     it) and back through an exact normalisation. What is left between it and the kernels is their float32
-    arithmetic; what rounding the operands costs against the exact loss is in the README."""
+    arithmetic; what rounding the operands costs against the exact loss is in docs/results.md."""
     a, b = z1.detach().double().cpu().requires_grad_(), z2.detach().double().cpu().requires_grad_()
     exact = F.normalize(torch.cat([a, b]), dim=1)
     read = F.normalize(torch.cat([z1, z2]).detach().float(), dim=1).to(operand).double().cpu()

@@ -73,10 +73,23 @@ def test_installed_commands_run_outside_the_checkout(wheel, tmp_path):
                 "print(api.__file__, simclr_dali.pipelines.__file__, simclr_dali.models.__file__)",
                 cwd=work, env=env).stdout.split()
     assert all(Path(p).is_relative_to(target) for p in where), where  # the installed copy, not the checkout
-    ran = ("simclr-train", "simclr-evaluate", "simclr-export")  # these three run below
-    for command in sorted(set(COMMANDS) - set(ran)):
-        r = run(target / "bin" / command, "--help", cwd=work, env=env)
-        assert "usage:" in r.stdout, command
+    ran = ("simclr-train", "simclr-evaluate", "simclr-export")  # these three run below, as processes of their own
+    others = sorted(set(COMMANDS) - set(ran))
+    assert all(os.access(target / "bin" / command, os.X_OK) for command in COMMANDS)
+    # the others' --help, in one process: each command's entry point, as the installed metadata names it
+    script = ("import contextlib, io, sys\nfrom importlib.metadata import entry_points\n"
+              "for point in sorted(entry_points(group='console_scripts'), key=lambda p: p.name):\n"
+              "    if point.name in sys.argv[1:]:\n"
+              "        out = io.StringIO()\n"
+              "        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+              "            point.load()(['--help'])\n"
+              "        print(point.name, point.value, 'usage:' in out.getvalue())\n")
+    r = run(sys.executable, "-c", script, *others, cwd=work, env=env)
+    lines = r.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == others and all(line.endswith(" True") for line in lines), r.stdout
+    for line in lines:  # each from the installed copy, whose bin/ script calls the same entry point
+        name, value, _ = line.split()
+        assert value.split(":")[0] in (target / "bin" / name).read_text(), (name, value)
     run(target / "bin" / "simclr-train", "--data", "digits", "--out", "run", "--backbone", "test_resnet",
         "--image-size", "16", "--epochs", "1", "--batch-size", "64", "--workers", "1", cwd=work, env=env)
     r = run(target / "bin" / "simclr-evaluate", "--run", "run", "--probe-epochs", "2", "--no-plots", cwd=work, env=env)
