@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import difflib
 
-import timm
 import torch
 from torch import nn
 
@@ -18,6 +17,8 @@ def create_backbone(name: str, small_stem: bool = False, image_size: int | None 
     argument. `small_stem` swaps a ResNet-style stem (7x7 stride-2 conv + max-pool) for a 3x3 stride-1 conv
     without pooling, the usual choice for 32-pixel images.
     """
+    import timm  # with torchvision, seconds to load: here, so that the settings and --help do without it
+
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""

@@ -10,7 +10,7 @@ from support.error_bounds import gamma, unit_roundoff
 from safetensors.torch import load_file
 from timm.optim import Lars, create_optimizer_v2
 
-from simclr_dali.training.optim import GuardedLars
+from simclr_dali.training.lars import GuardedLars
 
 # test_resnet, batch 4: 5 steps per epoch on 22 images, 10 on 44
 RUN = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "4", "--warmup-epochs", "1", "--workers", "1"]
