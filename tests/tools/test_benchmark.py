@@ -52,3 +52,17 @@ def test_all_sections_write_their_json_keys(tmp_path):
         assert row["fraction_of_matmul"] == row["gflops"] / matmul["gflops"] > 0
         assert row["fraction_of_matmul_best"] >= row["fraction_of_matmul"]
     assert all(rows[kind, "reference"]["speedup_vs_reference"] == 1.0 for kind in ("ntxent", "supcon", "moco"))
+
+
+def test_a_failed_measurement_is_named_and_the_exit_status_says_so(tmp_path, capsys):
+    # a backbone timm does not know: the measurement's own process stops on it, in its one sentence
+    from simclr_dali.tools.benchmark import command as benchmark
+
+    out = tmp_path / "model.json"
+    status = benchmark.main(["model", "--backbone", "resnet18x", "--image-size", "32", "--batch-size", "2",
+                             "--steps", "1", "--repeats", "1", "--json", str(out)])
+    err = capsys.readouterr().err
+    [row] = json.loads(out.read_text())["results"]  # written all the same, with the reason
+    sentence = "unknown backbone 'resnet18x': not a timm model name (did you mean resnet18, "
+    assert status == 1 and row["status"] == "failed" and row["reason"].startswith(sentence), row
+    assert err.splitlines()[-1].startswith(f"error: benchmark.py model: backbone=resnet18x failed: {sentence}"), err

@@ -9,7 +9,8 @@
 
 Sections live in simclr_dali/tools/benchmark/ and are registered in SECTIONS, each with its own subcommand; each
 measurement runs in a fresh process (common.py). `--json FILE` writes every figure with the
-hardware, the package versions and the command.
+hardware, the package versions and the command. The exit status is 1 when a measurement asked for failed
+(each named on stderr, the rest still measured and written), else 0.
 """
 from __future__ import annotations
 
@@ -90,4 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     results = section(args)
     if args.json:
         write_json(args.json, args.section, {k: v for k, v in vars(args).items() if k != "json"}, results)
-    return 0
+    return 1 if report_failures(args.section, results) else 0
+
+
+def report_failures(section: str, results: list[dict]) -> int:
+    """One line on stderr per measurement that failed (a skipped one, such as Triton without CUDA, is not a
+    failure); how many failed. The figures that were measured are in the table and the JSON all the same."""
+    failed = [r for r in results if r.get("status") == "failed"]
+    for r in failed:
+        what = " ".join(f"{k}={r[k]}" for k in ("section", "loss", "impl", "dtype", "n", "backbone") if k in r)
+        print(f"error: benchmark.py {section}: {what or 'a measurement'} failed: {r.get('reason', 'no reason given')}",
+              file=sys.stderr)
+    return len(failed)

@@ -134,9 +134,9 @@ def run_isolated(func: str, timeout_s: float = 1800, **kwargs) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=same_code_env())
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout_s:.0f} s"}
-    if proc.returncode != 0:
-        why = "killed (out of memory?)" if proc.returncode == -9 else proc.stderr.strip().splitlines()[-1:]
-        return {"status": "failed", "reason": str(why)}
+    if proc.returncode != 0:  # its last line: the one-sentence error, where it stopped on one
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
+        return {"status": "failed", "reason": "killed (out of memory?)" if proc.returncode == -9 else last}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -189,7 +189,8 @@ def train_measure(data: str, flags: list[str], workers: int, epochs: int, mixed_
         env = same_code_env(ACCELERATE_MIXED_PRECISION=mixed_precision)  # as `accelerate launch` sets it
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            return {"status": "failed", "reason": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"status": "failed", "reason": last.removeprefix("error: ")}
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         config = json.loads((Path(out) / "config.json").read_text())
     rates = [r["images_per_s"] for r in records if r["kind"] == "epoch"]
