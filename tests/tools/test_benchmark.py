@@ -24,6 +24,9 @@ def test_all_sections_write_their_json_keys(tmp_path):
         for key in keys:
             assert isinstance(row[key], float) and row[key] > 0, (key, row)
     assert pipeline["speedup"] == pipeline["dali_images_per_s"] / pipeline["torchvision_images_per_s"]
+    by_style = pipeline["torchvision_by_style"]  # each of torchvision's styles measured; the faster is the baseline
+    assert set(by_style) == {"tensor", "pil"} and all(v > 0 for v in by_style.values())
+    assert pipeline["torchvision_images_per_s"] == by_style[pipeline["torchvision_style"]] == max(by_style.values())
     assert train["efficiency"] == train["train_images_per_s"] / train["model_images_per_s"]
     assert len(train["model_runs"]) == 2 and train["model_images_per_s"] == sum(train["model_runs"]) / 2  # before, after
     hw = payload["hardware"]

@@ -77,11 +77,12 @@ def pipeline_measure(data: str, image_size: int, batch_size: int, workers: int, 
                      gpu: bool = False) -> dict:
     """Two-view batches per second: our DALI pipeline (on the GPU when `gpu`) and torchvision on the
     same images, with as many DataLoader workers as DALI has threads, its batches copied to the GPU from
-    pinned memory. Median over `repeats` epochs."""
+    pinned memory. torchvision is measured in each of its styles (baseline.STYLES) and the faster is the
+    baseline. Median over `repeats` epochs."""
     import torch
 
     from simclr_dali.pipelines.augment import Augment
-    from simclr_dali.pipelines.baseline import torchvision_loader
+    from simclr_dali.pipelines.baseline import STYLES, torchvision_loader
     from simclr_dali.pipelines.loader import Shard, train_loader
 
     torch.set_num_threads(1)  # the main process only consumes batches; the work is in threads/workers
@@ -93,12 +94,18 @@ def pipeline_measure(data: str, image_size: int, batch_size: int, workers: int, 
     if source.shards is not None:  # torchvision's loader reads files: tar shards (on disk or in a bucket) are DALI's alone
         return {"dali_images_per_s": d, "torchvision_images_per_s": None, "speedup": None, "dali_device": device,
                 "dali_runs": dali, "torchvision_runs": [], "n_images": len(source)}
-    tv_loader = torchvision_loader(source, batch_size=batch_size, size=image_size, aug=aug, workers=workers,
-                                   pin_memory=gpu)
-    tv = [_rate(tv_loader, batch_size, device=device) for _ in range(repeats)]
-    t = statistics.median(tv)
+    runs = {}
+    for style in STYLES:
+        tv_loader = torchvision_loader(source, batch_size=batch_size, size=image_size, aug=aug, workers=workers,
+                                       pin_memory=gpu, style=style)
+        runs[style] = [_rate(tv_loader, batch_size, device=device) for _ in range(repeats)]
+        del tv_loader  # its persistent workers end before the next style's start
+    best = max(STYLES, key=lambda style: statistics.median(runs[style]))
+    t = statistics.median(runs[best])
     return {"dali_images_per_s": d, "torchvision_images_per_s": t, "speedup": d / t, "dali_device": device,
-            "dali_runs": dali, "torchvision_runs": tv, "n_images": len(source)}
+            "dali_runs": dali, "torchvision_runs": runs[best], "torchvision_style": best,
+            "torchvision_by_style": {style: statistics.median(r) for style, r in runs.items()},
+            "n_images": len(source)}
 
 
 def pipeline_section(args) -> list[dict]:
@@ -113,8 +120,9 @@ def pipeline_section(args) -> list[dict]:
                            gpu=torch.cuda.is_available())
     row.update(image_size=args.image_size, batch_size=args.batch_size, workers=args.workers)
     print_table(f"Two-view augmentation throughput, {args.image_size} px (images/s, median of {args.repeats})",
-                ["DALI", "torchvision", "speedup", "images"],
-                [[row.get("dali_images_per_s"), row.get("torchvision_images_per_s"), row.get("speedup"),
+                ["DALI", "torchvision (its faster style)", "speedup", "images"],
+                [[row.get("dali_images_per_s"), row.get("torchvision_images_per_s") and
+                  f"{row['torchvision_images_per_s']:.3g} ({row['torchvision_style']})", row.get("speedup"),
                   row.get("n_images", row.get("reason"))]])
     return [row]
 
