@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from abc import ABCMeta, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -25,8 +26,9 @@ from torch import nn
 from simclr_dali.models.backbone import Encoder
 
 
-class Method(Encoder):
-    """A timm backbone and a projection head (`Encoder`), plus the loss that trains them."""
+class Method(Encoder, metaclass=ABCMeta):
+    """A timm backbone and a projection head (`Encoder`), plus the loss that trains them. A method without its
+    own `loss` and `describe` cannot be built."""
     title: ClassVar[str]  # the name the run's report gives it
     needs_labels: ClassVar[bool] = False  # the loss reads the labels (the loader's, or the shards' .cls)
     kernels: ClassVar[bool] = False  # the loss runs on the fused kernels (its implementation is worth naming)
@@ -48,13 +50,13 @@ class Method(Encoder):
         """The method around `backbone`, from the fields of `settings` (a Config) that it takes."""
         return cls(backbone, **{name: getattr(settings, name) for name in cls.settings()})
 
+    @abstractmethod
     def loss(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         """The scalar loss of `outputs` (what forward gave) for a batch with these labels (-1: none)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe(self) -> str:
         """The loss in a few words, for the run's report."""
-        raise NotImplementedError
 
     def after_step(self, taken: torch.Tensor, progress: float) -> None:
         """After the optimiser's step (`taken`: whether the guard let it through; `progress`: step / steps).

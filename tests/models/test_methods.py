@@ -87,6 +87,15 @@ def test_the_momentum_methods_share_a_base_and_not_simclrs():
     assert all(issubclass(cls, Method) for cls in METHODS.values())
 
 
+def test_a_method_without_its_loss_cannot_be_built():
+    class Unfinished(Method):
+        def describe(self) -> str:
+            return "no loss yet"
+
+    with pytest.raises(TypeError, match="loss"):
+        Unfinished(create_backbone("test_resnet"), proj_hidden=8, proj_dim=4)
+
+
 # -- the momentum network ---------------------------------------------------------------------------
 def momentum_model(cls, **kwargs):
     torch.manual_seed(0)
