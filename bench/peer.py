@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 
-
 class TwoViews(torch.utils.data.Dataset):
     """The images of one of our Sources (the same data our runs read), each as two augmented views."""
 

@@ -49,11 +49,11 @@ def main() -> None:
                 time.sleep(0.05)
         import boto3
 
+        from simclr_dali import training
         from simclr_dali.pipelines import bucket, pack
         from simclr_dali.pipelines.failures import StoreLost
         from simclr_dali.pipelines.loader import eval_loader
         from simclr_dali.pipelines.sources import load_source
-        from simclr_dali import training
         from simclr_dali.tools.benchmark.startup import make_folder
 
         boto3.client("s3").create_bucket(Bucket="data")

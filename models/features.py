@@ -7,7 +7,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 FP16_MAX = torch.finfo(torch.float16).max
 
 

@@ -41,8 +41,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from simclr_dali.models.loss_core import (GatherRows, RowLogSumExp, as_read, block_size, kernel_operands, precision,
-                                          world_of)
+from simclr_dali.models.loss_core import (
+    GatherRows,
+    RowLogSumExp,
+    as_read,
+    block_size,
+    kernel_operands,
+    precision,
+    world_of,
+)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 
-from simclr_dali.pipelines import EVAL_CROP
 from simclr_dali.errors import UserError
+from simclr_dali.pipelines import EVAL_CROP
 from simclr_dali.settings import setting, tracks_given
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import re
 
-from simclr_dali.pipelines.sources import Source
 from simclr_dali.errors import UserError
+from simclr_dali.pipelines.sources import Source
 
 
 class UnreadableData(UserError):

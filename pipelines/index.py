@@ -15,8 +15,8 @@ import contextlib
 import sys
 from pathlib import Path
 
-from simclr_dali.pipelines.webdataset import cache_dir, cached_index_path, find_index, find_shards, write_index
 from simclr_dali.errors import exit_on_user_error
+from simclr_dali.pipelines.webdataset import cache_dir, cached_index_path, find_index, find_shards, write_index
 from simclr_dali.settings import Parser, check_args
 
 

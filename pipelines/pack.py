@@ -21,11 +21,11 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
+from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.pipelines import bucket
 from simclr_dali.pipelines.sources import HOLDOUT_FRACTION, load_folder
 from simclr_dali.pipelines.verify import Screening
 from simclr_dali.pipelines.webdataset import TEST_PREFIX, TRAIN_PREFIX, index_path, write_shards
-from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.settings import Check, Parser, check_args, checked
 
 

@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from simclr_dali.pipelines import IMAGE_EXTENSIONS
 from simclr_dali.errors import UserError
+from simclr_dali.pipelines import IMAGE_EXTENSIONS
 
 HOLDOUT_FRACTION = 0.1  # a single folder keeps this much aside as its test split (pipelines.pack: of each class)
 DIGITS_SIZE = 32

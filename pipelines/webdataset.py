@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simclr_dali.pipelines import IMAGE_EXTENSIONS, cache_home
 from simclr_dali.errors import UserError
+from simclr_dali.pipelines import IMAGE_EXTENSIONS, cache_home
 
 IMAGE_SUFFIXES = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # a component's ext, lower-cased
 IMAGE_EXTS = ";".join(sorted(IMAGE_SUFFIXES))  # DALI's ext (matched case-insensitively): the folder source's list

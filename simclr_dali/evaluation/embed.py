@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simclr_dali.models.features import split_extract
-from simclr_dali.pipelines import eval_crop
 from simclr_dali.errors import UserError
 from simclr_dali.evaluation.backbone import load_backbone
 from simclr_dali.evaluation.processes import Processes
+from simclr_dali.models.features import split_extract
+from simclr_dali.pipelines import eval_crop
 
 
 def resolved_crop(crop: float, image_size: int) -> float:

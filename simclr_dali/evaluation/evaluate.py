@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simclr_dali.models.features import extract, knn_top1, split_extract
 from simclr_dali.errors import UserError
 from simclr_dali.evaluation.backbone import load_backbone, load_run
 from simclr_dali.evaluation.embed import embed_folder, resolved_crop
 from simclr_dali.evaluation.probes import linear_probe_top1
 from simclr_dali.evaluation.processes import Processes
+from simclr_dali.models.features import extract, knn_top1, split_extract
 from simclr_dali.settings import (
     Parser,
     add_dataclass_flags,

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simclr_dali.models.features import extract
 from simclr_dali.errors import UserError
+from simclr_dali.models.features import extract
 
 
 # -- frozen features --------------------------------------------------------------------------

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.models.backbone import fixed_input_size
 from simclr_dali.pipelines import eval_crop
 from simclr_dali.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
-from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.settings import Parser, add_dataclass_flags, check_args, dataclass_from_args, setting
 from simclr_dali.training.checkpoint import as_umask_allows
 

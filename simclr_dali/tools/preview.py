@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.models.methods import METHODS
 from simclr_dali.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
-from simclr_dali.errors import UserError, exit_on_user_error
 from simclr_dali.settings import (
     Check,
     Parser,
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
 
-    from simclr_dali.pipelines.sources import load_source
     from simclr_dali.evaluation.plots import display_image
+    from simclr_dali.pipelines.sources import load_source
 
     source = load_source(args.data, "train")
     if args.n > len(source):

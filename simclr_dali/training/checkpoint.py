@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 from simclr_dali.errors import UserError
-from simclr_dali.training.layers import FIXED, flat_resolved, resume_changes
-from simclr_dali.training.room import no_room, no_room_is_one_sentence
 from simclr_dali.readback import (
     Unreadable,
     check_manifest,
@@ -28,6 +26,8 @@ from simclr_dali.readback import (
     read_json,
     read_jsonl,
 )
+from simclr_dali.training.layers import FIXED, flat_resolved, resume_changes
+from simclr_dali.training.room import no_room, no_room_is_one_sentence
 
 
 def save_checkpoint(accelerator, out: Path, state: dict, config: dict, loader_state: bytes | None = None,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from simclr_dali.pipelines.augment import Augment, per_view
 from simclr_dali.errors import UserError
+from simclr_dali.pipelines.augment import Augment, per_view
 from simclr_dali.settings import read_recorded, recorded_settings
 
 # what an invocation does, not a setting of the run: never taken from a recorded run or a checkpoint

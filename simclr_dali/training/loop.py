@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from simclr_dali.environment import check_environment
 from simclr_dali.models.loss_core import resolve_impl
 from simclr_dali.pipelines.failures import StoreLost
-from simclr_dali.environment import check_environment
 from simclr_dali.settings import given as given_fields
 from simclr_dali.training.ahead import AHEAD_FRACTION, NextEpoch
 from simclr_dali.training.checkpoint import (
@@ -98,7 +98,6 @@ def open_run(cfg: Config, given: set[str]) -> Parts:
     """The accelerator, the output folder, the seed, and the checkpoint to resume from (read back whole
     first), with the run's global batch spread over however many processes this invocation has."""
     from accelerate.utils import set_seed
-
 
     check_environment()  # what accelerate and torch.distributed read, before they read it
     accelerator = make_accelerator(cfg.log_with, cfg.out)

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from simclr_dali.models.features import knn_top1, split_extract
 from simclr_dali.errors import UserError
+from simclr_dali.models.features import knn_top1, split_extract
 
 OVERREAD = 3  # tar shards: the bank's shards hold this many times the images it keeps (see KnnMonitor)
 

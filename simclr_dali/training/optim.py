@@ -7,7 +7,6 @@ import math
 
 import torch
 
-
 # Each optimiser's learning rate (per 256 images, scaled by the global batch) and weight decay, from the paper that
 # trains with it: what a run gets when it names an optimiser other than its method's own (models/methods.py), whose
 # values were chosen for that one. LARS: SimCLR [C §2.3]; momentum (heavy-ball SGD) and sgd (Nesterov): MoCo v2 [M1

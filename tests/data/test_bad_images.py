@@ -12,9 +12,10 @@ from nvidia.dali import pipeline_def
 from PIL import Image
 from support.bad_images import BAD, ODD_BUT_GOOD
 
+from simclr_dali.errors import UserError
 from simclr_dali.pipelines.sources import load_source
 from simclr_dali.pipelines.verify import Screening, check_image
-from simclr_dali.errors import UserError
+
 
 def dali_decode(path: Path) -> np.ndarray | None:
     """The oracle: DALI's own CPU decoder as the training pipeline calls it (None: it fails)."""

@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import ENV, ROOT, TINY, free_port, make_folder, run_cli, train_here
 
+from simclr_dali.errors import UserError
 from simclr_dali.pipelines.sources import load_folder, load_source
 from simclr_dali.pipelines.webdataset import TEST_PREFIX, write_shards
-from simclr_dali.errors import UserError
 
 pytestmark = pytest.mark.slow  # a server in a process of its own
 

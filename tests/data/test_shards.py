@@ -21,12 +21,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from wds2idx import IndexCreator
 
+from simclr_dali.errors import UserError
 from simclr_dali.pipelines import loader as loader_module
 from simclr_dali.pipelines import pack
 from simclr_dali.pipelines.augment import Augment
 from simclr_dali.pipelines.loader import SHUFFLE_BYTES, Shard, ShardReader, eval_loader, shuffle_buffer, train_loader
 from simclr_dali.pipelines.sources import load_source
-from simclr_dali.errors import UserError
 
 CLASSES, PER_CLASS, SHARD, BATCH = 8, 64, 4, 16  # 512 samples in 128 class-sorted shards, 16 per class
 

@@ -18,13 +18,13 @@ from conftest import train_here
 from PIL import Image
 from wds2idx import IndexCreator
 
+from simclr_dali.errors import UserError
 from simclr_dali.pipelines import index as index_command
 from simclr_dali.pipelines import webdataset as wds
 from simclr_dali.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
 from simclr_dali.pipelines.loader import Shard, eval_loader, train_loader
 from simclr_dali.pipelines.sources import load_source
 from simclr_dali.pipelines.webdataset import index_tar, write_shards
-from simclr_dali.errors import UserError
 
 N, BATCH = 48, 8  # samples in every layout: 6 training steps of 8, every sample once an epoch
 

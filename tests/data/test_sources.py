@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import make_folder, write_cifar
 
-from simclr_dali.pipelines.sources import HOLDOUT_FRACTION, load_source
 from simclr_dali.errors import UserError
+from simclr_dali.pipelines.sources import HOLDOUT_FRACTION, load_source
 
 
 def test_folder_labels_follow_class_folders(image_folder):

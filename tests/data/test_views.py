@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import dali_device_id
 
+from simclr_dali import training as train
+from simclr_dali.errors import UserError
 from simclr_dali.pipelines.augment import Augment
 from simclr_dali.pipelines.loader import Shard, train_loader
 from simclr_dali.pipelines.sources import Source
-from simclr_dali import training as train
-from simclr_dali.errors import UserError
 from simclr_dali.settings import to_argv
 
 IDENTITY = dict(crop_min_area=1.0, crop_min_ratio=1.0, crop_max_ratio=1.0, flip_p=0.0, jitter_p=0.0, gray_p=0.0,

@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import make_folder, run_cli, write_cifar
 
+from simclr_dali import training as train
 from simclr_dali.pipelines.loader import Shard, train_loader
 from simclr_dali.pipelines.sources import load_source
-from simclr_dali import training as train
 
 BATCH = 4  # images per step (two views each)
 SMALL = {"aug.jitter_strength": 0.5, "aug.blur_p": 0.0, "temperature": 0.2, "lr": 1.0, "weight_decay": 1e-4}

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_folder, write_image
-from support.error_bounds import feature_error, knn_fragile, unit_roundoff
 from PIL import Image
+from support.error_bounds import feature_error, knn_fragile, unit_roundoff
 
-from simclr_dali.models.features import extract, knn_top1
-from simclr_dali.pipelines.loader import eval_loader
-from simclr_dali.pipelines.sources import load_folder, load_source
 from simclr_dali import training as train
 from simclr_dali.evaluation import evaluate, plots
 from simclr_dali.evaluation.backbone import load_backbone
 from simclr_dali.evaluation.evaluate import EvalConfig, evaluate_backbone
 from simclr_dali.evaluation.probes import balanced_subset, top_k_accuracy
+from simclr_dali.models.features import extract, knn_top1
+from simclr_dali.pipelines.loader import eval_loader
+from simclr_dali.pipelines.sources import load_folder, load_source
 from simclr_dali.training.monitor import KnnMonitor
 
 CLASSES = ("ant", "bee", "cat", "dog", "eel")  # five, so that top-5 is reported

@@ -7,9 +7,9 @@ import pytest
 from conftest import make_folder
 from PIL import Image
 
+from simclr_dali.evaluation import plots
 from simclr_dali.pipelines.augment import Augment
 from simclr_dali.pipelines.sources import Source, load_folder
-from simclr_dali.evaluation import plots
 from simclr_dali.tools import preview
 from simclr_dali.tools.preview import CELL as PREVIEW_CELL
 from simclr_dali.tools.preview import augmented_pairs

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import make_folder, train_here
 
+from simclr_dali.evaluation import evaluate
 from simclr_dali.pipelines import pack
 from simclr_dali.pipelines.sources import load_folder, load_source
 from simclr_dali.pipelines.webdataset import write_shards
-from simclr_dali.evaluation import evaluate
 
 pytestmark = pytest.mark.slow  # trains on shards
 

@@ -9,8 +9,8 @@ import torch
 from conftest import make_folder
 from safetensors.torch import load_file
 
-from simclr_dali.models.backbone import create_backbone
 from simclr_dali import training as train
+from simclr_dali.models.backbone import create_backbone
 
 VIT = "vit_tiny_patch16_224"
 

@@ -33,8 +33,8 @@ def _worker(rank, port, z1, z2, q, k, keys, out_dir):
     try:
         from simclr_dali.models.backbone import create_backbone
         from simclr_dali.models.contrastive import moco_loss, supcon_loss
-        from simclr_dali.models.methods import MoCo
         from simclr_dali.models.loss_core import gather
+        from simclr_dali.models.methods import MoCo
 
         rows = slice(rank * N, (rank + 1) * N)
         results = {"supcon": []}

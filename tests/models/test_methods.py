@@ -9,8 +9,8 @@ import torch
 from conftest import fixed_batch, make_folder, train_here
 from safetensors.torch import load_file
 
-from simclr_dali.models.backbone import create_backbone
 from simclr_dali import training as train
+from simclr_dali.models.backbone import create_backbone
 from simclr_dali.models.method import Method, MomentumMethod
 from simclr_dali.models.methods import BYOL, METHODS, MoCo, SimCLR, SupCon
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import fixed_batch, make_folder, panel_words, train_here
 
-from simclr_dali.models.ntxent import nt_xent_loss
 from simclr_dali import training as train
 from simclr_dali.errors import UserError
+from simclr_dali.models.ntxent import nt_xent_loss
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ import timm
 import torch
 from torch import nn
 
-from simclr_dali.models.backbone import Encoder, create_backbone
 from simclr_dali.errors import UserError
+from simclr_dali.models.backbone import Encoder, create_backbone
 
 
 @pytest.mark.parametrize("name,width", [("resnet18", 512), ("mobilenetv3_small_050", 1024)])

@@ -21,7 +21,6 @@ from simclr_dali.models.loss_core import RowLogSumExp, resolve_impl
 from simclr_dali.models.ntxent import _reference_rows, nt_xent_loss, nt_xent_reference
 
 
-
 def numpy_oracle(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:
     """NT-Xent by explicit loops in float64: anchors i, candidates k, feature d."""
     z = np.concatenate([z1, z2]).astype(np.float64)

@@ -6,9 +6,8 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from conftest import write_image
+from PIL import Image
 
 BAD = {  # relative path -> start of the reason pipelines.verify gives
     "cat/empty.jpg": "empty",

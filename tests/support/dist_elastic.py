@@ -9,9 +9,9 @@ import signal
 import sys
 from pathlib import Path
 
+from simclr_dali import training as train
 from simclr_dali.models import ntxent
 from simclr_dali.pipelines import loader
-from simclr_dali import training as train
 
 RANK, STOP_AT = int(os.environ.get("RANK", "0")), int(os.environ.get("STOP_AT", "0"))
 RECORD, calls = Path(os.environ["RECORD"]) / f"seen_{os.environ['TAG']}_{RANK}.jsonl", {"n": 0}

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from simclr_dali.pipelines import pack, verify
-from simclr_dali.pipelines.augment import Augment
 from simclr_dali import training as train
 from simclr_dali.evaluation import evaluate
+from simclr_dali.pipelines import pack, verify
+from simclr_dali.pipelines.augment import Augment
 from simclr_dali.tools import export, preview
 from simclr_dali.tools.benchmark import command as benchmark
 

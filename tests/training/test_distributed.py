@@ -121,10 +121,10 @@ def one_process_monitor(out, spec: str) -> tuple[float, int]:
     many of its 5 decisions two computations' roundings could change (test_evaluate.knn_fragile)."""
     from support.error_bounds import feature_error, knn_fragile
 
+    from simclr_dali.evaluation.backbone import load_backbone
     from simclr_dali.models.features import extract
     from simclr_dali.pipelines.loader import eval_loader
     from simclr_dali.pipelines.sources import load_source
-    from simclr_dali.evaluation.backbone import load_backbone
     from simclr_dali.training.monitor import KnnMonitor
 
     backbone = load_backbone(json.loads((out / "config.json").read_text()), out / "backbone.safetensors")
@@ -146,10 +146,10 @@ def one_process_knn(out, folder, n_test: int) -> tuple[float, int]:
     two computations' roundings could change."""
     from support.error_bounds import feature_error, knn_fragile
 
+    from simclr_dali.evaluation.backbone import load_backbone
     from simclr_dali.models.features import extract, knn_top1
     from simclr_dali.pipelines.loader import eval_loader
     from simclr_dali.pipelines.sources import load_source
-    from simclr_dali.evaluation.backbone import load_backbone
 
     backbone = load_backbone(json.loads((out / "config.json").read_text()), out / "backbone.safetensors")
     kwargs = dict(batch_size=8, size=32, workers=1, device_id=None)

@@ -6,8 +6,8 @@ import signal
 import pytest
 import torch
 from conftest import make_folder
-from support.elastic import launch, seen_per_epoch
 from safetensors.torch import load_file
+from support.elastic import launch, seen_per_epoch
 
 from simclr_dali.errors import UserError
 from simclr_dali.training.checkpoint import Saved, resumed_batch

@@ -4,9 +4,9 @@ it accepts."""
 import pytest
 from conftest import make_folder, train_here
 
-from simclr_dali.pipelines.sources import load_source
 from simclr_dali.environment import check_environment
 from simclr_dali.errors import UserError
+from simclr_dali.pipelines.sources import load_source
 
 BAD = [  # (variables, the sentence's start, what it says is accepted), written by hand
     ({"ACCELERATE_MIXED_PRECISION": "bfloat16"}, "ACCELERATE_MIXED_PRECISION is 'bfloat16'", "one of no, fp16, bf16"),

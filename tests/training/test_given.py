@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import make_folder, train_here
 
-from simclr_dali.pipelines.augment import Augment
 from simclr_dali import Config, EvalConfig, Run, pretrain
 from simclr_dali import training as train
 from simclr_dali.errors import UserError
 from simclr_dali.evaluation import evaluate
+from simclr_dali.pipelines.augment import Augment
 from simclr_dali.settings import to_argv
 from simclr_dali.training.config import settings_in_order
 

@@ -10,11 +10,11 @@ import torch
 from conftest import fixed_batch, make_folder, train_here
 from support.error_bounds import gamma, unit_roundoff
 
-from simclr_dali.models.features import knn_top1
-from simclr_dali.pipelines.sources import load_folder
 from simclr_dali import training as train
 from simclr_dali.evaluation.evaluate import EvalConfig
 from simclr_dali.evaluation.probes import FinetuneSettings, finetune, finetune_augment, linear_probe_top1
+from simclr_dali.models.features import knn_top1
+from simclr_dali.pipelines.sources import load_folder
 
 
 def small_cfg(*args):
@@ -158,8 +158,8 @@ def test_the_linear_probe_separates_linearly_separable_features():
 
 
 def test_fine_tuning_changes_the_backbone(tmp_path):
-    from simclr_dali.pipelines.loader import eval_loader
     from simclr_dali.evaluation.backbone import load_backbone
+    from simclr_dali.pipelines.loader import eval_loader
 
     folder = load_folder(str(make_folder(tmp_path / "images", per_class=8)), "all")
     backbone = load_backbone({"backbone": "test_resnet"}, None)

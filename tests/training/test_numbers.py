@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from simclr_dali.pipelines.augment import Augment
 from simclr_dali.errors import UserError
 from simclr_dali.evaluation.evaluate import EvalConfig
 from simclr_dali.evaluation.evaluate import build_parser as eval_parser
 from simclr_dali.evaluation.evaluate import parse_args as eval_args
+from simclr_dali.pipelines.augment import Augment
 from simclr_dali.settings import Check
 from simclr_dali.training.checkpoint import write_json
 from simclr_dali.training.config import Config, build_parser, parse_args

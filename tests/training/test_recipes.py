@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from simclr_dali import training as train
 from simclr_dali.pipelines import eval_crop
 from simclr_dali.pipelines.loader import eval_loader
 from simclr_dali.pipelines.sources import load_folder
-from simclr_dali import training as train
 from simclr_dali.training.recipes import recipe_record, resolve
 
 IMAGENET = {"jitter_strength": 1.0, "blur_p": 0.5, "temperature": 0.1, "lr": 0.3, "weight_decay": 1e-6}

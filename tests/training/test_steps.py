@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 from conftest import ROOT, make_folder, nan, run_cli
-from support.error_bounds import gamma, unit_roundoff
 from safetensors.torch import load_file
+from support.error_bounds import gamma, unit_roundoff
 from timm.optim import Lars, create_optimizer_v2
 
 from simclr_dali.training.lars import GuardedLars
