@@ -1,11 +1,11 @@
 """The SimCLR augmentation graph, written once for both devices.
 
-`simclr_view` is one augmented view: random resized crop, colour jitter (with probability),
-random grayscale, Gaussian blur (with probability), solarisation (with probability, BYOL), then flip +
-normalise fused in crop_mirror_normalize; `two_views` gives view 1 and view 2, each with its own
-settings. Flip commutes with the colour, blur and solarisation steps, so fusing it at the end gives
-the paper's distribution. Random decisions are DALI's own random operators (CPU argument inputs),
-so they follow the pipeline seed on either device.
+`augmented_views` gives independently augmented views of each image, each with its own settings: random resized
+crop, colour jitter (with probability) and random grayscale as one colour map per view, Gaussian blur (with
+probability), solarisation (with probability, BYOL), then flip + normalise fused in crop_mirror_normalize;
+`two_views` gives view 1 and view 2. Flip commutes with the colour, blur and solarisation steps, so fusing it at the
+end gives the paper's distribution. Random decisions are DALI's own random operators (CPU argument inputs), so they
+follow the pipeline seed on either device; the views' colour draws are one vector per image.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import nvidia.dali.types as types
 
 from simclr_dali.errors import UserError
 from simclr_dali.pipelines import EVAL_CROP
+from simclr_dali.pipelines.colour import colour, uniform
 from simclr_dali.settings import setting, tracks_given
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -51,6 +52,8 @@ class Augment:
     jitter_hue: PerView = setting(0.2, low=0, high=0.5, help="colour jitter: hue turned by up to h s of a full turn "
                                   "(h, at s = 1)")
     jitter_p: PerView = setting(0.8, low=0, high=1, help="probability that colour jitter is applied")
+    jitter_clip: PerView = setting(0, choices=(0, 1), help="1: colour jitter step by step, each step clipped to "
+                                   "0..255 as torchvision does (slower); 0: the steps as one colour map, clipped once")
     gray_p: PerView = setting(0.2, low=0, high=1, help="probability of converting a view to grayscale")
     blur_p: PerView = setting(0.5, low=0, high=1, help="probability of Gaussian blur (0 switches blur off, as for "
                               "CIFAR)")
@@ -153,113 +156,6 @@ def decode(encoded, gpu: bool):
     return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB), unreadable
 
 
-def _uniform(low: float, high: float):
-    """A per-sample uniform draw; a plain number when the range is one value (DALI wants high > low)."""
-    return fn.random.uniform(range=[low, high]) if high > low else float(low)
-
-
-# -- colour jitter, as torchvision's ColorJitter and the paper's code define it --------------------
-# Brightness and contrast blend the image with a reference as torchvision's adjust_* do, black and the image's own
-# mean grey, and clip to uint8. Saturation (a blend with each pixel's grey) and hue run as one DALI op, hsv: scaling
-# and rotating the chroma commute, so one op drops only the clip between them, and one pass over the pixels costs
-# half of two. DALI's hue rotates the chroma plane (YIQ) where
-# torchvision shifts H in HSV (tests/data/test_colour.py measures both differences). The order of the three steps is
-# drawn per image, as torchvision draws randperm(4): one of their 6 orders.
-def order_of(position: int, brightness_first: bool) -> tuple[str, ...]:
-    """The steps in the order that random_order's (colour position, brightness first) names."""
-    steps = ["brightness", "contrast"] if brightness_first else ["contrast", "brightness"]
-    steps.insert(position, "colour")
-    return tuple(steps)
-
-
-ORDERS = {(p, first): order_of(p, first) for p in range(3) for first in (True, False)}  # the 6 orders
-
-
-def brightness(images, factor):
-    """factor * x (torchvision's adjust_brightness: a blend with black)."""
-    return fn.brightness_contrast(images, brightness=factor)
-
-
-def mean_grey(images):
-    """Each image's mean luma (ITU-R 601 weights, as torchvision's rgb_to_grayscale), a scalar on the images'
-    device."""
-    return fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
-
-
-def contrast_blend(images, factor):
-    """factor * x + (1 - factor) * mean grey by arithmetic, rounded and saturated to uint8 by the cast: contrast
-    where the mean is GPU data, which DALI cannot take as an operator's argument."""
-    return fn.cast(images * factor + mean_grey(images) * (1.0 - factor), dtype=types.UINT8)
-
-
-def contrast(images, factor):
-    """A blend toward the image's own mean grey (torchvision's adjust_contrast), not DALI's fixed 128: on a dark
-    image the fixed centre would brighten it too. On the host the mean is brightness_contrast's centre, one pass
-    over the pixels; on the GPU it is data there, so the blend is arithmetic (contrast_blend)."""
-    if images.device == "gpu":
-        return contrast_blend(images, factor)
-    return fn.brightness_contrast(images, contrast=factor, contrast_center=mean_grey(images))
-
-
-def saturation_and_hue(images, saturation=1.0, degrees=0.0):
-    """Chroma (YIQ) scaled by `saturation` and rotated by `degrees`, in one pass. Scaling the chroma is torchvision's
-    adjust_saturation (a blend with the pixel's luma); the rotation is DALI's hue, not torchvision's HSV shift."""
-    return fn.hsv(images, saturation=saturation, hue=degrees)
-
-
-def jitter_factors(aug: Augment) -> dict:
-    """A factor per jitter_ranges key, each uniform in its range (hue in degrees), drawn per image."""
-    return {name: _uniform(low, high) for name, (low, high) in aug.jitter_ranges().items()}
-
-
-def random_order():
-    """(colour position, brightness first): 0, 1 or 2 and a bool, uniform and independent, so each of the 6
-    orders of the three steps has probability 1/6 (ORDERS)."""
-    return fn.random.choice(3), fn.random.coin_flip(probability=0.5, dtype=types.BOOL)
-
-
-def color_jitter(images, factors, order):
-    """Brightness, contrast and colour (saturation and hue) in `order` (random_order's pair), each with its factor
-    (factors: a node or number per jitter_ranges key). Conditional execution: each image runs each step once."""
-    position, brightness_first = order
-    first, middle, last = position == 0, position == 1, position == 2
-
-    def colour(x):
-        return saturation_and_hue(x, factors["saturation"], factors["hue"])
-
-    if first:
-        images = colour(images)
-    if brightness_first:
-        images = brightness(images, factors["brightness"])
-        if middle:
-            images = colour(images)
-        images = contrast(images, factors["contrast"])
-    else:
-        images = contrast(images, factors["contrast"])
-        if middle:
-            images = colour(images)
-        images = brightness(images, factors["brightness"])
-    if last:
-        images = colour(images)
-    return images
-
-
-def grayscale(images):
-    """Luma in all three channels (torchvision's rgb_to_grayscale with 3 output channels)."""
-    grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
-    return fn.color_space_conversion(grey, image_type=types.GRAY, output_type=types.RGB)
-
-
-def color_jitter_and_gray(images, aug: Augment):
-    """Colour jitter with probability jitter_p, then grayscale with probability gray_p (conditional execution:
-    images that skip a step cost nothing there)."""
-    if fn.random.coin_flip(probability=aug.jitter_p, dtype=types.BOOL):
-        images = color_jitter(images, jitter_factors(aug), random_order())
-    if fn.random.coin_flip(probability=aug.gray_p, dtype=types.BOOL):
-        images = grayscale(images)
-    return images
-
-
 def gaussian_kernel(sigma, window: int):
     """The (window, window) Gaussian of `sigma` (per image), normalised: the outer product of the normalised 1-D
     taps exp(-x^2 / 2 sigma^2), computed at once from the squared distances."""
@@ -273,7 +169,7 @@ def gaussian_blur(images, size: int, aug: Augment):
     if aug.blur_p <= 0:
         return images
     if fn.random.coin_flip(probability=aug.blur_p, dtype=types.BOOL):
-        sigma = _uniform(aug.blur_sigma_min, aug.blur_sigma_max)
+        sigma = uniform(aug.blur_sigma_min, aug.blur_sigma_max)
         # Taps beyond 3 sigma carry 0.3% of the weight: a per-sample window of 2*ceil(3 sigma)+1,
         # capped at the paper's tenth of the side, gives the same blur at a fraction of the cost
         # (a 23-tap kernel at 224 px made blur the slowest operator).
@@ -282,6 +178,8 @@ def gaussian_blur(images, size: int, aug: Augment):
             window = min(2 * math.ceil(3 * sigma) + 1, cap)
         elif cap <= 2 * math.ceil(3 * aug.blur_sigma_min) + 1:
             window = cap  # every sigma gets the cap (3 taps below 35 px): one size for the batch
+        elif cap >= 2 * math.ceil(3 * aug.blur_sigma_max) + 1:
+            window = None  # no sigma reaches the cap: gaussian_blur's own window, 2 ceil(3 sigma) + 1, per sample
         else:
             window = dmath.min(2 * fn.cast(dmath.ceil(3.0 * sigma), dtype=types.INT32) + 1, cap)
         # `window` is a number, or a DataNode (a size per sample) whose truth value DALI refuses: test its type
@@ -290,6 +188,8 @@ def gaussian_blur(images, size: int, aug: Augment):
         if isinstance(window, int) and window == 3:
             kernel = gaussian_kernel(sigma, window)
             images = fn.filter(images, kernel.gpu() if images.device == "gpu" else kernel)
+        elif window is None:
+            images = fn.gaussian_blur(images, sigma=sigma)
         else:
             images = fn.gaussian_blur(images, window_size=window, sigma=sigma)
     return images
@@ -322,23 +222,30 @@ def normalize(images, mirror=0, layout: str = "CHW"):
                                     mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
 
 
+def crop(images, size: int, aug: Augment):
+    """A random resized crop, size x size."""
+    return fn.random_resized_crop(images, size=[size, size], random_area=[aug.crop_min_area, aug.crop_max_area],
+                                  random_aspect_ratio=[aug.crop_min_ratio, aug.crop_max_ratio])
+
+
+def augmented_views(images, size: int, augs: list[Augment], layout: str = "CHW") -> list:
+    """Independently augmented views (N, 3, size, size), or (N, size, size, 3) for layout HWC, one per entry of
+    `augs` (each one view's settings, Augment.views): crop, colour (jitter and grayscale), blur, solarisation, then
+    flip fused into the normalisation (flip commutes with the pixel-wise and symmetric steps)."""
+    views = [crop(images, size, aug) for aug in augs]
+    views = colour(views, augs)
+    return [normalize(random_solarize(gaussian_blur(x, size, aug), aug), mirror=fn.random.coin_flip(
+        probability=aug.flip_p), layout=layout) for x, aug in zip(views, augs)]
+
+
 def simclr_view(images, size: int, aug: Augment, layout: str = "CHW"):
-    """One independently augmented view (N, 3, size, size), or (N, size, size, 3) for layout HWC, with one view's
-    settings (Augment.views): crop, colour jitter, grayscale, blur, solarisation, then flip fused into the
-    normalisation (flip commutes with the pixel-wise and symmetric steps)."""
-    views = fn.random_resized_crop(images, size=[size, size],
-                                   random_area=[aug.crop_min_area, aug.crop_max_area],
-                                   random_aspect_ratio=[aug.crop_min_ratio, aug.crop_max_ratio])
-    views = color_jitter_and_gray(views, aug)
-    views = gaussian_blur(views, size, aug)
-    views = random_solarize(views, aug)
-    return normalize(views, mirror=fn.random.coin_flip(probability=aug.flip_p), layout=layout)
+    """One augmented view with one view's settings."""
+    return augmented_views(images, size, [aug], layout)[0]
 
 
 def two_views(images, size: int, aug: Augment, layout: str = "CHW"):
     """View 1 and view 2 of each image, each with its own settings where they differ."""
-    first, second = aug.views()
-    return simclr_view(images, size, first, layout), simclr_view(images, size, second, layout)
+    return tuple(augmented_views(images, size, list(aug.views()), layout))
 
 
 def center_view(images, size: int, layout: str = "CHW", crop: float = EVAL_CROP):

@@ -76,8 +76,8 @@ class Check:
 
     def bad_values(self, kind=float) -> list:
         """Values the check refuses (for the tests that try every flag)."""
-        if self.choices:
-            return ["bogus"]
+        if self.choices:  # a word for a choice of words, else a number that is none of the numbers
+            return ["bogus"] if any(isinstance(c, str) for c in self.choices) else [kind(max(self.choices) + 1)]
         step = 1 if kind is int else 0.5
         out = []
         if self.low is not None:
