@@ -1,6 +1,6 @@
 """Throughput benchmarks, one section per part of the trainer: `python benchmark.py SECTION [options]`.
 
-    python benchmark.py pipeline --image-size 224 --json pipeline.json   # DALI vs torchvision
+    python benchmark.py pipeline --json pipeline.json                    # DALI vs torchvision, 32 and 224 px
     python benchmark.py model                                            # the compute ceiling
     python benchmark.py train                                            # train.py end to end / model
     python benchmark.py loss --sizes 16384                               # NT-Xent implementations

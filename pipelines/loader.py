@@ -216,7 +216,7 @@ class Loader:
     (N, 3, S, S) whatever the pipeline's layout: HWC batches come out as channels-last views."""
 
     def __init__(self, pipe, feeder, names: list[str], done: int = 0, layout: str = "CHW"):
-        self.feeder, self.done, self.layout = feeder, done, layout
+        self.pipe, self.feeder, self.done, self.layout = pipe, feeder, done, layout
         self.flagged = decodes(feeder.source)  # the last output is `unreadable` (augment.decode)
         self.taken = 0  # batches yielded
         self.ahead = pipe.prefetch_queue_depth if isinstance(pipe.prefetch_queue_depth, int) else 2
@@ -287,6 +287,12 @@ class Loader:
                               f"was checked; check it again with {check_again(source)}", False)
 
 
+def graph_operators(pipe) -> int:
+    """The operators in a built pipeline's graph (DALI's Python-side list of them): what each batch runs, each with
+    its own cost per sample and its scheduling per batch."""
+    return len(pipe._ops)
+
+
 def placement(device_id: int | None) -> str:
     return "cpu" if device_id is None else "gpu"
 
@@ -303,6 +309,16 @@ def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, sh
     bit; without it (a checkpoint written by another number of processes) the pipeline reads the
     global batches after the first `done`, with augmentations drawn afresh.
     """
+    pipe, feeder, names, layout = train_pipeline(**locals())
+    return Loader(pipe, feeder, names, done=done if state is not None else 0, layout=layout)
+
+
+def train_pipeline(source: Source, *, batch_size: int, size: int, aug: Augment, shard: Shard, seed: int,
+                   epoch: int, workers: int, device_id: int | None, channels_last: bool = False, prefetch: int = 2,
+                   state: bytes | None = None, done: int = 0, views: int = 2):
+    """The built DALI pipeline behind train_loader (its arguments), with its feeder, output names and layout: on
+    DALI's dynamic executor, which schedules the graph's many small operators at about half the cost per sample
+    of the default one (docs/results.md, The pipeline)."""
     skip = done if state is None else 0
     feeder = make_input(source, batch_size, shard, shuffle=True, drop_last=True, seed=seed, epoch=epoch, skip=skip)
     pipe_seed = int(np.random.default_rng([seed, epoch, shard.index] + ([skip] if skip else [])).integers(2**31))
@@ -310,10 +326,10 @@ def train_loader(source: Source, *, batch_size: int, size: int, aug: Augment, sh
     make, names = (two_view_pipeline, ["view1", "view2"]) if views == 2 else (one_view_pipeline, ["view"])
     pipe = make(feeder, size, aug, device_id is not None, layout, batch_size=batch_size, num_threads=workers,
                 device_id=device_id, seed=pipe_seed, prefetch_queue_depth=prefetch, enable_checkpointing=True,
-                checkpoint=state)
+                checkpoint=state, exec_dynamic=True)
     with dali_errors(feeder):  # the reader lists its files or shards now
         pipe.build()
-    return Loader(pipe, feeder, [*names, "label"], done=done if state is not None else 0, layout=layout)
+    return pipe, feeder, [*names, "label"], layout
 
 
 def eval_loader(source: Source, *, batch_size: int, size: int, workers: int,

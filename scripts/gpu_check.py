@@ -10,7 +10,7 @@ Steps, each timed and reported passed or failed; a failed step does not stop the
                 and the augmentations on the GPU, the NT-Xent kernels compiled, train/evaluate smoke runs
   train         train.py through `accelerate launch --mixed_precision bf16` on generated 500x375 JPEGs
   evaluate      evaluate.py on that run (features, kNN and linear probe on the device)
-  pipeline      benchmark.py pipeline: DALI against torchvision with one worker per CPU core
+  pipeline      benchmark.py pipeline: DALI against torchvision with one worker per CPU core, 224 and 32 px
   model+train   benchmark.py train per backbone: train.py against the model alone, same precision
   loss          benchmark.py loss: every implementation of NT-Xent, SupCon and MoCo in fp32 and bf16
   auto          which implementation `auto` picks per dtype, against those timings
@@ -272,17 +272,19 @@ def benchmark(check: Check, name: str, *args: str) -> list[dict]:
 
 
 def step_pipeline(check: Check) -> dict:
-    """DALI (on the GPU when there is one) against torchvision with one DataLoader worker per CPU core."""
+    """DALI (on the GPU when there is one) against torchvision with one DataLoader worker per CPU core, at the
+    run's size (its row) and at 32 px (`at_32`)."""
     from simclr_dali.pipelines.sources import load_source, write_image_list
 
     p = check.plan
     source = load_source(str(check.images()), "train", str(check.images()))
     listed = check.work / "pipeline_images.txt"
     write_image_list(listed, source.subset(_first(p.pipeline_images)), check.images())
-    [row] = benchmark(check, "pipeline", "pipeline", "--data", str(listed), "--image-size", str(p.image_size),
-                      "--batch-size", str(p.batch_size), "--workers", str(os.cpu_count() or 1))
-    expect(row["dali_device"] == p.device, f"the DALI pipeline ran on {row['dali_device']}, not {p.device}")
-    return row
+    small, row = benchmark(check, "pipeline", "pipeline", "--data", str(listed), "--image-size", "32",
+                           str(p.image_size), "--batch-size", str(p.batch_size), "--workers", str(os.cpu_count() or 1))
+    for r in (small, row):
+        expect(r["dali_device"] == p.device, f"the DALI pipeline ran on {r['dali_device']}, not {p.device}")
+    return {**row, "at_32": small}
 
 
 def _first(n: int):

@@ -50,6 +50,7 @@ def test_dry_run_figures_come_from_the_paths_they_name(dry_run):
     assert (train["loss_impl"], train["loss_operands"]) == ("tiled", "bfloat16") and train["images_per_s"] > 0
     assert f["evaluate"]["device"] == "cpu" and f["evaluate"]["n_test"] == 4  # 10% of 40 kept aside
     assert f["pipeline"]["dali_device"] == "cpu" and f["pipeline"]["n_images"] == 24
+    assert f["pipeline"]["at_32"]["image_size"] == 32 and f["pipeline"]["at_32"]["dali_images_per_s"] > 0
     assert f["pipeline"]["speedup"] == f["pipeline"]["dali_images_per_s"] / f["pipeline"]["torchvision_images_per_s"]
     row = f["model+train resnet50"]
     assert row["backbone"] == "test_resnet" and row["mixed_precision"] == "bf16" and row["device"] == "cpu"

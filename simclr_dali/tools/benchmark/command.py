@@ -1,6 +1,6 @@
 """Throughput benchmarks, one section per part of the trainer: `python benchmark.py SECTION [options]`.
 
-    python benchmark.py pipeline --image-size 224 --json pipeline.json   # DALI vs torchvision
+    python benchmark.py pipeline --json pipeline.json                    # DALI vs torchvision, 32 and 224 px
     python benchmark.py model                                            # the compute ceiling
     python benchmark.py train                                            # train.py end to end / model
     python benchmark.py loss --sizes 16384                               # NT-Xent implementations
@@ -53,7 +53,8 @@ def _all_args(p: argparse.ArgumentParser) -> None:
 
 
 SECTIONS: dict[str, tuple] = {
-    "pipeline": (pipeline_section, add_throughput_args, "two-view images/s: our DALI pipeline vs torchvision"),
+    "pipeline": (pipeline_section, lambda p: add_throughput_args(p, sides=True),
+                 "two-view images/s: our DALI pipeline vs torchvision, at 32 and 224 px"),
     "model": (model_section, add_throughput_args, "backbone + head + loss + step on synthetic tensors"),
     "train": (train_section, add_throughput_args, "train.py end to end, and its ratio to `model`"),
     "loss": (loss_section, _loss_args, "NT-Xent forward+backward: reference vs tiled vs Triton"),

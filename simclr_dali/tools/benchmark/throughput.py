@@ -43,8 +43,9 @@ def generated_jpegs(folder: Path, n: int, image_size: int, seed: int = 0) -> str
     return str(folder)
 
 
-def bench_data(args, n: int, tmp: Path) -> str:
-    return args.data or generated_jpegs(tmp / "images", n, args.image_size)
+def bench_data(args, n: int, tmp: Path, image_size: int | None = None) -> str:
+    size = args.image_size if image_size is None else image_size
+    return args.data or generated_jpegs(tmp / f"images{size}", n, size)
 
 
 def _load(spec: str):
@@ -73,27 +74,65 @@ def _rate(batches, batch_size: int, warmup: int = 1, device: str = "cpu") -> flo
     return n / (time.perf_counter() - t)
 
 
+def fixed_cost(source, image_size: int, aug, workers: int, gpu: bool, sizes=(8, 16, 32, 64),
+               runs: int = 10) -> tuple[float | None, float | None]:
+    """(ms per batch whatever its size, ms per image) of the training pipeline: at each batch size in `sizes`, the
+    time per batch of pipe.run() over `runs` batches in a row (after 3 that fill its queues), the fastest of three
+    such stretches; then the least-squares line through those times against the size. Small batches, where the
+    part that does not grow with the batch is a large share of the time; the sizes whose 3 `runs` + 5 batches the
+    data holds (None, None where fewer than two)."""
+    from simclr_dali.pipelines.loader import Shard, train_pipeline
+
+    sizes = [b for b in sizes if b * (3 * runs + 5) <= len(source)]  # and the prefetch queue's 2
+    if len(sizes) < 2:
+        return None, None
+    times = []
+    for b in sizes:
+        pipe = train_pipeline(source, batch_size=b, size=image_size, aug=aug, shard=Shard(), seed=0, epoch=0,
+                              workers=workers, device_id=0 if gpu else None)[0]
+        for _ in range(3):
+            pipe.run()
+        took = []
+        for _ in range(3):  # three stretches of `runs` batches each: the fastest stretch's time per batch
+            t = time.perf_counter()
+            for _ in range(runs):
+                pipe.run()
+            took.append((time.perf_counter() - t) / runs)
+        times.append(min(took))
+    per_image, fixed = np.polyfit(np.array(sizes, float), np.array(times), 1)
+    return fixed * 1e3, per_image * 1e3
+
+
 def pipeline_measure(data: str, image_size: int, batch_size: int, workers: int, repeats: int,
                      gpu: bool = False) -> dict:
     """Two-view batches per second: our DALI pipeline (on the GPU when `gpu`) and torchvision on the
     same images, with as many DataLoader workers as DALI has threads, its batches copied to the GPU from
     pinned memory. torchvision is measured in each of its styles (baseline.STYLES) and the faster is the
-    baseline. Median over `repeats` epochs."""
+    baseline. Median over `repeats` epochs. Also DALI's graph (its operators) and its fixed cost per batch
+    (fixed_cost)."""
     import torch
 
     from simclr_dali.pipelines.augment import Augment
     from simclr_dali.pipelines.baseline import STYLES, torchvision_loader
-    from simclr_dali.pipelines.loader import Shard, train_loader
+    from simclr_dali.pipelines.loader import Shard, graph_operators, train_loader
 
     torch.set_num_threads(1)  # the main process only consumes batches; the work is in threads/workers
     source, aug, device = _load(data), Augment(), "cuda" if gpu else "cpu"
-    dali = [_rate(train_loader(source, batch_size=batch_size, size=image_size, aug=aug, shard=Shard(), seed=0,
-                               epoch=r, workers=workers, device_id=0 if gpu else None), batch_size, device=device)
-            for r in range(repeats)]
-    d = statistics.median(dali)
+
+    def dali(size: int, r: int) -> float:
+        return _rate(train_loader(source, batch_size=size, size=image_size, aug=aug, shard=Shard(), seed=0, epoch=r,
+                                  workers=workers, device_id=0 if gpu else None), size, device=device)
+
+    rates = [dali(batch_size, r) for r in range(repeats)]
+    d = statistics.median(rates)
+    fixed, per_image = fixed_cost(source, image_size, aug, workers, gpu)
+    graph = {"dali_operators": graph_operators(train_loader(source, batch_size=batch_size, size=image_size, aug=aug,
+                                                            shard=Shard(), seed=0, epoch=0, workers=workers,
+                                                            device_id=0 if gpu else None).pipe),
+             "fixed_ms_per_batch": fixed, "ms_per_image": per_image}
     if source.shards is not None:  # torchvision's loader reads files: tar shards (on disk or in a bucket) are DALI's alone
         return {"dali_images_per_s": d, "torchvision_images_per_s": None, "speedup": None, "dali_device": device,
-                "dali_runs": dali, "torchvision_runs": [], "n_images": len(source)}
+                "dali_runs": rates, "torchvision_runs": [], "n_images": len(source), **graph}
     runs = {}
     for style in STYLES:
         tv_loader = torchvision_loader(source, batch_size=batch_size, size=image_size, aug=aug, workers=workers,
@@ -103,28 +142,35 @@ def pipeline_measure(data: str, image_size: int, batch_size: int, workers: int, 
     best = max(STYLES, key=lambda style: statistics.median(runs[style]))
     t = statistics.median(runs[best])
     return {"dali_images_per_s": d, "torchvision_images_per_s": t, "speedup": d / t, "dali_device": device,
-            "dali_runs": dali, "torchvision_runs": runs[best], "torchvision_style": best,
+            "dali_runs": rates, "torchvision_runs": runs[best], "torchvision_style": best,
             "torchvision_by_style": {style: statistics.median(r) for style, r in runs.items()},
-            "n_images": len(source)}
+            "n_images": len(source), **graph}
 
 
 def pipeline_section(args) -> list[dict]:
+    """One measurement per side in --image-size (32 and 224 px unless told), each on its own generated data (or
+    --data), in one table."""
     import torch
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data = bench_data(args, args.batch_size * (args.batches + 1), Path(tmp))
-        console.print(f"pipeline: DALI vs torchvision, {args.image_size} px, batch {args.batch_size}, "
-                      f"{args.workers} threads/workers ...")
-        row = run_isolated("simclr_dali.tools.benchmark.throughput:pipeline_measure", data=data, image_size=args.image_size,
-                           batch_size=args.batch_size, workers=args.workers, repeats=args.repeats,
-                           gpu=torch.cuda.is_available())
-    row.update(image_size=args.image_size, batch_size=args.batch_size, workers=args.workers)
-    print_table(f"Two-view augmentation throughput, {args.image_size} px (images/s, median of {args.repeats})",
-                ["DALI", "torchvision (its faster style)", "speedup", "images"],
-                [[row.get("dali_images_per_s"), row.get("torchvision_images_per_s") and
-                  f"{row['torchvision_images_per_s']:.3g} ({row['torchvision_style']})", row.get("speedup"),
-                  row.get("n_images", row.get("reason"))]])
-    return [row]
+    rows = []
+    for size in args.image_size if isinstance(args.image_size, list) else [args.image_size]:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = bench_data(args, args.batch_size * (args.batches + 1), Path(tmp), size)
+            console.print(f"pipeline: DALI vs torchvision, {size} px, batch {args.batch_size}, "
+                          f"{args.workers} threads/workers ...")
+            row = run_isolated("simclr_dali.tools.benchmark.throughput:pipeline_measure", data=data, image_size=size,
+                               batch_size=args.batch_size, workers=args.workers, repeats=args.repeats,
+                               gpu=torch.cuda.is_available())
+        row.update(image_size=size, batch_size=args.batch_size, workers=args.workers)
+        rows.append(row)
+    print_table(f"Two-view augmentation throughput (images/s, median of {args.repeats})",
+                ["side", "DALI", "torchvision (its faster style)", "speedup", "DALI operators", "fixed ms/batch",
+                 "images"],
+                [[r["image_size"], r.get("dali_images_per_s"), r.get("torchvision_images_per_s") and
+                  f"{r['torchvision_images_per_s']:.3g} ({r['torchvision_style']})", r.get("speedup"),
+                  r.get("dali_operators"), r.get("fixed_ms_per_batch"), r.get("n_images", r.get("reason"))]
+                 for r in rows])
+    return rows
 
 
 # -- model: the ceiling the data path must feed ---------------------------------------------------
@@ -235,10 +281,15 @@ def train_section(args) -> list[dict]:
     return [row]
 
 
-def add_throughput_args(p) -> None:
+def add_throughput_args(p, sides: bool = False) -> None:
+    """The sections' flags; with `sides`, --image-size takes several sides (pipeline: one measurement each)."""
     p.add_argument("--data", default="", help="a source as train.py takes it (default: generated JPEGs of a "
                    "realistic size: 500x375 for views over 64 px, else 32x32)")
-    checked(p, "--image-size", type=int, default=32, check=Check(low=8), help="side of the augmented views")
+    if sides:
+        checked(p, "--image-size", type=int, nargs="+", default=[32, 224], check=Check(low=8),
+                help="sides of the augmented views, one measurement each")
+    else:
+        checked(p, "--image-size", type=int, default=32, check=Check(low=8), help="side of the augmented views")
     checked(p, "--batch-size", type=int, default=256, check=Check(low=1), help="images per batch")
     checked(p, "--workers", type=int, default=os.cpu_count() or 1, check=Check(low=1),
             help="DALI threads, and torchvision DataLoader workers")
