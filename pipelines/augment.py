@@ -233,7 +233,7 @@ def augmented_views(images, size: int, augs: list[Augment], layout: str = "CHW")
     `augs` (each one view's settings, Augment.views): crop, colour (jitter and grayscale), blur, solarisation, then
     flip fused into the normalisation (flip commutes with the pixel-wise and symmetric steps)."""
     views = [crop(images, size, aug) for aug in augs]
-    views = colour(views, augs)
+    views = colour(views, augs, size)
     return [normalize(random_solarize(gaussian_blur(x, size, aug), aug), mirror=fn.random.coin_flip(
         probability=aug.flip_p), layout=layout) for x, aug in zip(views, augs)]
 

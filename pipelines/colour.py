@@ -179,12 +179,19 @@ def luma(colours):
     return fn.coord_transform(colours, M=LUMA[None].astype(np.float32))
 
 
-def colour(views: list, augs: list) -> list:
+SKIP_FROM = 64  # views of this side and more skip their map where both coins came up 0 (colour, `skip`)
+
+
+def colour(views: list, augs: list, size: int = 0) -> list:
     """Colour jitter (with probability jitter_p, in effect any of its orders) and grayscale (with probability gray_p)
     of each view (augs: each view's settings), each one coord_transform. All views' draws are one vector per image,
-    so the graph holds one set of operators for the matrices, whatever the number of views."""
+    so the graph holds one set of operators for the matrices, whatever the number of views. Views of `size`
+    SKIP_FROM and more skip the map where it is the identity (both coins 0: 16% of views at the defaults), through
+    a conditional branch: at 224 px the map costs about 0.86 ms per view on a CPU core, where the branch's own
+    operators cost about 3 us per view, as much as the map saves at 32 px (docs/results.md, The pipeline)."""
     if any(a.jitter_clip for a in augs):  # the step-by-step path for the views that ask for it
-        mapped = colour([x for x, a in zip(views, augs) if not a.jitter_clip], [a for a in augs if not a.jitter_clip])
+        mapped = colour([x for x, a in zip(views, augs) if not a.jitter_clip], [a for a in augs if not a.jitter_clip],
+                        size)
         return [color_jitter_and_gray(x, a) if a.jitter_clip else mapped.pop(0) for x, a in zip(views, augs)]
     jitter_p, gray_p = [a.jitter_p for a in augs], [a.gray_p for a in augs]
     if not any(jitter_p) and not any(gray_p):
@@ -195,13 +202,16 @@ def colour(views: list, augs: list) -> list:
         factors = {k: view_uniform([r[k] for r in ranges]) for k in ("brightness", "contrast", "saturation")}
         factors["hue"] = view_uniform([(math.radians(r["hue"][0]), math.radians(r["hue"][1])) for r in ranges])
     return coloured(views, factors, view_coin(jitter_p) if any(jitter_p) and min(jitter_p) < 1 else None,
-                    view_coin(gray_p) if any(gray_p) else None, [bool(j or g) for j, g in zip(jitter_p, gray_p)])
+                    view_coin(gray_p) if any(gray_p) else None, [bool(j or g) for j, g in zip(jitter_p, gray_p)],
+                    skip=size >= SKIP_FROM)
 
 
-def coloured(views: list, factors: dict | None, jitter=None, gray=None, which: list[bool] | None = None) -> list:
+def coloured(views: list, factors: dict | None, jitter=None, gray=None, which: list[bool] | None = None,
+             skip: bool = False) -> list:
     """Each view through its colour map: `factors` (brightness, contrast, saturation, hue in radians: each a vector
     of one value per view, per image; None: no jitter) where the `jitter` coins (a vector; None: always) are 1, then
-    grayscale where the `gray` coins are 1 (None: never); views whose `which` is False are left as they are.
+    grayscale where the `gray` coins are 1 (None: never); views whose `which` is False are left as they are. With
+    `skip`, an image whose coins are both 0 for a view skips that view's map (the identity: the same pixels).
 
     On the GPU the mean luma is data there, which DALI cannot take as an argument: the matrices hold a, p and q, and
     the offset r is added by arithmetic in float and rounded by the cast, one more pass there."""
@@ -222,13 +232,28 @@ def coloured(views: list, factors: dict | None, jitter=None, gray=None, which: l
         terms = terms * (1.0 - gray * CHROMA_TERMS[:k])
     # (k, views, 1, 1) terms times their (k, 1, 3, 4) matrices, summed over the terms: each view's 3x4 map
     maps = fn.reductions.sum(fn.reshape(terms, shape=[k, n, 1, 1]) * _const(TERM_MATRICES[:k, None]), axes=[0])
+    changes = None  # per view, whether the map is other than the identity (None: always)
+    if skip and jitter is not None:
+        changes = (jitter | gray) != 0 if gray is not None else jitter != 0
+    elif skip and factors is None:
+        changes = gray != 0
     out = []
     for i, x in enumerate(views):
         if which is not None and not which[i]:
             out.append(x)
-        elif gpu and factors is not None:
-            out.append(fn.cast(fn.coord_transform(x, MT=maps[i], dtype=types.FLOAT) + shift[i] * luma(mean_colour(x)),
-                               dtype=types.UINT8))
+        elif changes is None:
+            out.append(apply_map(x, maps[i], shift[i] if gpu and factors is not None else None))
         else:
-            out.append(fn.coord_transform(x, MT=maps[i], dtype=types.UINT8))
+            if changes[i]:
+                x = apply_map(x, maps[i], shift[i] if gpu and factors is not None else None)
+            out.append(x)
     return out
+
+
+def apply_map(images, mt, shift=None):
+    """The 3x4 map `mt` on uint8 images, rounded and saturated; with `shift` (the GPU's), plus shift times the
+    images' mean luma, in float before the rounding."""
+    if shift is None:
+        return fn.coord_transform(images, MT=mt, dtype=types.UINT8)
+    return fn.cast(fn.coord_transform(images, MT=mt, dtype=types.FLOAT) + shift * luma(mean_colour(images)),
+                   dtype=types.UINT8)

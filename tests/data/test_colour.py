@@ -164,6 +164,35 @@ def test_the_coins_and_grayscale_in_the_map(device):
             np.testing.assert_array_equal(y, x)
 
 
+@pytest.mark.parametrize("coins", ["jitter and gray", "jitter", "gray"])
+def test_skipping_the_identity_maps_changes_no_pixel(coins, device):
+    """With `skip` (views of SKIP_FROM px and more) a view whose coins are all 0 skips its map through a conditional
+    branch: the same pixels as with the map applied to every view, and the input where the coins are 0."""
+    rng = np.random.default_rng(4)
+    images = np.concatenate([generated(mean, n=8) for mean in MEANS.values()])
+    factors = [random_factors(Augment(), rng) for _ in images]
+    jitter = rng.integers(0, 2, len(images)) if "jitter" in coins else None
+    gray = rng.integers(0, 2, len(images)) if "gray" in coins else None
+    got = {}
+    for skip in (True, False):
+        args = [np.array([[f[k]] for f in factors], np.float32) for k in STEPS]
+        given = [np.array([[v] for v in c], np.uint8) for c in (jitter, gray) if c is not None]
+
+        def graph(x, b, c, s, h, *coin, skip=skip):
+            coin = list(coin)
+            return colour.coloured([x], {"brightness": b, "contrast": c, "saturation": s, "hue": h} if jitter is not
+                                   None else None, coin.pop(0) if jitter is not None else None,
+                                   coin.pop(0) if gray is not None else None, skip=skip)[0]
+
+        got[skip] = through_dali(graph, images, *args, *given, device=device)
+    np.testing.assert_array_equal(got[True], got[False])
+    off = np.ones(len(images), bool)
+    for c in (jitter, gray):
+        off &= True if c is None else c == 0
+    np.testing.assert_array_equal(got[True][off], images[off])
+    assert off.any() and (got[True][~off] != images[~off]).any()
+
+
 def test_the_maps_hue_turns_as_dalis_hue_op(device):
     """Hue alone: the map against DALI's own hsv op at the same angle (the step-by-step path's hue), in degrees of
     both signs: within 1 level (each rounds once, from float32)."""
@@ -506,8 +535,8 @@ def test_hue_rotation_against_torchvisions_hsv_shift(degrees, device):
 
 
 # -- the graph with the GPU placement -----------------------------------------------------------------
-@pytest.mark.parametrize("kind,clip", [("arrays", 0), ("jpegs", 0), ("arrays", 1)])
-def test_the_gpu_placement_traces_with_operators_that_dali_has_on_the_gpu(kind, clip, tmp_path):
+@pytest.mark.parametrize("kind,clip,size", [("arrays", 0, 32), ("jpegs", 0, 32), ("arrays", 1, 32), ("arrays", 0, 224)])
+def test_the_gpu_placement_traces_with_operators_that_dali_has_on_the_gpu(kind, clip, size, tmp_path):
     """The training graph defined for a GPU (device_id 0, mixed decoder): DALI checks while tracing that every
     argument input is on the host (the reason contrast's mean is a data input, blended by arithmetic), and every
     operator placed on the GPU must have a GPU implementation in this DALI. Tracing needs no GPU; building would."""
@@ -521,7 +550,7 @@ def test_the_gpu_placement_traces_with_operators_that_dali_has_on_the_gpu(kind, 
     source = Source("arrays", np.arange(16), images=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)) \
         if kind == "arrays" else load_source(str(make_folder(tmp_path / "images")), "train", str(tmp_path / "images"))
     feeder = make_input(source, 8, Shard(), shuffle=True, drop_last=True, seed=0, epoch=0)
-    pipe = two_view_pipeline(feeder, 32, Augment(jitter_clip=clip), True, "CHW", batch_size=8, num_threads=1,
+    pipe = two_view_pipeline(feeder, size, Augment(jitter_clip=clip), True, "CHW", batch_size=8, num_threads=1,
                              device_id=0, seed=1,
                              enable_checkpointing=True)
     pipe._build_graph()  # DALI's own Python-side graph: what build() would hand to the backend
@@ -531,6 +560,7 @@ def test_the_gpu_placement_traces_with_operators_that_dali_has_on_the_gpu(kind, 
     assert all(name in registered[dev] for name, dev in placed), sorted(placed)
     on_gpu = {name for name, dev in placed if dev == "gpu"}
     colour_ops = {"BrightnessContrast", "ColorSpaceConversion", "Hsv"} if clip else {"CoordTransform"}
-    assert colour_ops | {"reductions__Mean", "_ArithmeticGenericOp", "Cast", "Filter"} <= on_gpu  # colour, 3x3 blur
+    blur = {"Filter"} if size < 35 else {"GaussianBlur"}  # the 3x3 blur below 35 px, gaussian_blur above
+    assert colour_ops | blur | {"reductions__Mean", "_ArithmeticGenericOp", "Cast"} <= on_gpu
     assert not {"BrightnessContrast", "Hsv"} & on_gpu if not clip else "CoordTransform" not in on_gpu
     assert (("decoders__Image", "mixed") in placed) == (kind == "jpegs")
