@@ -4,6 +4,7 @@ both against torchvision. `aug` is one view's settings (augment.Augment, which i
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
@@ -187,8 +188,8 @@ def colour(views: list, augs: list, size: int = 0) -> list:
     of each view (augs: each view's settings), each one coord_transform. All views' draws are one vector per image,
     so the graph holds one set of operators for the matrices, whatever the number of views. Views of `size`
     SKIP_FROM and more skip the map where it is the identity (both coins 0: 16% of views at the defaults), through
-    a conditional branch: at 224 px the map costs about 0.86 ms per view on a CPU core, where the branch's own
-    operators cost about 3 us per view, as much as the map saves at 32 px (docs/results.md, The pipeline)."""
+    a conditional branch: there the map's pass over the pixels costs far more than the branch's few operators,
+    which below that cost about as much as they save (docs/results.md, The pipeline)."""
     if any(a.jitter_clip for a in augs):  # the step-by-step path for the views that ask for it
         mapped = colour([x for x, a in zip(views, augs) if not a.jitter_clip], [a for a in augs if not a.jitter_clip],
                         size)

@@ -130,7 +130,7 @@ def pipeline_measure(data: str, image_size: int, batch_size: int, workers: int, 
                                                             shard=Shard(), seed=0, epoch=0, workers=workers,
                                                             device_id=0 if gpu else None).pipe),
              "fixed_ms_per_batch": fixed, "ms_per_image": per_image}
-    if source.shards is not None:  # torchvision's loader reads files: tar shards (on disk or in a bucket) are DALI's alone
+    if source.shards is not None:  # torchvision's loader reads files: tar shards (disk or bucket) are DALI's alone
         return {"dali_images_per_s": d, "torchvision_images_per_s": None, "speedup": None, "dali_device": device,
                 "dali_runs": rates, "torchvision_runs": [], "n_images": len(source), **graph}
     runs = {}
@@ -224,8 +224,8 @@ def model_measure(flags: list[str], repeats: int, budget_s: float, mixed_precisi
 def model_section(args) -> list[dict]:
     console.print(f"model: {args.backbone} forward+backward+step, {args.image_size} px, batch {args.batch_size}, "
                   f"mixed precision {args.mixed_precision} ...")
-    row = run_isolated("simclr_dali.tools.benchmark.throughput:model_measure", flags=model_flags(args), repeats=args.repeats,
-                       budget_s=args.budget, mixed_precision=args.mixed_precision)
+    row = run_isolated("simclr_dali.tools.benchmark.throughput:model_measure", flags=model_flags(args),
+                       repeats=args.repeats, budget_s=args.budget, mixed_precision=args.mixed_precision)
     row.update(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size)
     print_table(f"{args.backbone} + head + NT-Xent + step on synthetic views (images/s)",
                 ["images/s", "median s/step", "device", "precision"],
@@ -262,8 +262,8 @@ def train_section(args) -> list[dict]:
         data = bench_data(args, args.batch_size * args.steps, Path(tmp))
         before = model_section(args)[0]
         console.print(f"train: train.py end to end, {args.epochs} epochs, mixed precision {args.mixed_precision} ...")
-        row = run_isolated("simclr_dali.tools.benchmark.throughput:train_measure", data=data, flags=model_flags(args), workers=args.workers,
-                           epochs=args.epochs, mixed_precision=args.mixed_precision)
+        row = run_isolated("simclr_dali.tools.benchmark.throughput:train_measure", data=data, flags=model_flags(args),
+                           workers=args.workers, epochs=args.epochs, mixed_precision=args.mixed_precision)
         after = model_section(args)[0]
     models = [m["model_images_per_s"] for m in (before, after) if "model_images_per_s" in m]
     if "train_images_per_s" in row and len(models) == 2:
