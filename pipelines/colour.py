@@ -1,6 +1,7 @@
 """Colour jitter and random grayscale, the two ways: one colour map per view (the default) and torchvision's steps
-one after another, each clipped (jitter_clip=1). Written once for both devices; tests/data/test_colour.py holds
-both against torchvision. `aug` is one view's settings (augment.Augment, which imports this module)."""
+one after another, each clipped (jitter_clip=1). Written once for both devices; tests/data/test_colour_map.py and
+test_colour.py hold them against torchvision. `aug` is one view's settings (augment.Augment, which imports this
+module)."""
 from __future__ import annotations
 
 import math
@@ -127,7 +128,7 @@ def color_jitter_and_gray(images, aug):
 # r = b (1 - c) m (m: the view's mean luma, in levels). Grayscale after it zeroes p and q; no jitter is (1, 1, 0, 0).
 # So a view's whole colour step is one coord_transform with a 3x4 matrix built per image from its draws: one pass
 # over the pixels, rounded and saturated to uint8 once, where the steps take four passes and the branches of a drawn
-# order. What it gives up is the clip to 0..255 between steps: tests/data/test_colour.py measures that against
+# order. What it gives up is the clip to 0..255 between steps: tests/data/test_colour_map.py measures it against
 # torchvision over the recipes' ranges; jitter_clip=1 keeps the step-by-step path.
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as DALI's GRAY and its hsv's Y
 YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -218,17 +219,17 @@ def coloured(views: list, factors: dict | None, jitter=None, gray=None, which: l
     the offset r is added by arithmetic in float and rounded by the cast, one more pass there."""
     n, gpu = len(views), views[0].device == "gpu"
     k = 3 if gpu else 4  # the terms the matrices hold
-    terms, shift = _const(NO_JITTER[:k]), None
+    terms, offset = _const(NO_JITTER[:k]), None  # offset: the GPU's r per level of mean luma, one per view
     if factors is not None:
-        a, p, q, shift = jitter_terms(*(factors[key] for key in ("brightness", "contrast", "saturation", "hue")))
+        a, p, q, r_per_level = jitter_terms(*(factors[key] for key in ("brightness", "contrast", "saturation", "hue")))
         if gpu:
-            terms = fn.stack(a, p, q)  # (3, views)
+            terms, offset = fn.stack(a, p, q), r_per_level  # (3, views)
         else:
             m = fn.reshape(luma(fn.stack(*[mean_colour(x) for x in views])), shape=[n])  # (views,)
-            terms = fn.stack(a, p, q, shift * m)  # (4, views)
+            terms = fn.stack(a, p, q, r_per_level * m)  # (4, views)
         if jitter is not None:
             terms = (terms - NO_JITTER[:k]) * jitter + NO_JITTER[:k]
-            shift = shift * jitter
+            offset = None if offset is None else offset * jitter
     if gray is not None:
         terms = terms * (1.0 - gray * CHROMA_TERMS[:k])
     # (k, views, 1, 1) terms times their (k, 1, 3, 4) matrices, summed over the terms: each view's 3x4 map
@@ -240,13 +241,14 @@ def coloured(views: list, factors: dict | None, jitter=None, gray=None, which: l
         changes = gray != 0
     out = []
     for i, x in enumerate(views):
+        shift = None if offset is None else offset[i]
         if which is not None and not which[i]:
             out.append(x)
         elif changes is None:
-            out.append(apply_map(x, maps[i], shift[i] if gpu and factors is not None else None))
+            out.append(apply_map(x, maps[i], shift))
         else:
             if changes[i]:
-                x = apply_map(x, maps[i], shift[i] if gpu and factors is not None else None)
+                x = apply_map(x, maps[i], shift)
             out.append(x)
     return out
 

@@ -216,7 +216,7 @@ class Loader:
     (N, 3, S, S) whatever the pipeline's layout: HWC batches come out as channels-last views."""
 
     def __init__(self, pipe, feeder, names: list[str], done: int = 0, layout: str = "CHW"):
-        self.pipe, self.feeder, self.done, self.layout = pipe, feeder, done, layout
+        self.feeder, self.done, self.layout = feeder, done, layout
         self.flagged = decodes(feeder.source)  # the last output is `unreadable` (augment.decode)
         self.taken = 0  # batches yielded
         self.ahead = pipe.prefetch_queue_depth if isinstance(pipe.prefetch_queue_depth, int) else 2

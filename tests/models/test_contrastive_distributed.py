@@ -6,16 +6,11 @@ gradient for its rows is W times the one-process gradient of those rows (the gat
 every rank's share). MoCo's loss involves no other rank; its queue is filled from the gathered keys, so
 both ranks hold the same queue, the one a single process filling it with the whole batch holds.
 """
-import os
-import sys
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port
 from support.error_bounds import InfoNCEBound, SupConBound, max_abs_error
+from support.gloo import on_ranks
 
 pytestmark = pytest.mark.slow  # two processes over gloo
 
@@ -26,35 +21,29 @@ if not torch.cuda.is_available():  # the interpreter on CPU tensors (see test_nt
     CASES += [("triton", (16, 16), torch.float32)]
 
 
-def _worker(rank, port, z1, z2, q, k, keys, out_dir):
-    if "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        from simclr_dali.models.backbone import create_backbone
-        from simclr_dali.models.contrastive import moco_loss, supcon_loss
-        from simclr_dali.models.loss_core import gather
-        from simclr_dali.models.methods import MoCo
+def _worker(rank, z1, z2, q, k, keys):
+    from simclr_dali.models.backbone import create_backbone
+    from simclr_dali.models.contrastive import moco_loss, supcon_loss
+    from simclr_dali.models.loss_core import gather
+    from simclr_dali.models.methods import MoCo
 
-        rows = slice(rank * N, (rank + 1) * N)
-        results = {"supcon": []}
-        for impl, block, dtype in CASES:
-            a, b = z1[rows].to(dtype).requires_grad_(), z2[rows].to(dtype).requires_grad_()
-            loss = supcon_loss(a, b, LABELS[rows], TAU, impl=impl, block=block)
-            loss.backward()
-            results["supcon"].append((loss.detach(), a.grad, b.grad))
-        torch.manual_seed(0)
-        moco = MoCo(create_backbone("test_resnet"), proj_hidden=8, proj_dim=DIM, queue_size=13)
-        queries = q[rows].clone().requires_grad_()
-        loss = moco_loss(queries, k[rows], moco.queue, 0.2, impl="tiled")
+    rows = slice(rank * N, (rank + 1) * N)
+    results = {"supcon": []}
+    for impl, block, dtype in CASES:
+        a, b = z1[rows].to(dtype).requires_grad_(), z2[rows].to(dtype).requires_grad_()
+        loss = supcon_loss(a, b, LABELS[rows], TAU, impl=impl, block=block)
         loss.backward()
-        results["moco"] = (loss.detach(), queries.grad)
-        for step in keys:  # three steps of 2 x 3 keys: the 13 slots wrap around
-            moco.enqueue(gather(step[rank * 3:(rank + 1) * 3]))
-        results["queue"] = (moco.queue.clone(), moco.queue_next.clone())
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        results["supcon"].append((loss.detach(), a.grad, b.grad))
+    torch.manual_seed(0)
+    moco = MoCo(create_backbone("test_resnet"), proj_hidden=8, proj_dim=DIM, queue_size=13)
+    queries = q[rows].clone().requires_grad_()
+    loss = moco_loss(queries, k[rows], moco.queue, 0.2, impl="tiled")
+    loss.backward()
+    results["moco"] = (loss.detach(), queries.grad)
+    for step in keys:  # three steps of 2 x 3 keys: the 13 slots wrap around
+        moco.enqueue(gather(step[rank * 3:(rank + 1) * 3]))
+    results["queue"] = (moco.queue.clone(), moco.queue_next.clone())
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +53,7 @@ def ranks(tmp_path_factory):
     z2 = z1 + 0.8 * torch.randn(WORLD * N, DIM, generator=g, dtype=torch.float64)
     q, k = torch.randn(WORLD * N, DIM, generator=g), torch.randn(WORLD * N, DIM, generator=g)
     keys = [F.normalize(torch.randn(WORLD * 3, DIM, generator=g), dim=1) for _ in range(3)]
-    out = str(tmp_path_factory.mktemp("ranks"))
-    mp.spawn(_worker, args=(free_port(), z1, z2, q, k, keys, out), nprocs=WORLD, join=True)
-    return (z1, z2, q, k, keys), [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+    return (z1, z2, q, k, keys), on_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("ranks")), z1, z2, q, k, keys)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{i}-{b}-{str(d)[6:]}" for i, b, d in CASES])

@@ -7,7 +7,6 @@ mean over its own 2n anchors, with negatives gathered from both ranks. Then
 so averaging parameter gradients over ranks (DDP, accelerate) gives the single-process gradient.
 """
 import os
-import sys
 
 import torch
 
@@ -15,10 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from conftest import free_port  # noqa: E402
 from support.error_bounds import NTXentBound  # noqa: E402
+from support.gloo import on_ranks  # noqa: E402
 
 from simclr_dali.models.ntxent import nt_xent_loss, nt_xent_reference  # noqa: E402
 
@@ -35,23 +32,15 @@ if not torch.cuda.is_available():
     CASES += [("triton", (16, 16), 0.1), ("triton", (16, 16), 0.05)]
 
 
-def _worker(rank, port, z1, z2, out_dir):
-    # Triton kernels here run on CPU tensors: this fresh process switches the interpreter on before
-    # triton is first imported (also on a CUDA machine, where gloo and two ranks share no GPU).
-    if "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-        results = []
-        for impl, block, tau in CASES:
-            a, b = z1[rows].clone().requires_grad_(), z2[rows].clone().requires_grad_()
-            loss = nt_xent_loss(a, b, tau, impl=impl, block=block)
-            loss.backward()
-            results.append((loss.detach(), a.grad, b.grad))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, z1, z2):
+    rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    results = []
+    for impl, block, tau in CASES:
+        a, b = z1[rows].clone().requires_grad_(), z2[rows].clone().requires_grad_()
+        loss = nt_xent_loss(a, b, tau, impl=impl, block=block)
+        loss.backward()
+        results.append((loss.detach(), a.grad, b.grad))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +48,7 @@ def two_ranks(tmp_path_factory):
     g = torch.Generator().manual_seed(3)
     z1 = torch.randn(WORLD * N_PER_RANK, DIM, generator=g)
     z2 = torch.randn(WORLD * N_PER_RANK, DIM, generator=g) + 0.5 * z1
-    out = str(tmp_path_factory.mktemp("ranks"))
-    mp.spawn(_worker, args=(free_port(), z1, z2, out), nprocs=WORLD, join=True)
-    return z1, z2, [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+    return z1, z2, on_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("ranks")), z1, z2)
 
 
 def rows(rank: int) -> slice:

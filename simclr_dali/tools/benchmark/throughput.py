@@ -114,7 +114,7 @@ def pipeline_measure(data: str, image_size: int, batch_size: int, workers: int, 
 
     from simclr_dali.pipelines.augment import Augment
     from simclr_dali.pipelines.baseline import STYLES, torchvision_loader
-    from simclr_dali.pipelines.loader import Shard, graph_operators, train_loader
+    from simclr_dali.pipelines.loader import Shard, graph_operators, train_loader, train_pipeline
 
     torch.set_num_threads(1)  # the main process only consumes batches; the work is in threads/workers
     source, aug, device = _load(data), Augment(), "cuda" if gpu else "cpu"
@@ -126,10 +126,9 @@ def pipeline_measure(data: str, image_size: int, batch_size: int, workers: int, 
     rates = [dali(batch_size, r) for r in range(repeats)]
     d = statistics.median(rates)
     fixed, per_image = fixed_cost(source, image_size, aug, workers, gpu)
-    graph = {"dali_operators": graph_operators(train_loader(source, batch_size=batch_size, size=image_size, aug=aug,
-                                                            shard=Shard(), seed=0, epoch=0, workers=workers,
-                                                            device_id=0 if gpu else None).pipe),
-             "fixed_ms_per_batch": fixed, "ms_per_image": per_image}
+    built = train_pipeline(source, batch_size=batch_size, size=image_size, aug=aug, shard=Shard(), seed=0, epoch=0,
+                           workers=workers, device_id=0 if gpu else None)[0]  # built, never run
+    graph = {"dali_operators": graph_operators(built), "fixed_ms_per_batch": fixed, "ms_per_image": per_image}
     if source.shards is not None:  # torchvision's loader reads files: tar shards (disk or bucket) are DALI's alone
         return {"dali_images_per_s": d, "torchvision_images_per_s": None, "speedup": None, "dali_device": device,
                 "dali_runs": rates, "torchvision_runs": [], "n_images": len(source), **graph}
